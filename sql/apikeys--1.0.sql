@@ -1,0 +1,782 @@
+-- apikeys 1.0: API keys inside PostgreSQL.
+
+\echo Use "CREATE EXTENSION apikeys" to load this file. \quit
+
+------------------------------------------------------------------------------
+-- Roles: created if absent; DBAs grant them to login roles.
+------------------------------------------------------------------------------
+DO $roles$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'apikeys_admin') THEN
+        CREATE ROLE apikeys_admin NOLOGIN;
+    END IF;
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'apikeys_app') THEN
+        CREATE ROLE apikeys_app NOLOGIN;
+    END IF;
+END
+$roles$;
+
+------------------------------------------------------------------------------
+-- The apikey type: a well-formed token, binary-compatible with text.
+------------------------------------------------------------------------------
+CREATE TYPE apikeys.apikey;
+
+CREATE FUNCTION apikeys.apikey_in(cstring) RETURNS apikeys.apikey
+    AS 'MODULE_PATHNAME', 'apikey_in' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION apikeys.apikey_out(apikeys.apikey) RETURNS cstring
+    AS 'MODULE_PATHNAME', 'apikey_out' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION apikeys.apikey_recv(internal) RETURNS apikeys.apikey
+    AS 'MODULE_PATHNAME', 'apikey_recv' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION apikeys.apikey_send(apikeys.apikey) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'apikey_send' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+
+CREATE TYPE apikeys.apikey (
+    INPUT = apikeys.apikey_in,
+    OUTPUT = apikeys.apikey_out,
+    RECEIVE = apikeys.apikey_recv,
+    SEND = apikeys.apikey_send,
+    INTERNALLENGTH = VARIABLE,
+    STORAGE = plain,
+    CATEGORY = 'S',
+    COLLATABLE = false
+);
+
+-- Same bytes as text, so the cast to text is free; text to apikey goes
+-- through the validating input function.
+CREATE CAST (apikeys.apikey AS text) WITHOUT FUNCTION AS IMPLICIT;
+
+CREATE FUNCTION apikeys.prefix(apikeys.apikey) RETURNS text
+    AS 'MODULE_PATHNAME', 'apikey_prefix' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION apikeys.start(apikeys.apikey) RETURNS text
+    AS 'MODULE_PATHNAME', 'apikey_start' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION apikeys.digest(apikeys.apikey) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'apikey_digest' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+CREATE FUNCTION apikeys.is_well_formed(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'apikey_is_well_formed' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+
+-- Internal: a fresh token (NULL prefix: apikeys.default_prefix).
+CREATE FUNCTION apikeys._new_token(text) RETURNS apikeys.apikey
+    AS 'MODULE_PATHNAME', 'apikey_generate' LANGUAGE C VOLATILE;
+-- Internal: apikeys.default_plan as the loaded library sees it.
+CREATE FUNCTION apikeys._default_plan() RETURNS text
+    AS 'MODULE_PATHNAME', 'apikeys_default_plan_name' LANGUAGE C STABLE;
+
+------------------------------------------------------------------------------
+-- Who is acting.
+------------------------------------------------------------------------------
+
+-- The role that called into apikeys.  Inside a SECURITY DEFINER function
+-- current_user is the extension's owner, so this reads the session's role:
+-- the one set by SET ROLE, else the login role.
+CREATE FUNCTION apikeys._caller() RETURNS name
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN pg_catalog.current_setting('role') OPERATOR(pg_catalog.=) 'none'
+                THEN session_user
+                ELSE pg_catalog.current_setting('role')::name END
+$$;
+
+CREATE FUNCTION apikeys._caller_is_admin() RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.pg_has_role(apikeys._caller(), 'apikeys_admin', 'MEMBER')
+$$;
+
+-- apikeys.actor when the application sets it, else the calling role.
+CREATE FUNCTION apikeys._actor() RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT COALESCE(NULLIF(pg_catalog.current_setting('apikeys.actor', true), ''),
+                    apikeys._caller()::text)
+$$;
+
+-- True while pg_restore (or a pg_dump script) replays data: every dump sets
+-- check_function_bodies off, and only a superuser can restore an extension.
+-- Rows then arrive as they were, so limits are not re-judged.
+CREATE FUNCTION apikeys._restoring() RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.current_setting('check_function_bodies') OPERATOR(pg_catalog.=) 'off'
+       AND COALESCE((SELECT r.rolsuper FROM pg_catalog.pg_roles r
+                      WHERE r.rolname OPERATOR(pg_catalog.=) session_user), false)
+$$;
+
+------------------------------------------------------------------------------
+-- Tables.
+------------------------------------------------------------------------------
+CREATE TABLE apikeys.plans (
+    name        text PRIMARY KEY CHECK (name OPERATOR(pg_catalog.<>) ''),
+    max_keys    integer CHECK (max_keys IS NULL OR max_keys OPERATOR(pg_catalog.>=) 0),
+    description text
+);
+
+INSERT INTO apikeys.plans (name, max_keys, description) VALUES
+    ('free', 1, 'One active key.'),
+    ('developer', 5, 'Up to five active keys.'),
+    ('pro', 20, 'Up to twenty active keys.'),
+    ('enterprise', NULL, 'Unlimited active keys.');
+
+CREATE TABLE apikeys.owners (
+    owner       text PRIMARY KEY,
+    plan        text NOT NULL REFERENCES apikeys.plans (name) ON UPDATE CASCADE,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+
+CREATE TABLE apikeys.keys (
+    id            uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
+    owner         text NOT NULL REFERENCES apikeys.owners (owner),
+    name          text NOT NULL
+                  CHECK (pg_catalog.length(name) OPERATOR(pg_catalog.>=) 1
+                         AND pg_catalog.length(name) OPERATOR(pg_catalog.<=) 200),
+    prefix        text NOT NULL,
+    start         text NOT NULL,
+    digest        bytea NOT NULL UNIQUE
+                  CHECK (pg_catalog.octet_length(digest) OPERATOR(pg_catalog.=) 32),
+    scopes        text[] NOT NULL DEFAULT '{}',
+    metadata      jsonb NOT NULL DEFAULT '{}',
+    rate_limit    integer CHECK (rate_limit OPERATOR(pg_catalog.>) 0),
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by    text NOT NULL DEFAULT apikeys._actor(),
+    expires_at    timestamptz,
+    revoked_at    timestamptz,
+    revoked_by    text,
+    revoke_reason text,
+    rotated_from  uuid,
+    replaced_by   uuid
+);
+
+-- list_keys, revoke_all; the partial index keeps the plan-limit count cheap
+-- for owners with many revoked or rotated keys.
+CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at);
+CREATE INDEX keys_owner_live_idx ON apikeys.keys (owner)
+    WHERE revoked_at IS NULL AND replaced_by IS NULL;
+
+CREATE TABLE apikeys.key_usage (
+    key_id       uuid NOT NULL REFERENCES apikeys.keys (id),
+    day          date NOT NULL,
+    requests     bigint NOT NULL DEFAULT 0,
+    failures     bigint NOT NULL DEFAULT 0,
+    last_used_at timestamptz,
+    PRIMARY KEY (key_id, day)
+);
+
+SELECT pg_catalog.pg_extension_config_dump('apikeys.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.owners', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.key_usage', '');
+
+------------------------------------------------------------------------------
+-- Owners and plan limits.
+------------------------------------------------------------------------------
+
+-- A key counts toward its owner's plan while neither revoked, rotated nor expired.
+CREATE FUNCTION apikeys._counts(k apikeys.keys) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.revoked_at IS NULL AND k.replaced_by IS NULL
+       AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
+$$;
+
+-- Makes sure the owner has a row (on apikeys.default_plan) and returns its plan.
+CREATE FUNCTION apikeys._ensure_owner(p_owner text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan text;
+BEGIN
+    SELECT o.plan INTO v_plan FROM apikeys.owners o WHERE o.owner OPERATOR(pg_catalog.=) p_owner;
+    IF FOUND THEN
+        RETURN v_plan;
+    END IF;
+    v_plan := apikeys._default_plan();
+    IF NOT EXISTS (SELECT FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) v_plan) THEN
+        RAISE EXCEPTION 'unknown plan "%"', v_plan
+            USING ERRCODE = '22023',
+                  DETAIL = 'apikeys.default_plan names a plan that is not in apikeys.plans.';
+    END IF;
+    INSERT INTO apikeys.owners (owner, plan) VALUES (p_owner, v_plan)
+        ON CONFLICT (owner) DO NOTHING;
+    SELECT o.plan INTO v_plan FROM apikeys.owners o WHERE o.owner OPERATOR(pg_catalog.=) p_owner;
+    RETURN v_plan;
+END
+$$;
+
+-- Serialises every change to one owner's set of keys: locks the owner's row
+-- by updating it, so concurrent writers queue and a REPEATABLE READ writer
+-- that raced gets a serialization failure instead of a stale count.
+CREATE FUNCTION apikeys._lock_owner(p_owner text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan text;
+BEGIN
+    PERFORM apikeys._ensure_owner(p_owner);
+    UPDATE apikeys.owners o SET updated_at = pg_catalog.now()
+     WHERE o.owner OPERATOR(pg_catalog.=) p_owner
+    RETURNING o.plan INTO v_plan;
+    RETURN v_plan;
+END
+$$;
+
+-- Raises 53400 when one more counting key would exceed the owner's plan.
+-- Unlimited plans take no lock and count nothing.
+CREATE FUNCTION apikeys._enforce_plan_limit(p_owner text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan text;
+    v_max  integer;
+    v_live integer;
+BEGIN
+    v_plan := apikeys._ensure_owner(p_owner);
+    SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) v_plan;
+    IF v_max IS NULL THEN
+        RETURN;
+    END IF;
+
+    v_plan := apikeys._lock_owner(p_owner);
+    SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) v_plan;
+    IF v_max IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Counting stops at the limit, so an owner with many keys costs no more.
+    SELECT pg_catalog.count(*) INTO v_live
+      FROM (SELECT FROM apikeys.keys k
+             WHERE k.owner OPERATOR(pg_catalog.=) p_owner
+               AND k.revoked_at IS NULL AND k.replaced_by IS NULL
+               AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
+             LIMIT v_max) live;
+    IF v_live OPERATOR(pg_catalog.>=) v_max THEN
+        RAISE EXCEPTION 'key limit reached: plan "%" allows % active key%',
+                        v_plan, v_max, CASE WHEN v_max OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END
+            USING ERRCODE = '53400',
+                  DETAIL = pg_catalog.format('Owner %s already has %s active key%s.', p_owner, v_live,
+                                  CASE WHEN v_live OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END),
+                  HINT = 'Revoke a key or move the owner to a larger plan with apikeys.set_plan().';
+    END IF;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- Guard triggers: the invariants hold for every writer.
+------------------------------------------------------------------------------
+CREATE FUNCTION apikeys._keys_before_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring() THEN
+        PERFORM apikeys._ensure_owner(NEW.owner);
+        RETURN NEW;
+    END IF;
+    IF apikeys._counts(NEW) THEN
+        PERFORM apikeys._enforce_plan_limit(NEW.owner);
+    ELSE
+        PERFORM apikeys._ensure_owner(NEW.owner);
+    END IF;
+    IF NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
+        NEW.revoked_by := apikeys._actor();
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION apikeys._keys_before_update() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_column text;
+BEGIN
+    v_column := CASE
+        WHEN NEW.id IS DISTINCT FROM OLD.id THEN 'id'
+        WHEN NEW.owner IS DISTINCT FROM OLD.owner THEN 'owner'
+        WHEN NEW.prefix IS DISTINCT FROM OLD.prefix THEN 'prefix'
+        WHEN NEW.start IS DISTINCT FROM OLD.start THEN 'start'
+        WHEN NEW.digest IS DISTINCT FROM OLD.digest THEN 'digest'
+        WHEN NEW.created_at IS DISTINCT FROM OLD.created_at THEN 'created_at'
+        WHEN NEW.created_by IS DISTINCT FROM OLD.created_by THEN 'created_by'
+        WHEN NEW.rotated_from IS DISTINCT FROM OLD.rotated_from THEN 'rotated_from'
+    END;
+    IF v_column IS NOT NULL THEN
+        RAISE EXCEPTION 'column "%" of apikeys.keys cannot be changed', v_column
+            USING ERRCODE = '42501',
+                  DETAIL = 'A key''s id, owner, prefix, start, digest, created_at, created_by and rotated_from are fixed when it is created.';
+    END IF;
+
+    IF OLD.revoked_at IS NOT NULL AND (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at
+                                       OR NEW.revoked_by IS DISTINCT FROM OLD.revoked_by
+                                       OR NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason) THEN
+        RAISE EXCEPTION 'key % is revoked', OLD.id
+            USING ERRCODE = '55000',
+                  DETAIL = 'A revoked key stays revoked: its revoked_at, revoked_by and revoke_reason never change.',
+                  HINT = 'Create a new key instead.';
+    END IF;
+
+    IF OLD.replaced_by IS NOT NULL AND NEW.replaced_by IS DISTINCT FROM OLD.replaced_by THEN
+        RAISE EXCEPTION 'key % was already rotated', OLD.id
+            USING ERRCODE = '55000',
+                  DETAIL = 'The key that replaced a rotated key is fixed.';
+    END IF;
+
+    IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
+        NEW.revoked_by := apikeys._actor();
+    END IF;
+
+    -- Extending an expired key's expiry brings it back into the count.
+    IF NOT apikeys._counts(OLD) AND apikeys._counts(NEW) THEN
+        PERFORM apikeys._enforce_plan_limit(NEW.owner);
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION apikeys._keys_refuse_delete() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'keys are never deleted'
+        USING ERRCODE = '42501',
+              DETAIL = 'Revoked and expired keys stay in apikeys.keys for audit.',
+              HINT = 'Use apikeys.revoke() to disable a key.';
+END
+$$;
+
+CREATE TRIGGER keys_before_insert BEFORE INSERT ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_before_insert();
+CREATE TRIGGER keys_before_update BEFORE UPDATE ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_before_update();
+CREATE TRIGGER keys_refuse_delete BEFORE DELETE ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_refuse_delete();
+CREATE TRIGGER keys_refuse_truncate BEFORE TRUNCATE ON apikeys.keys
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._keys_refuse_delete();
+
+-- A restore replays plans over the seeded rows the extension script just
+-- wrote: the dumped row (perhaps an edited limit) replaces the seed.
+CREATE FUNCTION apikeys._plans_before_insert() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring()
+       AND EXISTS (SELECT FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) NEW.name) THEN
+        UPDATE apikeys.plans p SET max_keys = NEW.max_keys, description = NEW.description
+         WHERE p.name OPERATOR(pg_catalog.=) NEW.name;
+        RETURN NULL;
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER plans_before_insert BEFORE INSERT ON apikeys.plans
+    FOR EACH ROW EXECUTE FUNCTION apikeys._plans_before_insert();
+
+------------------------------------------------------------------------------
+-- Argument checks shared by the public functions.
+------------------------------------------------------------------------------
+CREATE FUNCTION apikeys._require_text(p_value text, p_what text, p_max integer) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_value IS NULL THEN
+        RAISE EXCEPTION '% must not be null', p_what USING ERRCODE = '22023';
+    ELSIF p_value OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION '% must not be empty', p_what USING ERRCODE = '22023';
+    ELSIF pg_catalog.length(p_value) OPERATOR(pg_catalog.>) p_max THEN
+        RAISE EXCEPTION '% is longer than % characters', p_what, p_max USING ERRCODE = '22023';
+    END IF;
+END
+$$;
+
+------------------------------------------------------------------------------
+-- Public functions.
+------------------------------------------------------------------------------
+CREATE FUNCTION apikeys.create_key(
+    owner      text,
+    name       text,
+    scopes     text[] DEFAULT '{}',
+    expires_at timestamptz DEFAULT NULL,
+    prefix     text DEFAULT NULL,
+    metadata   jsonb DEFAULT '{}',
+    rate_limit integer DEFAULT NULL)
+RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, created_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_token apikeys.apikey;
+    v_id    uuid;
+    v_at    timestamptz;
+BEGIN
+    PERFORM apikeys._require_text(create_key.owner, 'owner', 200);
+    PERFORM apikeys._require_text(create_key.name, 'name', 200);
+    IF create_key.scopes IS NULL THEN
+        RAISE EXCEPTION 'scopes must not be null' USING ERRCODE = '22023',
+            HINT = 'Pass an empty array for a key without scopes.';
+    END IF;
+    IF EXISTS (SELECT FROM pg_catalog.unnest(create_key.scopes) s(scope)
+                WHERE s.scope IS NULL OR s.scope OPERATOR(pg_catalog.=) '') THEN
+        RAISE EXCEPTION 'scopes must not contain null or empty elements' USING ERRCODE = '22023';
+    END IF;
+    IF create_key.expires_at IS NOT NULL
+       AND create_key.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = '22023';
+    END IF;
+    IF create_key.metadata IS NULL
+       OR pg_catalog.jsonb_typeof(create_key.metadata) OPERATOR(pg_catalog.<>) 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object' USING ERRCODE = '22023';
+    END IF;
+    IF create_key.rate_limit IS NOT NULL AND create_key.rate_limit OPERATOR(pg_catalog.<=) 0 THEN
+        RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = '22023';
+    END IF;
+
+    v_token := apikeys._new_token(create_key.prefix);
+    INSERT INTO apikeys.keys AS k (owner, name, prefix, start, digest, scopes, metadata,
+                                   rate_limit, expires_at)
+    VALUES (create_key.owner, create_key.name, apikeys.prefix(v_token), apikeys.start(v_token),
+            apikeys.digest(v_token), create_key.scopes, create_key.metadata,
+            create_key.rate_limit, create_key.expires_at)
+    RETURNING k.id, k.created_at INTO v_id, v_at;
+
+    RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
+END
+$$;
+
+CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
+RETURNS TABLE (valid boolean, code text, key_id uuid, owner text, name text,
+               scopes text[], metadata jsonb, expires_at timestamptz)
+    AS 'MODULE_PATHNAME', 'apikeys_verify'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
+RETURNS TABLE (key_id uuid, owner text, name text, scopes text[], metadata jsonb)
+    AS 'MODULE_PATHNAME', 'apikeys_authenticate'
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+
+CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
+RETURNS timestamptz
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    IF revoke.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = '22023';
+    END IF;
+    IF revoke.owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to revoke a key without naming its owner'
+            USING ERRCODE = '42501',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id OPERATOR(pg_catalog.=) revoke.key_id
+       AND (revoke.owner IS NULL OR k.owner OPERATOR(pg_catalog.=) revoke.owner)
+       FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', revoke.key_id USING ERRCODE = 'P0002';
+    END IF;
+    IF v_key.revoked_at IS NOT NULL THEN
+        RETURN v_key.revoked_at;
+    END IF;
+
+    UPDATE apikeys.keys k
+       SET revoked_at = pg_catalog.now(), revoked_by = apikeys._actor(),
+           revoke_reason = revoke.reason
+     WHERE k.id OPERATOR(pg_catalog.=) revoke.key_id
+    RETURNING k.revoked_at INTO v_key.revoked_at;
+    RETURN v_key.revoked_at;
+END
+$$;
+
+CREATE FUNCTION apikeys.revoke_all(owner text, reason text DEFAULT NULL)
+RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_count integer;
+BEGIN
+    PERFORM apikeys._require_text(revoke_all.owner, 'owner', 200);
+    IF NOT EXISTS (SELECT FROM apikeys.owners o WHERE o.owner OPERATOR(pg_catalog.=) revoke_all.owner) THEN
+        RETURN 0;
+    END IF;
+    -- Queue behind any create_key or rotate of this owner, so none slips past.
+    PERFORM apikeys._lock_owner(revoke_all.owner);
+    UPDATE apikeys.keys k
+       SET revoked_at = pg_catalog.now(), revoked_by = apikeys._actor(),
+           revoke_reason = revoke_all.reason
+     WHERE k.owner OPERATOR(pg_catalog.=) revoke_all.owner
+       AND k.revoked_at IS NULL
+       AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now());
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+CREATE FUNCTION apikeys.revoke_token(token text, reason text DEFAULT NULL)
+RETURNS uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_id uuid;
+BEGIN
+    IF NOT apikeys.is_well_formed(revoke_token.token) THEN
+        RETURN NULL;
+    END IF;
+    SELECT k.id INTO v_id FROM apikeys.keys k
+     WHERE k.digest OPERATOR(pg_catalog.=) apikeys.digest(revoke_token.token::apikeys.apikey);
+    IF v_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM apikeys.revoke(v_id, NULL, COALESCE(revoke_token.reason, 'leaked'));
+    RETURN v_id;
+END
+$$;
+
+-- The work of rotate(); PL/pgSQL cannot name an input and a result column
+-- alike (key_id), so rotate() is a SQL wrapper around this.
+CREATE FUNCTION apikeys._rotate(p_key_id uuid, p_owner text, grace interval)
+RETURNS TABLE (new_key_id uuid, new_token apikeys.apikey, new_start text,
+               old_key_expires_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old     apikeys.keys;
+    v_owner   text;
+    v_token   apikeys.apikey;
+    v_new_id  uuid := pg_catalog.gen_random_uuid();
+    v_old_end timestamptz;
+BEGIN
+    IF p_key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = '22023';
+    END IF;
+    IF grace IS NULL OR grace OPERATOR(pg_catalog.<) '0'::interval THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = '22023';
+    END IF;
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to rotate a key without naming its owner'
+            USING ERRCODE = '42501',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+
+    SELECT k.owner INTO v_owner FROM apikeys.keys k
+     WHERE k.id OPERATOR(pg_catalog.=) p_key_id
+       AND (p_owner IS NULL OR k.owner OPERATOR(pg_catalog.=) p_owner);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'P0002';
+    END IF;
+    -- Owner first, then key: the same order as revoke_all, so they cannot deadlock.
+    PERFORM apikeys._lock_owner(v_owner);
+    SELECT * INTO v_old FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) p_key_id FOR UPDATE;
+
+    IF v_old.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', p_key_id USING ERRCODE = '55000',
+            DETAIL = 'Only active keys can be rotated.';
+    ELSIF v_old.replaced_by IS NOT NULL THEN
+        RAISE EXCEPTION 'key % was already rotated', p_key_id USING ERRCODE = '55000',
+            DETAIL = pg_catalog.format('It was replaced by key %s.', v_old.replaced_by);
+    ELSIF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+        RAISE EXCEPTION 'key % has expired', p_key_id USING ERRCODE = '55000',
+            DETAIL = 'Only active keys can be rotated.';
+    END IF;
+
+    -- Retire the old key before inserting the new one, so an owner at its
+    -- plan limit can rotate: a rotating key no longer counts.
+    IF grace OPERATOR(pg_catalog.=) '0'::interval THEN
+        UPDATE apikeys.keys k
+           SET replaced_by = v_new_id, revoked_at = pg_catalog.now(),
+               revoked_by = apikeys._actor(), revoke_reason = 'rotated'
+         WHERE k.id OPERATOR(pg_catalog.=) p_key_id;
+        v_old_end := pg_catalog.now();
+    ELSE
+        v_old_end := pg_catalog.now() OPERATOR(pg_catalog.+) grace;
+        IF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<) v_old_end THEN
+            v_old_end := v_old.expires_at;
+        END IF;
+        UPDATE apikeys.keys k
+           SET replaced_by = v_new_id, expires_at = v_old_end
+         WHERE k.id OPERATOR(pg_catalog.=) p_key_id;
+    END IF;
+
+    v_token := apikeys._new_token(v_old.prefix);
+    INSERT INTO apikeys.keys (id, owner, name, prefix, start, digest, scopes, metadata,
+                              rate_limit, expires_at, rotated_from)
+    VALUES (v_new_id, v_old.owner, v_old.name, v_old.prefix, apikeys.start(v_token),
+            apikeys.digest(v_token), v_old.scopes, v_old.metadata, v_old.rate_limit,
+            v_old.expires_at, v_old.id);
+
+    RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
+END
+$$;
+
+CREATE FUNCTION apikeys.rotate(key_id uuid, owner text DEFAULT NULL, grace interval DEFAULT '0')
+RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, old_key_expires_at timestamptz)
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._rotate(key_id, owner, grace)
+$$;
+
+CREATE FUNCTION apikeys.list_keys(owner text)
+RETURNS TABLE (key_id uuid, name text, start text, scopes text[], status text,
+               created_at timestamptz, expires_at timestamptz, revoked_at timestamptz,
+               last_used_at timestamptz, requests_today bigint, failures_today bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM apikeys._require_text(list_keys.owner, 'owner', 200);
+    RETURN QUERY
+    SELECT k.id, k.name, k.start, k.scopes,
+           CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
+                WHEN k.expires_at IS NOT NULL AND k.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN 'expired'
+                WHEN k.replaced_by IS NOT NULL THEN 'rotating'
+                ELSE 'active' END,
+           k.created_at, k.expires_at, k.revoked_at,
+           u.last_used_at, COALESCE(u.requests_today, 0), COALESCE(u.failures_today, 0)
+      FROM apikeys.keys k
+      LEFT JOIN LATERAL (
+           SELECT pg_catalog.max(ku.last_used_at) AS last_used_at,
+                  pg_catalog.sum(ku.requests) FILTER (WHERE ku.day OPERATOR(pg_catalog.=) (pg_catalog.now() AT TIME ZONE 'UTC')::date)::bigint AS requests_today,
+                  pg_catalog.sum(ku.failures) FILTER (WHERE ku.day OPERATOR(pg_catalog.=) (pg_catalog.now() AT TIME ZONE 'UTC')::date)::bigint AS failures_today
+             FROM apikeys.key_usage ku
+            WHERE ku.key_id OPERATOR(pg_catalog.=) k.id) u ON true
+     WHERE k.owner OPERATOR(pg_catalog.=) list_keys.owner
+     ORDER BY k.created_at, k.id;
+END
+$$;
+
+CREATE FUNCTION apikeys.set_plan(owner text, plan text)
+RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM apikeys._require_text(set_plan.owner, 'owner', 200);
+    IF set_plan.plan IS NULL THEN
+        RAISE EXCEPTION 'plan must not be null' USING ERRCODE = '22023';
+    END IF;
+    IF NOT EXISTS (SELECT FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) set_plan.plan) THEN
+        RAISE EXCEPTION 'unknown plan "%"', set_plan.plan USING ERRCODE = '22023',
+            HINT = 'The plans are the rows of apikeys.plans.';
+    END IF;
+    PERFORM apikeys._lock_owner(set_plan.owner);
+    UPDATE apikeys.owners o SET plan = set_plan.plan, updated_at = pg_catalog.now()
+     WHERE o.owner OPERATOR(pg_catalog.=) set_plan.owner;
+END
+$$;
+
+CREATE FUNCTION apikeys.status()
+RETURNS TABLE (preloaded boolean, usage_tracking boolean, rate_limits boolean,
+               failure_audit boolean, default_prefix text)
+    AS 'MODULE_PATHNAME', 'apikeys_status'
+    LANGUAGE C STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+
+------------------------------------------------------------------------------
+-- Privileges: PUBLIC gets nothing; the two roles get what SPEC.md lists.
+------------------------------------------------------------------------------
+REVOKE ALL ON SCHEMA apikeys FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
+REVOKE ALL ON TYPE apikeys.apikey FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA apikeys TO apikeys_admin, apikeys_app;
+GRANT USAGE ON TYPE apikeys.apikey TO apikeys_admin, apikeys_app;
+
+GRANT EXECUTE ON FUNCTION
+    apikeys.verify(text, text[]),
+    apikeys.authenticate(text, text[]),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer),
+    apikeys.list_keys(text),
+    apikeys.revoke(uuid, text, text),
+    apikeys.rotate(uuid, text, interval),
+    apikeys.prefix(apikeys.apikey),
+    apikeys.start(apikeys.apikey),
+    apikeys.digest(apikeys.apikey),
+    apikeys.is_well_formed(text),
+    apikeys.status()
+TO apikeys_app, apikeys_admin;
+
+GRANT EXECUTE ON FUNCTION
+    apikeys.revoke_all(text, text),
+    apikeys.revoke_token(text, text),
+    apikeys.set_plan(text, text)
+TO apikeys_admin;
+
+GRANT SELECT ON ALL TABLES IN SCHEMA apikeys TO apikeys_admin;
+GRANT INSERT, UPDATE, DELETE ON apikeys.plans TO apikeys_admin;
+GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at) ON apikeys.keys TO apikeys_admin;
+
+------------------------------------------------------------------------------
+-- Comments.
+------------------------------------------------------------------------------
+COMMENT ON TYPE apikeys.apikey IS 'A well-formed API key token: <prefix>_<secret><check>.';
+COMMENT ON FUNCTION apikeys.apikey_in(cstring) IS 'Input of apikey: checks format and checksum.';
+COMMENT ON FUNCTION apikeys.apikey_out(apikeys.apikey) IS 'Output of apikey.';
+COMMENT ON FUNCTION apikeys.apikey_recv(internal) IS 'Binary input of apikey: checks format and checksum.';
+COMMENT ON FUNCTION apikeys.apikey_send(apikeys.apikey) IS 'Binary output of apikey.';
+COMMENT ON FUNCTION apikeys.prefix(apikeys.apikey) IS 'The prefix of a token, e.g. ak_live.';
+COMMENT ON FUNCTION apikeys.start(apikeys.apikey) IS 'The prefix, "_" and the first four secret characters: the only part shown after creation.';
+COMMENT ON FUNCTION apikeys.digest(apikeys.apikey) IS 'BLAKE2b-256 of the whole token, as stored in apikeys.keys.digest.';
+COMMENT ON FUNCTION apikeys.is_well_formed(text) IS 'Whether the text is a well-formed token (format and checksum); never raises.';
+COMMENT ON FUNCTION apikeys._new_token(text) IS 'Internal: a fresh token from the CSPRNG.';
+COMMENT ON FUNCTION apikeys._default_plan() IS 'Internal: the apikeys.default_plan setting.';
+COMMENT ON FUNCTION apikeys._caller() IS 'Internal: the role that called into apikeys (SET ROLE role, else session user).';
+COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin.';
+COMMENT ON FUNCTION apikeys._actor() IS 'Internal: apikeys.actor if set, else the calling role.';
+COMMENT ON FUNCTION apikeys._restoring() IS 'Internal: whether a superuser session is replaying a dump.';
+COMMENT ON FUNCTION apikeys._counts(apikeys.keys) IS 'Internal: whether a key counts toward its owner''s plan limit.';
+COMMENT ON FUNCTION apikeys._ensure_owner(text) IS 'Internal: creates the owner''s row on the default plan if missing; returns its plan.';
+COMMENT ON FUNCTION apikeys._lock_owner(text) IS 'Internal: serialises changes to one owner''s keys.';
+COMMENT ON FUNCTION apikeys._enforce_plan_limit(text) IS 'Internal: raises 53400 when the owner has no free slot.';
+COMMENT ON FUNCTION apikeys._keys_before_insert() IS 'Internal: plan limit on new keys.';
+COMMENT ON FUNCTION apikeys._keys_before_update() IS 'Internal: immutable columns, no reactivation, plan limit on revived keys.';
+COMMENT ON FUNCTION apikeys._keys_refuse_delete() IS 'Internal: keys are never deleted or truncated.';
+COMMENT ON FUNCTION apikeys._plans_before_insert() IS 'Internal: a restored plan row replaces the seeded one.';
+COMMENT ON FUNCTION apikeys._require_text(text, text, integer) IS 'Internal: 22023 for a NULL, empty or over-long argument.';
+
+COMMENT ON TABLE apikeys.plans IS 'Plans and how many active keys each allows (NULL: unlimited).';
+COMMENT ON TABLE apikeys.owners IS 'Owners (the application''s users, accounts or tenants) and their plans.';
+COMMENT ON TABLE apikeys.keys IS 'Every key ever issued; only the digest of a token is stored. Rows are never deleted.';
+COMMENT ON TABLE apikeys.key_usage IS 'Per key and UTC day: successful and refused verifications.';
+COMMENT ON COLUMN apikeys.keys.digest IS 'BLAKE2b-256 of the whole token.';
+COMMENT ON COLUMN apikeys.keys.start IS 'Prefix, "_" and the first four secret characters.';
+COMMENT ON COLUMN apikeys.keys.replaced_by IS 'The key that replaced this one in a rotation.';
+COMMENT ON COLUMN apikeys.keys.rotated_from IS 'The key this one replaced in a rotation.';
+
+COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer) IS 'Issues a key; the only time its token is returned.';
+COMMENT ON FUNCTION apikeys.verify(text, text[]) IS 'Checks a token; never raises for a bad one and never writes a row.';
+COMMENT ON FUNCTION apikeys.authenticate(text, text[]) IS 'Like verify, but a refusal raises 28000 with the code as message.';
+COMMENT ON FUNCTION apikeys.revoke(uuid, text, text) IS 'Revokes a key at once and for good; returns the original revoked_at when already revoked.';
+COMMENT ON FUNCTION apikeys.revoke_all(text, text) IS 'Revokes every active and rotating key of an owner; returns how many.';
+COMMENT ON FUNCTION apikeys.revoke_token(text, text) IS 'Revokes the key a leaked token belongs to; NULL when unknown.';
+COMMENT ON FUNCTION apikeys._rotate(uuid, text, interval) IS 'Internal: the body of rotate().';
+COMMENT ON FUNCTION apikeys.rotate(uuid, text, interval) IS 'Issues a replacement key; the old one is revoked now or valid until the grace ends.';
+COMMENT ON FUNCTION apikeys.list_keys(text) IS 'An owner''s keys with status and usage; never digests or tokens.';
+COMMENT ON FUNCTION apikeys.set_plan(text, text) IS 'Moves an owner to a plan; existing keys keep working.';
+COMMENT ON FUNCTION apikeys.status() IS 'Which parts of apikeys are active on this server.';

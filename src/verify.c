@@ -1,0 +1,297 @@
+/*
+ * verify.c — verify() and authenticate().
+ *
+ * A token is parsed and its checksum checked before any table is read, so
+ * malformed input costs no I/O; a well-formed one costs one lookup on the
+ * unique digest index through a plan prepared once per backend.  Nothing
+ * here writes a table row, so verification works in read-only transactions
+ * and on hot standbys.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "utils/array.h"
+#include "utils/builtins.h"
+#include "utils/datum.h"
+#include "utils/lsyscache.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+#include <sodium.h>
+
+#include "token.h"
+#include "verify.h"
+
+/* What a lookup found, copied into the caller's memory context. */
+typedef struct FoundKey
+{
+	Datum		id;
+	Datum		owner;
+	Datum		name;
+	Datum		scopes;
+	Datum		metadata;
+	Datum		expires_at;
+	bool		expires_null;
+	bool		revoked;
+} FoundKey;
+
+static SPIPlanPtr lookup_plan = NULL;
+
+const char *
+verify_code_name(VerifyCode code)
+{
+	switch (code)
+	{
+		case VERIFY_VALID:
+			return "VALID";
+		case VERIFY_INVALID:
+			return "API_KEY_INVALID";
+		case VERIFY_REVOKED:
+			return "API_KEY_REVOKED";
+		case VERIFY_EXPIRED:
+			return "API_KEY_EXPIRED";
+		case VERIFY_INSUFFICIENT_SCOPE:
+			return "INSUFFICIENT_SCOPE";
+		case VERIFY_RATE_LIMITED:
+			return "RATE_LIMITED";
+	}
+	return "API_KEY_INVALID";
+}
+
+/* Looks the digest up; returns false when no key has it. */
+static bool
+lookup_key(const unsigned char *digest, FoundKey *found)
+{
+	MemoryContext caller_cxt = CurrentMemoryContext;
+	bytea	   *param = palloc(VARHDRSZ + TOKEN_DIGEST_LEN);
+	Datum		values[1];
+	bool		exists = false;
+	int			rc;
+
+	SET_VARSIZE(param, VARHDRSZ + TOKEN_DIGEST_LEN);
+	memcpy(VARDATA(param), digest, TOKEN_DIGEST_LEN);
+	values[0] = PointerGetDatum(param);
+
+	if (SPI_connect() != SPI_OK_CONNECT)
+		elog(ERROR, "SPI_connect failed");
+
+	if (lookup_plan == NULL)
+	{
+		Oid			argtypes[1] = {BYTEAOID};
+		SPIPlanPtr	plan;
+
+		plan = SPI_prepare("SELECT id, owner, name, scopes, metadata, expires_at, "
+						   "revoked_at IS NOT NULL "
+						   "FROM apikeys.keys WHERE digest OPERATOR(pg_catalog.=) $1",
+						   1, argtypes);
+		if (plan == NULL)
+			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
+		if (SPI_keepplan(plan) != 0)
+			elog(ERROR, "SPI_keepplan failed");
+		lookup_plan = plan;
+	}
+
+	rc = SPI_execute_plan(lookup_plan, values, NULL, true, 1);
+	if (rc != SPI_OK_SELECT)
+		elog(ERROR, "key lookup failed: %s", SPI_result_code_string(rc));
+
+	if (SPI_processed > 0)
+	{
+		HeapTuple	tuple = SPI_tuptable->vals[0];
+		TupleDesc	desc = SPI_tuptable->tupdesc;
+		MemoryContext spi_cxt = MemoryContextSwitchTo(caller_cxt);
+		bool		isnull;
+
+		found->id = datumCopy(SPI_getbinval(tuple, desc, 1, &isnull), false, UUID_LEN);
+		found->owner = datumCopy(SPI_getbinval(tuple, desc, 2, &isnull), false, -1);
+		found->name = datumCopy(SPI_getbinval(tuple, desc, 3, &isnull), false, -1);
+		found->scopes = datumCopy(SPI_getbinval(tuple, desc, 4, &isnull), false, -1);
+		found->metadata = datumCopy(SPI_getbinval(tuple, desc, 5, &isnull), false, -1);
+		found->expires_at = SPI_getbinval(tuple, desc, 6, &found->expires_null);
+		found->revoked = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
+		MemoryContextSwitchTo(spi_cxt);
+		exists = true;
+	}
+
+	SPI_finish();
+	pfree(param);
+	return exists;
+}
+
+/* Text elements of a one-dimensional array, NULL elements skipped. */
+static int
+text_elements(ArrayType *array, text ***elements)
+{
+	Datum	   *datums;
+	bool	   *nulls;
+	int			n;
+	int			kept = 0;
+
+	deconstruct_array(array, TEXTOID, -1, false, TYPALIGN_INT, &datums, &nulls, &n);
+	*elements = palloc(sizeof(text *) * Max(n, 1));
+	for (int i = 0; i < n; i++)
+		if (!nulls[i])
+			(*elements)[kept++] = DatumGetTextPP(datums[i]);
+	return kept;
+}
+
+/* "*" grants everything; "x:*" grants every scope starting "x:". */
+static bool
+scope_grants(text *held, text *wanted)
+{
+	const char *h = VARDATA_ANY(held);
+	size_t		hlen = VARSIZE_ANY_EXHDR(held);
+	const char *w = VARDATA_ANY(wanted);
+	size_t		wlen = VARSIZE_ANY_EXHDR(wanted);
+
+	if (hlen == 1 && h[0] == '*')
+		return true;
+	if (hlen == wlen && memcmp(h, w, hlen) == 0)
+		return true;
+	if (hlen >= 2 && h[hlen - 1] == '*' && h[hlen - 2] == ':')
+		return wlen >= hlen - 1 && memcmp(h, w, hlen - 1) == 0;
+	return false;
+}
+
+static bool
+scopes_satisfied(Datum held_scopes, ArrayType *required)
+{
+	text	  **held;
+	text	  **wanted;
+	int			nheld;
+	int			nwanted;
+
+	if (required == NULL || ArrayGetNItems(ARR_NDIM(required), ARR_DIMS(required)) == 0)
+		return true;
+
+	nwanted = text_elements(required, &wanted);
+	nheld = text_elements(DatumGetArrayTypeP(held_scopes), &held);
+	for (int i = 0; i < nwanted; i++)
+	{
+		bool		granted = false;
+
+		for (int j = 0; j < nheld && !granted; j++)
+			granted = scope_grants(held[j], wanted[i]);
+		if (!granted)
+			return false;
+	}
+	return true;
+}
+
+/*
+ * The whole decision.  *found_key tells whether key holds a row; code is the
+ * answer.  Never raises for any token text.
+ */
+static VerifyCode
+verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
+{
+	size_t		prefix_len;
+	unsigned char digest[TOKEN_DIGEST_LEN];
+
+	*found_key = false;
+	if (token == NULL ||
+		token_parse(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), &prefix_len) != TOKEN_OK)
+		return VERIFY_INVALID;
+
+	token_digest(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), digest);
+	*found_key = lookup_key(digest, key);
+	sodium_memzero(digest, sizeof(digest));
+	if (!*found_key)
+		return VERIFY_INVALID;
+
+	if (key->revoked)
+		return VERIFY_REVOKED;
+	if (!key->expires_null &&
+		DatumGetTimestampTz(key->expires_at) <= GetCurrentTransactionStartTimestamp())
+		return VERIFY_EXPIRED;
+	if (!scopes_satisfied(key->scopes, required))
+		return VERIFY_INSUFFICIENT_SCOPE;
+	return VERIFY_VALID;
+}
+
+PG_FUNCTION_INFO_V1(apikeys_verify);
+
+/*
+ * verify(token text, required_scopes text[]) returns
+ * (valid, code, key_id, owner, name, scopes, metadata, expires_at).
+ * A refused key that exists still reports which key it was.
+ */
+Datum
+apikeys_verify(PG_FUNCTION_ARGS)
+{
+	text	   *token = PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0);
+	ArrayType  *required = PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1);
+	TupleDesc	tupdesc;
+	FoundKey	key;
+	bool		found;
+	VerifyCode	code;
+	Datum		values[8];
+	bool		nulls[8] = {false};
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	code = verify_token(token, required, &key, &found);
+
+	values[0] = BoolGetDatum(code == VERIFY_VALID);
+	values[1] = CStringGetTextDatum(verify_code_name(code));
+	if (found)
+	{
+		values[2] = key.id;
+		values[3] = key.owner;
+		values[4] = key.name;
+		values[5] = key.scopes;
+		values[6] = key.metadata;
+		values[7] = key.expires_at;
+		nulls[7] = key.expires_null;
+	}
+	else
+		for (int i = 2; i < 8; i++)
+			nulls[i] = true;
+
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
+
+PG_FUNCTION_INFO_V1(apikeys_authenticate);
+
+/*
+ * authenticate(token text, required_scopes text[]) returns
+ * (key_id, owner, name, scopes, metadata), or raises 28000 whose message is
+ * the verify code.
+ */
+Datum
+apikeys_authenticate(PG_FUNCTION_ARGS)
+{
+	text	   *token = PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0);
+	ArrayType  *required = PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1);
+	TupleDesc	tupdesc;
+	FoundKey	key;
+	bool		found;
+	VerifyCode	code;
+	Datum		values[5];
+	bool		nulls[5] = {false};
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	code = verify_token(token, required, &key, &found);
+
+	/* errhidestmt: the failing statement's text may hold the token. */
+	if (code != VERIFY_VALID)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
+				 errmsg("%s", verify_code_name(code)),
+				 errdetail("The API key was not accepted."),
+				 errhidestmt(true)));
+
+	values[0] = key.id;
+	values[1] = key.owner;
+	values[2] = key.name;
+	values[3] = key.scopes;
+	values[4] = key.metadata;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}
