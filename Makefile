@@ -5,7 +5,7 @@ OBJS = src/apikeys.o src/token.o src/apikey_type.o src/verify.o
 DATA = sql/apikeys--1.0.sql
 PGFILEDESC = "apikeys - API keys inside PostgreSQL"
 
-REGRESS = token type keys verify limits
+REGRESS = token type keys verify limits lifecycle guards roles secrets search_path
 REGRESS_OPTS = --inputdir=. --load-extension=apikeys
 
 SHLIB_LINK = -lsodium

@@ -594,12 +594,12 @@ BEGIN
     IF v_old.revoked_at IS NOT NULL THEN
         RAISE EXCEPTION 'key % is revoked', p_key_id USING ERRCODE = '55000',
             DETAIL = 'Only active keys can be rotated.';
-    ELSIF v_old.replaced_by IS NOT NULL THEN
-        RAISE EXCEPTION 'key % was already rotated', p_key_id USING ERRCODE = '55000',
-            DETAIL = pg_catalog.format('It was replaced by key %s.', v_old.replaced_by);
     ELSIF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
         RAISE EXCEPTION 'key % has expired', p_key_id USING ERRCODE = '55000',
             DETAIL = 'Only active keys can be rotated.';
+    ELSIF v_old.replaced_by IS NOT NULL THEN
+        RAISE EXCEPTION 'key % was already rotated', p_key_id USING ERRCODE = '55000',
+            DETAIL = pg_catalog.format('It was replaced by key %s.', v_old.replaced_by);
     END IF;
 
     -- Retire the old key before inserting the new one, so an owner at its

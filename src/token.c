@@ -93,6 +93,10 @@ token_parse(const char *text, size_t len, size_t *prefix_len)
 	if (len > TOKEN_MAX_LEN)
 		return TOKEN_TOO_LONG;
 
+	for (size_t i = 0; i < len; i++)
+		if ((unsigned char) text[i] >= 0x80)
+			return TOKEN_NOT_ASCII;
+
 	/* The secret and check have a fixed length, so the separator's place is known. */
 	plen = len - tail;
 	if (text[plen] != '_')
@@ -125,6 +129,8 @@ token_error_detail(TokenError err)
 			return "The token is shorter than 41 characters, the least a prefix, separator, secret and check can take.";
 		case TOKEN_TOO_LONG:
 			return "The token is longer than 63 characters, the most a prefix, separator, secret and check can take.";
+		case TOKEN_NOT_ASCII:
+			return "The token contains a character outside ASCII.";
 		case TOKEN_NO_SEPARATOR:
 			return "The token has no \"_\" before its last 38 characters.";
 		case TOKEN_BAD_PREFIX:

@@ -1,0 +1,87 @@
+-- rotate, revoke_all and revoke_token.
+\set SHOW_CONTEXT never
+
+CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE cmd;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
+        '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
+END $$;
+
+-- Rotation with grace 0: the old key is revoked at once; the new one copies
+-- owner, name, prefix, scopes, metadata, rate limit and expiry.
+SELECT apikeys.set_plan('rot-a', 'developer');
+SELECT key_id AS old_id, token AS old_token
+  FROM apikeys.create_key('rot-a', 'svc', ARRAY['orders:*'], now() + interval '10 days', 'hm_live',
+                          '{"tier": 2}', 50) \gset
+SELECT key_id AS new_id, token AS new_token, old_key_expires_at AS old_end FROM apikeys.rotate(:'old_id', 'rot-a') \gset
+SELECT :'old_end'::timestamptz <= now() AS old_ends_now,
+       (apikeys.verify(:'old_token')).code AS old_code, (apikeys.verify(:'new_token')).code AS new_code;
+SELECT n.owner = o.owner AND n.name = o.name AND n.prefix = o.prefix AND n.scopes = o.scopes
+       AND n.metadata = o.metadata AND n.rate_limit = o.rate_limit AND n.expires_at = o.expires_at AS copied,
+       n.rotated_from = o.id AS links_back, o.replaced_by = n.id AS links_forward,
+       n.digest <> o.digest AS new_secret, o.revoke_reason
+  FROM apikeys.keys n, apikeys.keys o WHERE n.id = :'new_id' AND o.id = :'old_id';
+
+-- Rotation with grace: the old key stays valid (rotating) until the grace ends.
+SELECT key_id AS g_old, token AS g_old_token FROM apikeys.create_key('rot-a', 'graceful') \gset
+SELECT key_id AS g_new, token AS g_new_token, old_key_expires_at AS g_end
+  FROM apikeys.rotate(:'g_old', 'rot-a', '1 hour') \gset
+SELECT :'g_end'::timestamptz BETWEEN now() + interval '59 minutes' AND now() + interval '1 hour' AS ends_after_grace,
+       (apikeys.verify(:'g_old_token')).code AS old_code, (apikeys.verify(:'g_new_token')).code AS new_code;
+SELECT name, status FROM apikeys.list_keys('rot-a') WHERE key_id IN (:'g_old', :'g_new') ORDER BY created_at;
+-- After the grace ends the old key is expired.
+UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'g_old';
+SELECT (apikeys.verify(:'g_old_token')).code AS old_after_grace;
+
+-- Grace never extends a key beyond its own expiry.
+SELECT key_id AS e_old FROM apikeys.create_key('rot-a', 'expiring', expires_at => now() + interval '5 minutes') \gset
+SELECT r.old_key_expires_at = k.expires_at AS capped_at_expiry, k.expires_at < now() + interval '5 minutes' AS kept_own
+  FROM apikeys.rotate(:'e_old', 'rot-a', '1 day') r, apikeys.keys k WHERE k.id = :'e_old';
+
+-- Wrong state: 55000.  Bad grace: 22023.  Unknown or other owner's key: P0002.
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'old_id', 'rot-a')) AS rotate_revoked;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'g_old', 'rot-a')) AS rotate_after_grace;
+SELECT key_id AS x_old FROM apikeys.create_key('rot-a', 'expired', expires_at => now() + interval '1 hour') \gset
+UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'x_old';
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'x_old', 'rot-a')) AS rotate_expired;
+SELECT key_id AS r_old FROM apikeys.create_key('rot-a', 'twice') \gset
+SELECT count(*) FROM apikeys.rotate(:'r_old', 'rot-a', '1 hour');
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'r_old', 'rot-a', '1 hour')) AS rotate_rotated;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '-1 second')) AS negative_grace;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, NULL)', :'new_id', 'rot-a')) AS null_grace;
+SELECT pg_temp.try($$SELECT apikeys.rotate('00000000-0000-0000-0000-000000000000')$$) AS unknown_key;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'new_id', 'rot-b')) AS other_owner;
+SELECT pg_temp.try($$SELECT apikeys.rotate(NULL)$$) AS null_key;
+
+-- An owner at its plan limit can still rotate (a rotating key does not count).
+SELECT key_id AS full_id FROM apikeys.create_key('rot-full', 'only') \gset
+SELECT pg_temp.try($$SELECT apikeys.create_key('rot-full', 'second')$$) AS at_limit;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'full_id', 'rot-full', '1 hour')) AS rotate_at_limit;
+SELECT status, count(*) FROM apikeys.list_keys('rot-full') GROUP BY status ORDER BY status;
+
+-- revoke_all: every active and rotating key; a second call revokes none.
+SELECT apikeys.set_plan('rot-all', 'pro');
+SELECT count(*) FROM generate_series(1, 3) i, apikeys.create_key('rot-all', 'k' || i);
+SELECT key_id AS ra_rot FROM apikeys.create_key('rot-all', 'rotating') \gset
+SELECT count(*) FROM apikeys.rotate(:'ra_rot', 'rot-all', '1 day');
+SELECT key_id AS ra_exp FROM apikeys.create_key('rot-all', 'expired', expires_at => now() + interval '1 hour') \gset
+UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'ra_exp';
+SELECT status, count(*) FROM apikeys.list_keys('rot-all') GROUP BY status ORDER BY status;
+SELECT apikeys.revoke_all('rot-all', 'breach') AS revoked;
+SELECT apikeys.revoke_all('rot-all', 'breach') AS revoked_again;
+SELECT status, count(*) FROM apikeys.list_keys('rot-all') GROUP BY status ORDER BY status;
+SELECT DISTINCT revoke_reason FROM apikeys.keys WHERE owner = 'rot-all' AND revoked_at IS NOT NULL;
+SELECT apikeys.revoke_all('rot-nobody') AS unknown_owner;
+SELECT pg_temp.try($$SELECT apikeys.revoke_all(NULL)$$) AS null_owner;
+
+-- revoke_token: by the leaked secret itself.
+SELECT key_id AS leak_id, token AS leak_token FROM apikeys.create_key('rot-leak', 'leaked') \gset
+SELECT apikeys.revoke_token(:'leak_token', 'found on a public repository') = :'leak_id' AS returns_key;
+SELECT (apikeys.verify(:'leak_token')).code, revoke_reason FROM apikeys.keys WHERE id = :'leak_id';
+SELECT apikeys.revoke_token(:'leak_token') = :'leak_id' AS idempotent;
+SELECT apikeys.revoke_token(apikeys._new_token('ak_live')) IS NULL AS unknown_is_null;
+SELECT apikeys.revoke_token('not a token') IS NULL AS malformed_is_null;
+SELECT apikeys.revoke_token(NULL) IS NULL AS null_is_null;

@@ -1,0 +1,114 @@
+-- Roles and owner scoping: the privilege matrix, each call as each role.
+\set SHOW_CONTEXT never
+
+DO $$
+BEGIN
+    IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'apikeys_regress_nobody') THEN
+        CREATE ROLE apikeys_regress_nobody NOLOGIN;
+    END IF;
+END $$;
+
+-- PUBLIC gets nothing.
+SELECT count(*) AS public_function_grants
+  FROM pg_proc p, aclexplode(p.proacl) a
+ WHERE p.pronamespace = 'apikeys'::regnamespace AND a.grantee = 0;
+SELECT count(*) AS functions_without_acl
+  FROM pg_proc p WHERE p.pronamespace = 'apikeys'::regnamespace AND p.proacl IS NULL;
+SELECT has_schema_privilege('public', 'apikeys', 'USAGE') AS public_usage,
+       has_table_privilege('apikeys_regress_nobody', 'apikeys.keys', 'SELECT') AS nobody_reads_keys;
+SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN ('apikeys_admin', 'apikeys_app') ORDER BY 1;
+
+CREATE FUNCTION pg_temp.try_as(r text, cmd text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE format('SET ROLE %I', r);
+    EXECUTE cmd;
+    RESET ROLE;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE;
+END $$;
+
+-- Fixtures: one owner per role with enough keys for every call.
+CREATE TEMP TABLE fx (role text, owner text, k1 uuid, k2 uuid, k3 uuid, k4 uuid, t1 text, t5 text, k_other uuid);
+INSERT INTO fx (role, owner)
+SELECT r, 'role-' || r FROM unnest(ARRAY['apikeys_app', 'apikeys_admin', 'apikeys_regress_nobody']) r;
+SELECT count(*) FROM fx, apikeys.set_plan(fx.owner, 'enterprise');
+UPDATE fx SET k1 = (SELECT key_id FROM apikeys.create_key(owner, 'k1')),
+              k2 = (SELECT key_id FROM apikeys.create_key(owner, 'k2')),
+              k3 = (SELECT key_id FROM apikeys.create_key(owner, 'k3')),
+              k4 = (SELECT key_id FROM apikeys.create_key(owner, 'k4')),
+              t1 = (SELECT token FROM apikeys.create_key(owner, 't1')),
+              t5 = (SELECT token FROM apikeys.create_key(owner, 't5')),
+              k_other = (SELECT key_id FROM apikeys.create_key('role-victim', 'victim'));
+
+CREATE TEMP TABLE calls (seq int, call text, tpl text);
+INSERT INTO calls VALUES
+    (1,  'verify',                   'SELECT apikeys.verify(%3$L)'),
+    (2,  'authenticate',             'SELECT apikeys.authenticate(%3$L)'),
+    (3,  'create_key',               'SELECT apikeys.create_key(%1$L, %5$L)'),
+    (4,  'list_keys',                'SELECT apikeys.list_keys(%1$L)'),
+    (5,  'revoke with owner',        'SELECT apikeys.revoke(%2$L, %1$L)'),
+    (6,  'revoke without owner',     'SELECT apikeys.revoke(%4$L)'),
+    (7,  'revoke other owner''s key', 'SELECT apikeys.revoke(%6$L, %1$L)'),
+    (8,  'rotate with owner',        'SELECT apikeys.rotate(%7$L, %1$L)'),
+    (9,  'rotate without owner',     'SELECT apikeys.rotate(%8$L)'),
+    (10, 'rotate other owner''s key', 'SELECT apikeys.rotate(%6$L, %1$L)'),
+    (11, 'revoke_token',             'SELECT apikeys.revoke_token(%9$L)'),
+    (12, 'set_plan',                 'SELECT apikeys.set_plan(%1$L, ''pro'')'),
+    (13, 'status',                   'SELECT apikeys.status()'),
+    (14, 'is_well_formed / start',   'SELECT apikeys.is_well_formed(%3$L), apikeys.start(%3$L)'),
+    (15, 'select keys',              'SELECT count(*) FROM apikeys.keys'),
+    (16, 'select plans, owners, key_usage', 'SELECT (SELECT count(*) FROM apikeys.plans), (SELECT count(*) FROM apikeys.owners), (SELECT count(*) FROM apikeys.key_usage)'),
+    (17, 'edit plans',               'UPDATE apikeys.plans SET description = description WHERE name = ''pro'''),
+    (18, 'rename a key by SQL',      'UPDATE apikeys.keys SET name = name WHERE id = %2$L'),
+    (19, 'change a digest by SQL',   'UPDATE apikeys.keys SET digest = digest WHERE id = %2$L'),
+    (20, 'insert a key by SQL',      'INSERT INTO apikeys.keys (owner, name, prefix, start, digest) VALUES (%1$L, ''x'', ''ak'', ''ak_AAAA'', ''\x00'')'),
+    (21, 'delete a key by SQL',      'DELETE FROM apikeys.keys WHERE id = %2$L'),
+    (22, 'insert an owner by SQL',   'INSERT INTO apikeys.owners VALUES (''role-new'', ''pro'')'),
+    (23, 'new token',                'SELECT apikeys._new_token(NULL)'),
+    (24, 'revoke_all',               'SELECT apikeys.revoke_all(%1$L)');
+
+CREATE TEMP TABLE matrix (seq int, call text, role text, result text);
+DO $$
+DECLARE c record; f record;
+BEGIN
+    FOR c IN SELECT * FROM calls ORDER BY seq LOOP
+        FOR f IN SELECT * FROM fx ORDER BY role LOOP
+            INSERT INTO matrix VALUES (c.seq, c.call, f.role,
+                pg_temp.try_as(f.role, format(c.tpl, f.owner, f.k1, f.t1, f.k2, 'made by ' || f.role,
+                                              f.k_other, f.k3, f.k4, f.t5)));
+        END LOOP;
+    END LOOP;
+END $$;
+
+-- ok = allowed; otherwise the SQLSTATE (42501 denied, P0002 not found).
+SELECT call,
+       max(result) FILTER (WHERE role = 'apikeys_app') AS app,
+       max(result) FILTER (WHERE role = 'apikeys_admin') AS admin,
+       max(result) FILTER (WHERE role = 'apikeys_regress_nobody') AS nobody
+  FROM matrix GROUP BY seq, call ORDER BY seq;
+
+-- The messages of the owner-scoping refusals.
+SELECT k4 AS app_k4 FROM fx WHERE role = 'apikeys_app' \gset
+SET ROLE apikeys_app;
+\set VERBOSITY terse
+SELECT apikeys.revoke(:'app_k4');
+SELECT apikeys.rotate(:'app_k4');
+SELECT apikeys.revoke_all('role-apikeys_app');
+\set VERBOSITY default
+RESET ROLE;
+
+-- The other owner's key survived every attempt.
+SELECT count(*) FILTER (WHERE revoked_at IS NULL AND replaced_by IS NULL) AS victim_intact
+  FROM apikeys.keys WHERE owner = 'role-victim';
+
+-- created_by and revoked_by record the calling role, or apikeys.actor.
+SELECT k.created_by, k.revoked_by FROM apikeys.keys k, fx
+ WHERE fx.role = 'apikeys_app' AND k.id = fx.k1;
+SET ROLE apikeys_app;
+SET apikeys.actor = 'alice@example.com';
+SELECT key_id AS actor_key FROM apikeys.create_key('role-apikeys_app', 'by alice') \gset
+SELECT apikeys.revoke(:'actor_key', 'role-apikeys_app') IS NOT NULL;
+RESET apikeys.actor;
+RESET ROLE;
+SELECT created_by, revoked_by FROM apikeys.keys WHERE id = :'actor_key';

@@ -1,0 +1,73 @@
+-- verify and authenticate: every code, scopes, no table reads for bad input.
+\set SHOW_CONTEXT never
+
+SELECT apikeys.set_plan('verify-acme', 'enterprise');
+SELECT key_id AS k_valid, token AS t_valid
+  FROM apikeys.create_key('verify-acme', 'svc', ARRAY['orders:*', 'users:read'], metadata => '{"team": "core"}') \gset
+SELECT key_id AS k_revoked, token AS t_revoked FROM apikeys.create_key('verify-acme', 'old') \gset
+SELECT key_id AS k_expired, token AS t_expired
+  FROM apikeys.create_key('verify-acme', 'temp', expires_at => now() + interval '1 hour') \gset
+SELECT key_id AS k_star, token AS t_star FROM apikeys.create_key('verify-acme', 'root', ARRAY['*']) \gset
+SELECT apikeys.revoke(:'k_revoked') IS NOT NULL AS revoked;
+UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'k_expired';
+
+-- VALID, with the key's details.
+SELECT valid, code, key_id = :'k_valid' AS right_key, owner, name, scopes, metadata, expires_at
+  FROM apikeys.verify(:'t_valid');
+
+-- Scopes: exact, x:* wildcard, * wildcard, and what they do not grant.
+SELECT s AS required, (apikeys.verify(:'t_valid', s)).code
+  FROM (VALUES (ARRAY['users:read']), (ARRAY['orders:read']), (ARRAY['orders:refund', 'users:read']),
+               (ARRAY['users:write']), (ARRAY['orders']), (ARRAY['admin']), ('{}'::text[]),
+               (ARRAY['users:read', 'users:write'])) v(s);
+SELECT (apikeys.verify(:'t_star', ARRAY['anything', 'billing:write'])).code AS star_grants_all;
+SELECT (apikeys.verify(:'t_valid', NULL)).code AS null_scopes_mean_none;
+
+-- Refusals name the key; unknown and malformed tokens do not.
+SELECT valid, code, key_id = :'k_revoked' AS right_key FROM apikeys.verify(:'t_revoked');
+SELECT valid, code, key_id = :'k_expired' AS right_key FROM apikeys.verify(:'t_expired');
+SELECT valid, code, key_id, owner FROM apikeys.verify('ak_live_000000000000000000000000000000004YzvZp');
+SELECT valid, code, key_id FROM apikeys.verify(NULL);
+SELECT kind, (apikeys.verify(t)).code
+  FROM (VALUES ('empty', ''), ('garbage', 'garbage'),
+               ('bad checksum', 'ak_live_000000000000000000000000000000004YzvZq'),
+               ('100000 characters', repeat('x', 100000)),
+               ('truncated', left(:'t_valid', 45)),
+               ('uppercased', upper(:'t_valid')),
+               ('unknown but well formed', apikeys._new_token('ak_live')::text)) v(kind, t);
+
+-- Malformed tokens are answered without reading apikeys.keys; a
+-- well-formed one costs one index scan on the digest.
+SELECT pg_stat_force_next_flush();
+SELECT idx_scan AS scans_before FROM pg_stat_user_indexes WHERE indexrelname = 'keys_digest_key' \gset
+SELECT count(*) FILTER (WHERE NOT valid) AS refused
+  FROM generate_series(1, 50) i, apikeys.verify('ak_live_' || repeat('0', 38 - length(i::text)) || i::text) v;
+SELECT pg_stat_force_next_flush();
+SELECT idx_scan - :scans_before AS scans_for_malformed FROM pg_stat_user_indexes WHERE indexrelname = 'keys_digest_key';
+SELECT (apikeys.verify(:'t_valid')).code;
+SELECT pg_stat_force_next_flush();
+SELECT idx_scan - :scans_before AS scans_after_one_valid FROM pg_stat_user_indexes WHERE indexrelname = 'keys_digest_key';
+
+-- verify writes nothing: it runs in a read-only transaction.
+BEGIN TRANSACTION READ ONLY;
+SELECT code FROM apikeys.verify(:'t_valid');
+SELECT code FROM apikeys.verify(:'t_revoked');
+SELECT code FROM apikeys.verify('nonsense');
+COMMIT;
+
+-- authenticate: the key's details, or 28000 with the code as message.
+SELECT key_id = :'k_valid' AS right_key, owner, name, scopes, metadata FROM apikeys.authenticate(:'t_valid', ARRAY['orders:read']);
+\set VERBOSITY terse
+SELECT * FROM apikeys.authenticate(:'t_revoked');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM apikeys.authenticate(:'t_expired');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM apikeys.authenticate(:'t_valid', ARRAY['admin']);
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM apikeys.authenticate('ak_live_000000000000000000000000000000004YzvZp');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM apikeys.authenticate('not a key');
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM apikeys.authenticate(NULL);
+\echo :LAST_ERROR_SQLSTATE
+\set VERBOSITY default
