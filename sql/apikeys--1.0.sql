@@ -227,7 +227,9 @@ END
 $$;
 
 -- Raises 53400 when one more counting key would exceed the owner's plan.
--- Unlimited plans take no lock and count nothing.
+-- Unlimited plans count nothing and take only a share lock on the owner's
+-- row: creates do not queue behind each other, but revoke_all and set_plan
+-- (which update the row) do not slip past them.
 CREATE FUNCTION apikeys._enforce_plan_limit(p_owner text) RETURNS void
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -240,7 +242,12 @@ BEGIN
     v_plan := apikeys._ensure_owner(p_owner);
     SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) v_plan;
     IF v_max IS NULL THEN
-        RETURN;
+        SELECT o.plan INTO v_plan FROM apikeys.owners o
+         WHERE o.owner OPERATOR(pg_catalog.=) p_owner FOR SHARE;
+        SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) v_plan;
+        IF v_max IS NULL THEN
+            RETURN;
+        END IF;
     END IF;
 
     v_plan := apikeys._lock_owner(p_owner);
@@ -591,15 +598,16 @@ BEGIN
     PERFORM apikeys._lock_owner(v_owner);
     SELECT * INTO v_old FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) p_key_id FOR UPDATE;
 
-    IF v_old.revoked_at IS NOT NULL THEN
+    -- A rotated key is also revoked (grace 0) or expiring: name the rotation.
+    IF v_old.replaced_by IS NOT NULL THEN
+        RAISE EXCEPTION 'key % was already rotated', p_key_id USING ERRCODE = '55000',
+            DETAIL = pg_catalog.format('It was replaced by key %s.', v_old.replaced_by);
+    ELSIF v_old.revoked_at IS NOT NULL THEN
         RAISE EXCEPTION 'key % is revoked', p_key_id USING ERRCODE = '55000',
             DETAIL = 'Only active keys can be rotated.';
     ELSIF v_old.expires_at IS NOT NULL AND v_old.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
         RAISE EXCEPTION 'key % has expired', p_key_id USING ERRCODE = '55000',
             DETAIL = 'Only active keys can be rotated.';
-    ELSIF v_old.replaced_by IS NOT NULL THEN
-        RAISE EXCEPTION 'key % was already rotated', p_key_id USING ERRCODE = '55000',
-            DETAIL = pg_catalog.format('It was replaced by key %s.', v_old.replaced_by);
     END IF;
 
     -- Retire the old key before inserting the new one, so an owner at its

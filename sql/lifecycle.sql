@@ -42,7 +42,10 @@ SELECT r.old_key_expires_at = k.expires_at AS capped_at_expiry, k.expires_at < n
   FROM apikeys.rotate(:'e_old', 'rot-a', '1 day') r, apikeys.keys k WHERE k.id = :'e_old';
 
 -- Wrong state: 55000.  Bad grace: 22023.  Unknown or other owner's key: P0002.
-SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'old_id', 'rot-a')) AS rotate_revoked;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'old_id', 'rot-a')) AS rotate_rotated_without_grace;
+SELECT key_id AS v_old FROM apikeys.create_key('rot-a', 'revoked') \gset
+SELECT apikeys.revoke(:'v_old') IS NOT NULL AS revoked;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'v_old', 'rot-a')) AS rotate_revoked;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'g_old', 'rot-a')) AS rotate_after_grace;
 SELECT key_id AS x_old FROM apikeys.create_key('rot-a', 'expired', expires_at => now() + interval '1 hour') \gset
 UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'x_old';
