@@ -264,11 +264,12 @@ BEGIN
                AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
              LIMIT v_max) live;
     IF v_live OPERATOR(pg_catalog.>=) v_max THEN
+        PERFORM apikeys._record_event('limit_exceeded', p_owner, NULL,
+            pg_catalog.jsonb_build_object('plan', v_plan, 'max_keys', v_max));
         RAISE EXCEPTION 'key limit reached: plan "%" allows % active key%',
                         v_plan, v_max, CASE WHEN v_max OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END
             USING ERRCODE = '53400',
-                  DETAIL = pg_catalog.format('Owner %s already has %s active key%s.', p_owner, v_live,
-                                  CASE WHEN v_live OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END),
+                  DETAIL = pg_catalog.format('Owner %s has no free slot on plan %s.', p_owner, v_plan),
                   HINT = 'Revoke a key or move the owner to a larger plan with apikeys.set_plan().';
     END IF;
 END
@@ -286,7 +287,13 @@ BEGIN
         PERFORM apikeys._ensure_owner(NEW.owner);
         RETURN NEW;
     END IF;
-    IF apikeys._counts(NEW) THEN
+    -- A rotation's new key takes the place of the key it replaces, which no
+    -- longer counts: the owner's count does not grow, even above a lowered limit.
+    IF apikeys._counts(NEW) AND NOT EXISTS (
+           SELECT FROM apikeys.keys k
+            WHERE k.id OPERATOR(pg_catalog.=) NEW.rotated_from
+              AND k.replaced_by OPERATOR(pg_catalog.=) NEW.id
+              AND k.owner OPERATOR(pg_catalog.=) NEW.owner) THEN
         PERFORM apikeys._enforce_plan_limit(NEW.owner);
     ELSE
         PERFORM apikeys._ensure_owner(NEW.owner);
@@ -388,6 +395,179 @@ $$;
 
 CREATE TRIGGER plans_before_insert BEFORE INSERT ON apikeys.plans
     FOR EACH ROW EXECUTE FUNCTION apikeys._plans_before_insert();
+
+------------------------------------------------------------------------------
+-- Audit log: append-only, hash-chained.
+------------------------------------------------------------------------------
+CREATE TABLE apikeys.audit_log (
+    id          bigint PRIMARY KEY,
+    at          timestamptz NOT NULL,
+    event       text NOT NULL,
+    key_id      uuid,
+    owner       text,
+    actor       text,
+    db_user     name,
+    client_addr inet,
+    details     jsonb NOT NULL DEFAULT '{}',
+    prev_hash   bytea NOT NULL,
+    hash        bytea NOT NULL
+);
+CREATE INDEX audit_log_key_idx ON apikeys.audit_log (key_id);
+CREATE INDEX audit_log_owner_at_idx ON apikeys.audit_log (owner, at);
+SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
+
+CREATE FUNCTION apikeys._audit_hash(prev bytea, payload text) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'apikeys_audit_hash' LANGUAGE C IMMUTABLE STRICT;
+
+-- The last row of the chain as of now, even in a REPEATABLE READ transaction.
+CREATE FUNCTION apikeys._audit_tail(OUT last_id bigint, OUT last_hash bytea)
+    AS 'MODULE_PATHNAME', 'apikeys_audit_tail' LANGUAGE C VOLATILE;
+
+-- The canonical encoding a row's hash covers: a JSON array of id, at (UTC,
+-- microseconds), event, key_id, owner, actor, db_user, client_addr, details,
+-- in jsonb's normalised text form.
+CREATE FUNCTION apikeys._audit_payload(a apikeys.audit_log) RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_catalog.jsonb_build_array(
+        a.id,
+        pg_catalog.to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        a.event, a.key_id, a.owner, a.actor, a.db_user, a.client_addr, a.details)::text
+$$;
+
+-- Chains every new row: one writer at a time (a transaction-scoped advisory
+-- lock, key 1634757995 = 'apik', 1), ids without gaps, hash over the
+-- previous hash and this row.  A restore keeps rows exactly as dumped.
+CREATE FUNCTION apikeys._audit_before_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tail record;
+BEGIN
+    IF apikeys._restoring() THEN
+        RETURN NEW;
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock(1634757995, 1);
+    SELECT * INTO v_tail FROM apikeys._audit_tail();
+    NEW.id := COALESCE(v_tail.last_id, 0) OPERATOR(pg_catalog.+) 1;
+    NEW.prev_hash := COALESCE(v_tail.last_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+    NEW.at := COALESCE(NEW.at, pg_catalog.now());
+    NEW.actor := COALESCE(NEW.actor, apikeys._actor());
+    NEW.db_user := COALESCE(NEW.db_user, apikeys._caller());
+    NEW.client_addr := COALESCE(NEW.client_addr, pg_catalog.inet_client_addr());
+    NEW.details := COALESCE(NEW.details, '{}');
+    NEW.hash := apikeys._audit_hash(NEW.prev_hash, apikeys._audit_payload(NEW));
+    RETURN NEW;
+END
+$$;
+
+CREATE FUNCTION apikeys._audit_refuse_change() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'apikeys.audit_log is append-only'
+        USING ERRCODE = '42501',
+              DETAIL = pg_catalog.format('%s on the audit log is refused for every role.', TG_OP),
+              HINT = 'Old rows are removed only by apikeys.purge_audit(), which keeps the chain verifiable.';
+END
+$$;
+
+CREATE TRIGGER audit_before_insert BEFORE INSERT ON apikeys.audit_log
+    FOR EACH ROW EXECUTE FUNCTION apikeys._audit_before_insert();
+CREATE TRIGGER audit_refuse_change BEFORE UPDATE OR DELETE ON apikeys.audit_log
+    FOR EACH ROW EXECUTE FUNCTION apikeys._audit_refuse_change();
+CREATE TRIGGER audit_refuse_truncate BEFORE TRUNCATE ON apikeys.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._audit_refuse_change();
+
+CREATE FUNCTION apikeys._audit(p_event text, p_key_id uuid, p_owner text, p_details jsonb)
+RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO apikeys.audit_log (event, key_id, owner, details)
+    VALUES (p_event, p_key_id, p_owner, pg_catalog.jsonb_strip_nulls(p_details))
+$$;
+
+-- Lifecycle events, in the transaction of the change, whoever writes it.
+-- Functions name their context (revoke_all, revoke_token) in the
+-- superuser-only setting apikeys.audit_context.
+CREATE FUNCTION apikeys._keys_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_context text := COALESCE(pg_catalog.current_setting('apikeys.audit_context', true), '');
+    v_changed text[];
+BEGIN
+    IF apikeys._restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        PERFORM apikeys._audit('key_created', NEW.id, NEW.owner,
+            pg_catalog.jsonb_build_object('name', NEW.name, 'start', NEW.start, 'scopes', NEW.scopes,
+                'expires_at', NEW.expires_at, 'rate_limit', NEW.rate_limit,
+                'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at));
+    ELSIF OLD.replaced_by IS NULL AND NEW.replaced_by IS NOT NULL THEN
+        PERFORM apikeys._audit('key_rotated', NEW.id, NEW.owner,
+            pg_catalog.jsonb_build_object('replaced_by', NEW.replaced_by,
+                'valid_until', COALESCE(NEW.revoked_at, NEW.expires_at)));
+    ELSIF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL THEN
+        PERFORM apikeys._audit(
+            CASE v_context WHEN 'revoke_all' THEN 'keys_revoked_all'
+                           WHEN 'revoke_token' THEN 'key_revoked_by_token'
+                           ELSE 'key_revoked' END,
+            NEW.id, NEW.owner,
+            pg_catalog.jsonb_build_object('reason', NEW.revoke_reason, 'revoked_at', NEW.revoked_at));
+    ELSE
+        v_changed := ARRAY(SELECT c FROM pg_catalog.unnest(ARRAY[
+            CASE WHEN NEW.name IS DISTINCT FROM OLD.name THEN 'name' END,
+            CASE WHEN NEW.scopes IS DISTINCT FROM OLD.scopes THEN 'scopes' END,
+            CASE WHEN NEW.metadata IS DISTINCT FROM OLD.metadata THEN 'metadata' END,
+            CASE WHEN NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN 'rate_limit' END,
+            CASE WHEN NEW.expires_at IS DISTINCT FROM OLD.expires_at THEN 'expires_at' END]) c
+            WHERE c IS NOT NULL);
+        IF pg_catalog.cardinality(v_changed) OPERATOR(pg_catalog.>) 0 THEN
+            PERFORM apikeys._audit('key_updated', NEW.id, NEW.owner,
+                pg_catalog.jsonb_build_object('changed', v_changed, 'name', NEW.name, 'scopes', NEW.scopes,
+                    'rate_limit', NEW.rate_limit, 'expires_at', NEW.expires_at));
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE FUNCTION apikeys._owners_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring() THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
+        PERFORM apikeys._audit('owner_created', NULL, NEW.owner,
+            pg_catalog.jsonb_build_object('plan', NEW.plan));
+    ELSIF NEW.plan IS DISTINCT FROM OLD.plan THEN
+        PERFORM apikeys._audit('plan_changed', NULL, NEW.owner,
+            pg_catalog.jsonb_build_object('from', OLD.plan, 'to', NEW.plan));
+    END IF;
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER keys_audit AFTER INSERT OR UPDATE ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_audit();
+CREATE TRIGGER owners_audit AFTER INSERT OR UPDATE ON apikeys.owners
+    FOR EACH ROW EXECUTE FUNCTION apikeys._owners_audit();
+
+-- Records that must survive the caller's rollback go to shared memory, from
+-- where a background worker writes them (no-op without the preload).
+CREATE FUNCTION apikeys._record_event(event text, owner text, key_id uuid, details jsonb)
+RETURNS void
+    AS 'MODULE_PATHNAME', 'apikeys_record_event' LANGUAGE C VOLATILE;
 
 ------------------------------------------------------------------------------
 -- Argument checks shared by the public functions.
@@ -528,6 +708,7 @@ BEGIN
     END IF;
     -- Queue behind any create_key or rotate of this owner, so none slips past.
     PERFORM apikeys._lock_owner(revoke_all.owner);
+    PERFORM pg_catalog.set_config('apikeys.audit_context', 'revoke_all', true);
     UPDATE apikeys.keys k
        SET revoked_at = pg_catalog.now(), revoked_by = apikeys._actor(),
            revoke_reason = revoke_all.reason
@@ -535,6 +716,7 @@ BEGIN
        AND k.revoked_at IS NULL
        AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now());
     GET DIAGNOSTICS v_count = ROW_COUNT;
+    PERFORM pg_catalog.set_config('apikeys.audit_context', '', true);
     RETURN v_count;
 END
 $$;
@@ -556,7 +738,9 @@ BEGIN
     IF v_id IS NULL THEN
         RETURN NULL;
     END IF;
+    PERFORM pg_catalog.set_config('apikeys.audit_context', 'revoke_token', true);
     PERFORM apikeys.revoke(v_id, NULL, COALESCE(revoke_token.reason, 'leaked'));
+    PERFORM pg_catalog.set_config('apikeys.audit_context', '', true);
     RETURN v_id;
 END
 $$;
@@ -692,15 +876,94 @@ BEGIN
         RAISE EXCEPTION 'unknown plan "%"', set_plan.plan USING ERRCODE = '22023',
             HINT = 'The plans are the rows of apikeys.plans.';
     END IF;
+    INSERT INTO apikeys.owners (owner, plan) VALUES (set_plan.owner, set_plan.plan)
+        ON CONFLICT (owner) DO NOTHING;
     PERFORM apikeys._lock_owner(set_plan.owner);
     UPDATE apikeys.owners o SET plan = set_plan.plan, updated_at = pg_catalog.now()
      WHERE o.owner OPERATOR(pg_catalog.=) set_plan.owner;
 END
 $$;
 
+CREATE FUNCTION apikeys.audit_verify()
+RETURNS TABLE (ok boolean, rows_checked bigint, first_bad_id bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_zero  CONSTANT bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
+    v_row   apikeys.audit_log;
+    v_prev  apikeys.audit_log;
+    v_count bigint := 0;
+BEGIN
+    FOR v_row IN SELECT * FROM apikeys.audit_log a ORDER BY a.id LOOP
+        v_count := v_count OPERATOR(pg_catalog.+) 1;
+        IF v_prev.id IS NULL THEN
+            -- The first row chains from zeros, or from the rows a purge removed,
+            -- as recorded by that purge's own (chained) audit_purged row.
+            IF v_row.prev_hash OPERATOR(pg_catalog.<>) v_zero AND NOT EXISTS (
+                SELECT FROM apikeys.audit_log p
+                 WHERE p.event OPERATOR(pg_catalog.=) 'audit_purged'
+                   AND p.details OPERATOR(pg_catalog.->>) 'last_purged_hash'
+                       OPERATOR(pg_catalog.=) pg_catalog.encode(v_row.prev_hash, 'hex')
+                   AND (p.details OPERATOR(pg_catalog.->>) 'purged_through_id')::bigint
+                       OPERATOR(pg_catalog.=) (v_row.id OPERATOR(pg_catalog.-) 1)) THEN
+                RETURN QUERY SELECT false, v_count, v_row.id;
+                RETURN;
+            END IF;
+        ELSIF v_row.id OPERATOR(pg_catalog.<>) (v_prev.id OPERATOR(pg_catalog.+) 1)
+              OR v_row.prev_hash OPERATOR(pg_catalog.<>) v_prev.hash THEN
+            RETURN QUERY SELECT false, v_count, v_row.id;
+            RETURN;
+        END IF;
+        IF v_row.hash OPERATOR(pg_catalog.<>) apikeys._audit_hash(v_row.prev_hash, apikeys._audit_payload(v_row)) THEN
+            RETURN QUERY SELECT false, v_count, v_row.id;
+            RETURN;
+        END IF;
+        v_prev := v_row;
+    END LOOP;
+    RETURN QUERY SELECT true, v_count, NULL::bigint;
+END
+$$;
+
+CREATE FUNCTION apikeys.purge_audit(before timestamptz)
+RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_through apikeys.audit_log;
+    v_count   bigint;
+BEGIN
+    IF purge_audit.before IS NULL THEN
+        RAISE EXCEPTION 'before must not be null' USING ERRCODE = '22023';
+    END IF;
+    -- Only a prefix of the chain can go, so the rest still verifies.
+    PERFORM pg_catalog.pg_advisory_xact_lock(1634757995, 1);
+    SELECT * INTO v_through FROM apikeys.audit_log a
+     WHERE a.id OPERATOR(pg_catalog.=) (SELECT pg_catalog.max(b.id) FROM apikeys.audit_log b
+                                         WHERE b.at OPERATOR(pg_catalog.<) purge_audit.before);
+    IF v_through.id IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    PERFORM apikeys._audit('audit_purged', NULL, NULL,
+        pg_catalog.jsonb_build_object('before', purge_audit.before,
+            'purged_through_id', v_through.id,
+            'last_purged_hash', pg_catalog.encode(v_through.hash, 'hex')));
+
+    -- The append-only trigger refuses every DELETE; this one is the exception.
+    SET LOCAL session_replication_role = replica;
+    DELETE FROM apikeys.audit_log a WHERE a.id OPERATOR(pg_catalog.<=) v_through.id;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    SET LOCAL session_replication_role = origin;
+    RETURN v_count;
+END
+$$;
+
 CREATE FUNCTION apikeys.status()
 RETURNS TABLE (preloaded boolean, usage_tracking boolean, rate_limits boolean,
-               failure_audit boolean, default_prefix text)
+               failure_audit boolean, default_prefix text, queued_records bigint,
+               records_queued_total bigint, records_dropped bigint)
     AS 'MODULE_PATHNAME', 'apikeys_status'
     LANGUAGE C STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
@@ -733,7 +996,9 @@ TO apikeys_app, apikeys_admin;
 GRANT EXECUTE ON FUNCTION
     apikeys.revoke_all(text, text),
     apikeys.revoke_token(text, text),
-    apikeys.set_plan(text, text)
+    apikeys.set_plan(text, text),
+    apikeys.audit_verify(),
+    apikeys.purge_audit(timestamptz)
 TO apikeys_admin;
 
 GRANT SELECT ON ALL TABLES IN SCHEMA apikeys TO apikeys_admin;
@@ -788,3 +1053,17 @@ COMMENT ON FUNCTION apikeys.rotate(uuid, text, interval) IS 'Issues a replacemen
 COMMENT ON FUNCTION apikeys.list_keys(text) IS 'An owner''s keys with status and usage; never digests or tokens.';
 COMMENT ON FUNCTION apikeys.set_plan(text, text) IS 'Moves an owner to a plan; existing keys keep working.';
 COMMENT ON FUNCTION apikeys.status() IS 'Which parts of apikeys are active on this server.';
+COMMENT ON FUNCTION apikeys.audit_verify() IS 'Walks the audit log''s hash chain; the first row that does not verify, if any.';
+COMMENT ON FUNCTION apikeys.purge_audit(timestamptz) IS 'Removes audit rows older than a time, keeping the chain verifiable; audited as audit_purged.';
+COMMENT ON TABLE apikeys.audit_log IS 'Append-only, hash-chained record of every key change and of refused verifications.';
+COMMENT ON COLUMN apikeys.audit_log.prev_hash IS 'hash of the row before (32 zero bytes for the first).';
+COMMENT ON COLUMN apikeys.audit_log.hash IS 'BLAKE2b-256 of prev_hash followed by apikeys._audit_payload(row).';
+COMMENT ON FUNCTION apikeys._audit_hash(bytea, text) IS 'Internal: BLAKE2b-256 of prev || payload.';
+COMMENT ON FUNCTION apikeys._audit_tail() IS 'Internal: the audit chain''s last id and hash, read with the latest snapshot.';
+COMMENT ON FUNCTION apikeys._audit_payload(apikeys.audit_log) IS 'The canonical encoding of an audit row that its hash covers.';
+COMMENT ON FUNCTION apikeys._audit_before_insert() IS 'Internal: assigns id, prev_hash and hash to a new audit row.';
+COMMENT ON FUNCTION apikeys._audit_refuse_change() IS 'Internal: the audit log is append-only.';
+COMMENT ON FUNCTION apikeys._audit(text, uuid, text, jsonb) IS 'Internal: appends one audit row.';
+COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows for key changes.';
+COMMENT ON FUNCTION apikeys._owners_audit() IS 'Internal: audit rows for owner and plan changes.';
+COMMENT ON FUNCTION apikeys._record_event(text, text, uuid, jsonb) IS 'Internal: queues a record that survives rollback (preload only).';

@@ -48,7 +48,10 @@ SELECT count(*) FILTER (WHERE status = 'active') AS still_active FROM apikeys.li
 SELECT pg_temp.try($$SELECT apikeys.create_key('lim-dev', 'k7')$$) AS over_limit;
 SELECT count(*) AS revoked FROM (SELECT apikeys.revoke(key_id) FROM apikeys.list_keys('lim-dev') WHERE name <> 'k1') r;
 SELECT pg_temp.try($$SELECT apikeys.create_key('lim-dev', 'k7')$$) AS at_limit_again;
-SELECT apikeys.revoke(key_id) IS NOT NULL FROM apikeys.list_keys('lim-dev') WHERE name = 'k1';
+-- Above its limit, an owner can still rotate: the count does not grow.
+SELECT count(*) AS rotated FROM apikeys.list_keys('lim-dev') l, apikeys.rotate(l.key_id, 'lim-dev', '1 hour') r WHERE l.name = 'k1';
+SELECT status, count(*) FROM apikeys.list_keys('lim-dev') GROUP BY status ORDER BY status;
+SELECT apikeys.revoke(key_id) IS NOT NULL FROM apikeys.list_keys('lim-dev') WHERE name = 'k1' AND status = 'active';
 SELECT pg_temp.try($$SELECT apikeys.create_key('lim-dev', 'k7')$$) AS under_limit;
 
 -- Unlimited plan.
@@ -64,6 +67,8 @@ SELECT count(*) AS created FROM generate_series(1, 2) i, apikeys.create_key('lim
 SELECT plan FROM apikeys.owners WHERE owner = 'lim-guc';
 SET apikeys.default_plan = 'no-such-plan';
 SELECT pg_temp.try($$SELECT apikeys.create_key('lim-guc2', 'k')$$) AS unknown_default_plan;
+SELECT pg_temp.try($$SELECT apikeys.set_plan('lim-guc3', 'pro')$$) AS set_plan_needs_no_default;
+SELECT plan FROM apikeys.owners WHERE owner = 'lim-guc3';
 RESET apikeys.default_plan;
 
 -- set_plan errors: 22023.

@@ -66,7 +66,11 @@ INSERT INTO calls VALUES
     (21, 'delete a key by SQL',      'DELETE FROM apikeys.keys WHERE id = %2$L'),
     (22, 'insert an owner by SQL',   'INSERT INTO apikeys.owners VALUES (''role-new'', ''pro'')'),
     (23, 'new token',                'SELECT apikeys._new_token(NULL)'),
-    (24, 'revoke_all',               'SELECT apikeys.revoke_all(%1$L)');
+    (24, 'audit_verify',             'SELECT apikeys.audit_verify()'),
+    (25, 'select audit_log',         'SELECT count(*) FROM apikeys.audit_log'),
+    (26, 'update audit_log',         'UPDATE apikeys.audit_log SET actor = actor'),
+    (27, 'purge_audit',              'SELECT apikeys.purge_audit(''-infinity'')'),
+    (28, 'revoke_all',               'SELECT apikeys.revoke_all(%1$L)');
 
 CREATE TEMP TABLE matrix (seq int, call text, role text, result text);
 DO $$

@@ -13,7 +13,9 @@
 #include <sodium.h>
 
 #include "apikeys.h"
+#include "shmem.h"
 #include "token.h"
+#include "worker.h"
 
 PG_MODULE_MAGIC;
 
@@ -22,6 +24,7 @@ bool		apikeys_preloaded = false;
 
 static char *apikeys_default_plan = NULL;
 static char *apikeys_actor = NULL;
+static char *apikeys_audit_context = NULL;
 
 void		_PG_init(void);
 
@@ -74,31 +77,75 @@ _PG_init(void)
 							   0,
 							   NULL, NULL, NULL);
 
+	/* Set by the extension's own functions so audit rows name their context. */
+	DefineCustomStringVariable("apikeys.audit_context",
+							   "Internal: which apikeys function is making a change.",
+							   NULL,
+							   &apikeys_audit_context,
+							   "",
+							   PGC_SUSET,
+							   GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE | GUC_NO_RESET_ALL,
+							   NULL, NULL, NULL);
+
+	DefineCustomIntVariable("apikeys.flush_interval",
+							"How often background workers write queued records.",
+							NULL,
+							&apikeys_flush_interval,
+							10, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("apikeys.audit_queue_size",
+							"Distinct audit records shared memory holds between flushes.",
+							NULL,
+							&apikeys_audit_queue_size,
+							1024, 16, 1048576,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("apikeys");
+
+	if (apikeys_preloaded)
+		apikeys_shmem_init_hooks();
 }
 
 PG_FUNCTION_INFO_V1(apikeys_status);
 
 /*
- * status(): which parts of apikeys are active on this server.  Usage counters,
- * rate limits and failure records need the preloaded library and are not
- * built yet, so they report false.
+ * status(): which parts of apikeys are active on this server.  Records that
+ * survive rollback need the preload; usage counters and rate limits are not
+ * built yet and report false.
  */
 Datum
 apikeys_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[5];
-	bool		nulls[5] = {false};
+	Datum		values[8];
+	bool		nulls[8] = {false};
+	int64		dropped = 0;
+	int64		queued_total = 0;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
+	if (apikeys_shared != NULL)
+	{
+		LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+		dropped = apikeys_shared->dropped;
+		queued_total = apikeys_shared->queued_total;
+		LWLockRelease(apikeys_shared->lock);
+	}
+
 	values[0] = BoolGetDatum(apikeys_preloaded);
 	values[1] = BoolGetDatum(false);	/* usage_tracking */
 	values[2] = BoolGetDatum(false);	/* rate_limits */
-	values[3] = BoolGetDatum(false);	/* failure_audit */
+	values[3] = BoolGetDatum(apikeys_shared != NULL);	/* failure_audit */
 	values[4] = CStringGetTextDatum(apikeys_default_prefix);
+	values[5] = Int64GetDatum(apikeys_queued_now());
+	values[6] = Int64GetDatum(queued_total);
+	values[7] = Int64GetDatum(dropped);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

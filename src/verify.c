@@ -23,6 +23,7 @@
 
 #include <sodium.h>
 
+#include "audit.h"
 #include "token.h"
 #include "verify.h"
 
@@ -182,20 +183,19 @@ scopes_satisfied(Datum held_scopes, ArrayType *required)
 	return true;
 }
 
-/*
- * The whole decision.  *found_key tells whether key holds a row; code is the
- * answer.  Never raises for any token text.
- */
 static VerifyCode
-verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
+decide(text *token, ArrayType *required, FoundKey *key, bool *found_key,
+	   size_t *prefix_len)
 {
-	size_t		prefix_len;
 	unsigned char digest[TOKEN_DIGEST_LEN];
 
 	*found_key = false;
 	if (token == NULL ||
-		token_parse(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), &prefix_len) != TOKEN_OK)
+		token_parse(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), prefix_len) != TOKEN_OK)
+	{
+		*prefix_len = 0;
 		return VERIFY_INVALID;
+	}
 
 	token_digest(VARDATA_ANY(token), VARSIZE_ANY_EXHDR(token), digest);
 	*found_key = lookup_key(digest, key);
@@ -211,6 +211,29 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 	if (!scopes_satisfied(key->scopes, required))
 		return VERIFY_INSUFFICIENT_SCOPE;
 	return VERIFY_VALID;
+}
+
+/*
+ * The whole decision.  *found_key tells whether key holds a row; code is the
+ * answer.  Never raises for any token text.  A refusal is queued for the
+ * audit log (with the preload), per key when the token matched one, else per
+ * prefix.
+ */
+static VerifyCode
+verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
+{
+	size_t		prefix_len = 0;
+	VerifyCode	code = decide(token, required, key, found_key, &prefix_len);
+
+	if (code != VERIFY_VALID)
+	{
+		char	   *owner = *found_key ? TextDatumGetCString(key->owner) : NULL;
+
+		audit_record_verify_failure(*found_key ? DatumGetUUIDP(key->id) : NULL, owner,
+									prefix_len > 0 ? VARDATA_ANY(token) : NULL, prefix_len,
+									(int) code, verify_code_name(code));
+	}
+	return code;
 }
 
 PG_FUNCTION_INFO_V1(apikeys_verify);

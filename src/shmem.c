@@ -1,0 +1,251 @@
+/*
+ * shmem.c — the shared-memory queue of audit records and the worker registry.
+ *
+ * The queue is a fixed-size shared hash keyed by what records merge on, so a
+ * flood of identical failures costs one entry; when it is full, new kinds of
+ * record are counted as dropped rather than waiting.  The lock is held only
+ * for a hash probe or to copy entries out, never across I/O.
+ */
+#include "postgres.h"
+
+#include "miscadmin.h"
+#include "storage/ipc.h"
+#include "storage/shmem.h"
+#include "utils/hsearch.h"
+#include "utils/timestamp.h"
+
+#include "shmem.h"
+
+ApikeysShared *apikeys_shared = NULL;
+int			apikeys_audit_queue_size = 1024;
+
+static HTAB *event_queue = NULL;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+static void
+apikeys_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(ApikeysShared)));
+	RequestAddinShmemSpace(hash_estimate_size(apikeys_audit_queue_size, sizeof(QueuedEvent)));
+	RequestNamedLWLockTranche("apikeys", 1);
+}
+
+static void
+apikeys_shmem_startup(void)
+{
+	bool		found;
+	HASHCTL		info;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	apikeys_shared = ShmemInitStruct("apikeys", sizeof(ApikeysShared), &found);
+	if (!found)
+	{
+		memset(apikeys_shared, 0, sizeof(ApikeysShared));
+		apikeys_shared->lock = &(GetNamedLWLockTranche("apikeys"))->lock;
+	}
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(QueuedEventKey);
+	info.entrysize = sizeof(QueuedEvent);
+	event_queue = ShmemInitHash("apikeys event queue",
+								apikeys_audit_queue_size, apikeys_audit_queue_size,
+								&info, HASH_ELEM | HASH_BLOBS);
+	LWLockRelease(AddinShmemInitLock);
+}
+
+void
+apikeys_shmem_init_hooks(void)
+{
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = apikeys_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = apikeys_shmem_startup;
+}
+
+/* A slot whose worker has not reported in this long is started again. */
+#define WORKER_START_TIMEOUT_MS 10000
+
+static WorkerSlot *
+find_slot(Oid dboid)
+{
+	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+		if (apikeys_shared->workers[i].dboid == dboid)
+			return &apikeys_shared->workers[i];
+	return NULL;
+}
+
+/* Reserves a slot for dboid unless a worker runs or is starting; lock held. */
+static bool
+reserve_slot(Oid dboid)
+{
+	TimestampTz now = GetCurrentTimestamp();
+	WorkerSlot *slot = find_slot(dboid);
+
+	if (slot != NULL &&
+		(slot->pid != 0 ||
+		 !TimestampDifferenceExceeds(slot->requested_at, now, WORKER_START_TIMEOUT_MS)))
+		return false;
+	if (slot == NULL)
+		slot = find_slot(InvalidOid);
+	if (slot == NULL)
+		return false;
+	slot->dboid = dboid;
+	slot->pid = 0;
+	slot->requested_at = now;
+	return true;
+}
+
+EnqueueResult
+apikeys_enqueue(const QueuedEventKey *key, const char *owner,
+				const char *actor, const char *db_user, const char *details)
+{
+	QueuedEvent *entry;
+	bool		found;
+	bool		start_worker;
+
+	if (apikeys_shared == NULL || event_queue == NULL)
+		return ENQUEUE_DROPPED;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	entry = hash_search(event_queue, key, HASH_FIND, &found);
+	/* A shared hash can outgrow its size into spare shared memory: cap it. */
+	if (entry == NULL && hash_get_num_entries(event_queue) < apikeys_audit_queue_size)
+		entry = hash_search(event_queue, key, HASH_ENTER_NULL, &found);
+	if (entry == NULL)
+	{
+		apikeys_shared->dropped++;
+		LWLockRelease(apikeys_shared->lock);
+		return ENQUEUE_DROPPED;
+	}
+	if (!found)
+	{
+		entry->count = 0;
+		strlcpy(entry->owner, owner ? owner : "", sizeof(entry->owner));
+		strlcpy(entry->actor, actor ? actor : "", sizeof(entry->actor));
+		strlcpy(entry->db_user, db_user ? db_user : "", sizeof(entry->db_user));
+		strlcpy(entry->details, details ? details : "{}", sizeof(entry->details));
+	}
+	entry->count++;
+	apikeys_shared->queued_total++;
+	start_worker = reserve_slot(key->dboid);
+	LWLockRelease(apikeys_shared->lock);
+	return start_worker ? ENQUEUE_QUEUED_START_WORKER : ENQUEUE_QUEUED;
+}
+
+void
+apikeys_release_reserved_slot(Oid dboid)
+{
+	WorkerSlot *slot;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	slot = find_slot(dboid);
+	if (slot != NULL && slot->pid == 0)
+		memset(slot, 0, sizeof(WorkerSlot));
+	LWLockRelease(apikeys_shared->lock);
+}
+
+bool
+apikeys_claim_slot(Oid dboid)
+{
+	WorkerSlot *slot;
+	bool		claimed = false;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	slot = find_slot(dboid);
+	if (slot == NULL)
+		slot = find_slot(InvalidOid);
+	if (slot != NULL && (slot->pid == 0 || slot->pid == MyProcPid))
+	{
+		slot->dboid = dboid;
+		slot->pid = MyProcPid;
+		claimed = true;
+	}
+	LWLockRelease(apikeys_shared->lock);
+	return claimed;
+}
+
+bool
+apikeys_retire_if_idle(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	QueuedEvent *entry;
+	bool		idle = true;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&status, event_queue);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.dboid == dboid)
+		{
+			idle = false;
+			hash_seq_term(&status);
+			break;
+		}
+	}
+	if (idle)
+	{
+		WorkerSlot *slot = find_slot(dboid);
+
+		if (slot != NULL && slot->pid == MyProcPid)
+			memset(slot, 0, sizeof(WorkerSlot));
+	}
+	LWLockRelease(apikeys_shared->lock);
+	return idle;
+}
+
+void
+apikeys_release_own_slot(void)
+{
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+		if (apikeys_shared->workers[i].pid == MyProcPid)
+			memset(&apikeys_shared->workers[i], 0, sizeof(WorkerSlot));
+	LWLockRelease(apikeys_shared->lock);
+}
+
+int
+apikeys_dequeue(Oid dboid, QueuedEvent *out, int max)
+{
+	HASH_SEQ_STATUS status;
+	QueuedEvent *entry;
+	int			n = 0;
+
+	if (apikeys_shared == NULL)
+		return 0;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	hash_seq_init(&status, event_queue);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.dboid != dboid)
+			continue;
+		if (n >= max)
+		{
+			hash_seq_term(&status);
+			break;
+		}
+		out[n++] = *entry;
+		/* Removing the element just returned is allowed during a scan. */
+		hash_search(event_queue, &entry->key, HASH_REMOVE, NULL);
+	}
+	LWLockRelease(apikeys_shared->lock);
+	return n;
+}
+
+int64
+apikeys_queued_now(void)
+{
+	int64		n;
+
+	if (apikeys_shared == NULL)
+		return 0;
+	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	n = hash_get_num_entries(event_queue);
+	LWLockRelease(apikeys_shared->lock);
+	return n;
+}

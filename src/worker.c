@@ -1,0 +1,169 @@
+/*
+ * worker.c — one background worker per database, started on demand by the
+ * backend that queues a record there while none runs.  Every
+ * apikeys.flush_interval, and once more when asked to shut down, it moves
+ * its database's records from shared memory into apikeys.audit_log.  It
+ * exits (freeing its slot) when nothing is left to write or the extension is
+ * gone from its database; the next record starts a new one, which also
+ * covers restarts after a crash.  On a hot standby it writes nothing.
+ */
+#include "postgres.h"
+
+#include "access/xact.h"
+#include "access/xlog.h"
+#include "catalog/pg_type.h"
+#include "executor/spi.h"
+#include "miscadmin.h"
+#include "pgstat.h"
+#include "postmaster/bgworker.h"
+#include "postmaster/interrupt.h"
+#include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "tcop/tcopprot.h"
+#include "utils/builtins.h"
+#include "utils/snapmgr.h"
+#include "utils/timestamp.h"
+
+#include "shmem.h"
+#include "worker.h"
+
+int			apikeys_flush_interval = 10;
+
+#define FLUSH_BATCH 64
+
+void
+apikeys_start_worker(void)
+{
+	BackgroundWorker worker;
+
+	memset(&worker, 0, sizeof(worker));
+	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
+	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
+	worker.bgw_restart_time = BGW_NEVER_RESTART;
+	strlcpy(worker.bgw_library_name, "apikeys", BGW_MAXLEN);
+	strlcpy(worker.bgw_function_name, "apikeys_worker_main", BGW_MAXLEN);
+	snprintf(worker.bgw_name, BGW_MAXLEN, "apikeys worker for database %u", MyDatabaseId);
+	strlcpy(worker.bgw_type, "apikeys worker", BGW_MAXLEN);
+	worker.bgw_main_arg = ObjectIdGetDatum(MyDatabaseId);
+
+	/* No free worker process now: the next record tries again. */
+	if (!RegisterDynamicBackgroundWorker(&worker, NULL))
+		apikeys_release_reserved_slot(MyDatabaseId);
+}
+
+static void
+release_slot_at_exit(int code, Datum arg)
+{
+	apikeys_release_own_slot();
+}
+
+static const char *
+event_name(int32 kind)
+{
+	switch (kind)
+	{
+		case EVENT_VERIFY_FAILED:
+			return "verify_failed";
+		case EVENT_LIMIT_EXCEEDED:
+			return "limit_exceeded";
+		case EVENT_USAGE_ALERT:
+			return "usage_alert";
+	}
+	return "unknown";
+}
+
+static void
+insert_record(const QueuedEvent *ev)
+{
+	static const char *sql =
+	"INSERT INTO apikeys.audit_log (at, event, key_id, owner, actor, db_user, details) "
+	"VALUES (pg_catalog.to_timestamp($1::float8 * 60), $2, $3, NULLIF($4, ''), NULLIF($5, ''), "
+	"NULLIF($6, '')::name, $7::jsonb OPERATOR(pg_catalog.||) "
+	"pg_catalog.jsonb_build_object('count', $8::bigint))";
+	Oid			types[8] = {INT8OID, TEXTOID, UUIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID};
+	Datum		values[8];
+	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	static const pg_uuid_t no_key;
+
+	values[0] = Int64GetDatum(ev->key.minute);
+	values[1] = CStringGetTextDatum(event_name(ev->key.kind));
+	if (memcmp(&ev->key.key_id, &no_key, sizeof(pg_uuid_t)) == 0)
+		nulls[2] = 'n';
+	else
+		values[2] = UUIDPGetDatum(&ev->key.key_id);
+	values[3] = CStringGetTextDatum(ev->owner);
+	values[4] = CStringGetTextDatum(ev->actor);
+	values[5] = CStringGetTextDatum(ev->db_user);
+	values[6] = CStringGetTextDatum(ev->details);
+	values[7] = Int64GetDatum(ev->count);
+
+	if (SPI_execute_with_args(sql, 8, types, values, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "apikeys worker could not write an audit record");
+}
+
+/* One flush; false when the extension is no longer installed here. */
+static bool
+flush_once(Oid dboid)
+{
+	QueuedEvent batch[FLUSH_BATCH];
+	bool		installed;
+	int			n;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+	pgstat_report_activity(STATE_RUNNING, "apikeys: flushing audit records");
+
+	SPI_execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'apikeys'", true, 1);
+	installed = SPI_processed > 0;
+
+	while ((n = apikeys_dequeue(dboid, batch, FLUSH_BATCH)) > 0)
+		if (installed)
+			for (int i = 0; i < n; i++)
+				insert_record(&batch[i]);
+
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	pgstat_report_activity(STATE_IDLE, NULL);
+	return installed;
+}
+
+void
+apikeys_worker_main(Datum main_arg)
+{
+	Oid			dboid = DatumGetObjectId(main_arg);
+
+	pqsignal(SIGHUP, SignalHandlerForConfigReload);
+	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	BackgroundWorkerUnblockSignals();
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+
+	if (apikeys_shared == NULL || !apikeys_claim_slot(dboid))
+		proc_exit(0);
+	before_shmem_exit(release_slot_at_exit, (Datum) 0);
+
+	/*
+	 * Wait a flush interval, write, and leave once nothing is queued: an idle
+	 * database keeps no worker connected (DROP DATABASE is not held up).
+	 */
+	for (;;)
+	{
+		if (!ShutdownRequestPending)
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 apikeys_flush_interval * 1000L, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+		if (RecoveryInProgress())
+			continue;
+		if (!flush_once(dboid) || ShutdownRequestPending || apikeys_retire_if_idle(dboid))
+			proc_exit(0);
+	}
+}

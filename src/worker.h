@@ -1,0 +1,18 @@
+/*
+ * worker.h — per-database background workers that write queued audit
+ * records into the database where they arose.
+ */
+#ifndef APIKEYS_WORKER_H
+#define APIKEYS_WORKER_H
+
+#include "postgres.h"
+
+/* GUC apikeys.flush_interval, in seconds. */
+extern int	apikeys_flush_interval;
+
+/* Starts this database's worker (its slot already reserved). */
+extern void apikeys_start_worker(void);
+
+PGDLLEXPORT void apikeys_worker_main(Datum main_arg);
+
+#endif							/* APIKEYS_WORKER_H */
