@@ -2,11 +2,11 @@
 EXTENSION = apikeys
 MODULE_big = apikeys
 OBJS = src/apikeys.o src/token.o src/apikey_type.o src/verify.o src/hash.o src/audit.o \
-       src/shmem.o src/worker.o
+       src/shmem.o src/usage.o src/worker.o
 DATA = sql/apikeys--1.0.sql
 PGFILEDESC = "apikeys - API keys inside PostgreSQL"
 
-REGRESS = token type keys verify limits lifecycle guards roles audit secrets search_path
+REGRESS = token type keys verify limits lifecycle guards roles audit usage secrets search_path
 REGRESS_OPTS = --inputdir=. --load-extension=apikeys
 
 SHLIB_LINK = -lsodium

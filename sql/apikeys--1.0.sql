@@ -646,14 +646,12 @@ CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
 RETURNS TABLE (valid boolean, code text, key_id uuid, owner text, name text,
                scopes text[], metadata jsonb, expires_at timestamptz)
     AS 'MODULE_PATHNAME', 'apikeys_verify'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
+    LANGUAGE C VOLATILE;
 
 CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
 RETURNS TABLE (key_id uuid, owner text, name text, scopes text[], metadata jsonb)
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
+    LANGUAGE C VOLATILE;
 
 CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -831,6 +829,11 @@ AS $$
     SELECT * FROM apikeys._rotate(key_id, owner, grace)
 $$;
 
+-- Today's counts still in shared memory (zeros without the preload).
+CREATE FUNCTION apikeys._pending_usage(key_id uuid,
+    OUT requests bigint, OUT failures bigint, OUT last_used_at timestamptz)
+    AS 'MODULE_PATHNAME', 'apikeys_pending_usage' LANGUAGE C VOLATILE STRICT;
+
 CREATE FUNCTION apikeys.list_keys(owner text)
 RETURNS TABLE (key_id uuid, name text, start text, scopes text[], status text,
                created_at timestamptz, expires_at timestamptz, revoked_at timestamptz,
@@ -848,8 +851,12 @@ BEGIN
                 WHEN k.replaced_by IS NOT NULL THEN 'rotating'
                 ELSE 'active' END,
            k.created_at, k.expires_at, k.revoked_at,
-           u.last_used_at, COALESCE(u.requests_today, 0), COALESCE(u.failures_today, 0)
+           CASE WHEN p.last_used_at IS NULL THEN u.last_used_at
+                ELSE GREATEST(u.last_used_at, p.last_used_at) END,
+           COALESCE(u.requests_today, 0) OPERATOR(pg_catalog.+) p.requests,
+           COALESCE(u.failures_today, 0) OPERATOR(pg_catalog.+) p.failures
       FROM apikeys.keys k
+      CROSS JOIN LATERAL apikeys._pending_usage(k.id) p
       LEFT JOIN LATERAL (
            SELECT pg_catalog.max(ku.last_used_at) AS last_used_at,
                   pg_catalog.sum(ku.requests) FILTER (WHERE ku.day OPERATOR(pg_catalog.=) (pg_catalog.now() AT TIME ZONE 'UTC')::date)::bigint AS requests_today,
@@ -963,7 +970,8 @@ $$;
 CREATE FUNCTION apikeys.status()
 RETURNS TABLE (preloaded boolean, usage_tracking boolean, rate_limits boolean,
                failure_audit boolean, default_prefix text, queued_records bigint,
-               records_queued_total bigint, records_dropped bigint)
+               records_queued_total bigint, records_dropped bigint,
+               tracked_keys bigint, untracked_requests bigint, in_recovery boolean)
     AS 'MODULE_PATHNAME', 'apikeys_status'
     LANGUAGE C STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp;
@@ -1067,3 +1075,4 @@ COMMENT ON FUNCTION apikeys._audit(text, uuid, text, jsonb) IS 'Internal: append
 COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows for key changes.';
 COMMENT ON FUNCTION apikeys._owners_audit() IS 'Internal: audit rows for owner and plan changes.';
 COMMENT ON FUNCTION apikeys._record_event(text, text, uuid, jsonb) IS 'Internal: queues a record that survives rollback (preload only).';
+COMMENT ON FUNCTION apikeys._pending_usage(uuid) IS 'Internal: today''s usage counts not yet written to apikeys.key_usage.';

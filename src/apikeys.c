@@ -4,6 +4,7 @@
 #include "postgres.h"
 
 #include "access/htup_details.h"
+#include "access/xlog.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -15,6 +16,7 @@
 #include "apikeys.h"
 #include "shmem.h"
 #include "token.h"
+#include "usage.h"
 #include "worker.h"
 
 PG_MODULE_MAGIC;
@@ -105,6 +107,24 @@ _PG_init(void)
 							0,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("apikeys.max_tracked_keys",
+							"Keys whose usage shared memory counts at once, across databases.",
+							NULL,
+							&apikeys_max_tracked_keys,
+							100000, 100, 10000000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("apikeys.alert_requests_per_minute",
+							"Requests in a minute past which a key raises a usage alert (0: off).",
+							NULL,
+							&apikeys_alert_requests_per_minute,
+							0, 0, INT_MAX,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+
 	MarkGUCPrefixReserved("apikeys");
 
 	if (apikeys_preloaded)
@@ -114,38 +134,44 @@ _PG_init(void)
 PG_FUNCTION_INFO_V1(apikeys_status);
 
 /*
- * status(): which parts of apikeys are active on this server.  Records that
- * survive rollback need the preload; usage counters and rate limits are not
- * built yet and report false.
+ * status(): which parts of apikeys are active on this server.  Usage
+ * counters, rate limits and records that survive rollback need the preload.
  */
 Datum
 apikeys_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[8];
-	bool		nulls[8] = {false};
+	Datum		values[11];
+	bool		nulls[11] = {false};
+	bool		shared = apikeys_shared != NULL;
 	int64		dropped = 0;
 	int64		queued_total = 0;
+	int64		tracked;
+	int64		untracked;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	if (apikeys_shared != NULL)
+	if (shared)
 	{
 		LWLockAcquire(apikeys_shared->lock, LW_SHARED);
 		dropped = apikeys_shared->dropped;
 		queued_total = apikeys_shared->queued_total;
 		LWLockRelease(apikeys_shared->lock);
 	}
+	usage_stats(&tracked, &untracked);
 
 	values[0] = BoolGetDatum(apikeys_preloaded);
-	values[1] = BoolGetDatum(false);	/* usage_tracking */
-	values[2] = BoolGetDatum(false);	/* rate_limits */
-	values[3] = BoolGetDatum(apikeys_shared != NULL);	/* failure_audit */
+	values[1] = BoolGetDatum(shared);	/* usage_tracking */
+	values[2] = BoolGetDatum(shared);	/* rate_limits */
+	values[3] = BoolGetDatum(shared);	/* failure_audit */
 	values[4] = CStringGetTextDatum(apikeys_default_prefix);
 	values[5] = Int64GetDatum(apikeys_queued_now());
 	values[6] = Int64GetDatum(queued_total);
 	values[7] = Int64GetDatum(dropped);
+	values[8] = Int64GetDatum(tracked);
+	values[9] = Int64GetDatum(untracked);
+	values[10] = BoolGetDatum(RecoveryInProgress());
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

@@ -15,12 +15,14 @@
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/json.h"
 #include "utils/jsonb.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "audit.h"
 #include "shmem.h"
+#include "usage.h"
 #include "worker.h"
 
 PG_FUNCTION_INFO_V1(apikeys_audit_tail);
@@ -84,8 +86,8 @@ queue_record(QueuedEventKey *key, const char *owner, const char *details)
 	key->dboid = MyDatabaseId;
 	key->minute = (int64) (time(NULL) / 60);
 	caller_names(db_user, sizeof(db_user), actor, sizeof(actor));
-	if (apikeys_enqueue(key, owner, actor, db_user, details) == ENQUEUE_QUEUED_START_WORKER)
-		apikeys_start_worker();
+	if (apikeys_enqueue(key, owner, actor, db_user, details))
+		apikeys_note_pending();
 }
 
 void
@@ -117,6 +119,34 @@ audit_record_verify_failure(const pg_uuid_t *key_id, const char *owner,
 		snprintf(details, sizeof(details), "{\"reason\": \"%s\"}", reason);
 
 	queue_record(&key, owner, details);
+}
+
+void
+audit_record_usage_alert(const pg_uuid_t *key_id, const char *owner,
+						 const char *start, int64 requests)
+{
+	QueuedEventKey key;
+	StringInfoData details;
+	char	   *key_text;
+
+	if (apikeys_shared == NULL)
+		return;
+
+	memset(&key, 0, sizeof(key));
+	key.kind = EVENT_USAGE_ALERT;
+	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
+
+	key_text = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(key_id)));
+	initStringInfo(&details);
+	appendStringInfo(&details, "{\"key_id\": \"%s\", \"owner\": ", key_text);
+	escape_json(&details, owner);
+	appendStringInfoString(&details, ", \"start\": ");
+	escape_json(&details, start);
+	appendStringInfo(&details, ", \"requests\": " INT64_FORMAT ", \"threshold\": %d}",
+					 requests, apikeys_alert_requests_per_minute);
+
+	queue_record(&key, owner, details.len < APIKEYS_DETAILS_LEN ? details.data : "{}");
+	apikeys_wake_worker(MyDatabaseId);
 }
 
 PG_FUNCTION_INFO_V1(apikeys_record_event);

@@ -17,4 +17,11 @@ extern void audit_record_verify_failure(const pg_uuid_t *key_id, const char *own
 										const char *prefix, size_t prefix_len,
 										int reason_code, const char *reason);
 
+/*
+ * Queues a usage_alert (audit row and NOTIFY apikeys_alert) for a key that
+ * passed apikeys.alert_requests_per_minute, and wakes the worker.
+ */
+extern void audit_record_usage_alert(const pg_uuid_t *key_id, const char *owner,
+									 const char *start, int64 requests);
+
 #endif							/* APIKEYS_AUDIT_H */

@@ -3,18 +3,23 @@
  *
  * The queue is a fixed-size shared hash keyed by what records merge on, so a
  * flood of identical failures costs one entry; when it is full, new kinds of
- * record are counted as dropped rather than waiting.  The lock is held only
- * for a hash probe or to copy entries out, never across I/O.
+ * record are counted as dropped rather than waited for.  The lock is held
+ * only for a hash probe or to copy entries out, never across I/O.
  */
 #include "postgres.h"
 
 #include "miscadmin.h"
 #include "storage/ipc.h"
+#include "storage/latch.h"
+#include "storage/proc.h"
+#include "storage/procarray.h"
 #include "storage/shmem.h"
 #include "utils/hsearch.h"
 #include "utils/timestamp.h"
 
 #include "shmem.h"
+#include "usage.h"
+#include "worker.h"
 
 ApikeysShared *apikeys_shared = NULL;
 int			apikeys_audit_queue_size = 1024;
@@ -23,6 +28,9 @@ static HTAB *event_queue = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
+/* A slot whose worker has not reported in this long is started again. */
+#define WORKER_START_TIMEOUT_MS 10000
+
 static void
 apikeys_shmem_request(void)
 {
@@ -30,7 +38,8 @@ apikeys_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(ApikeysShared)));
 	RequestAddinShmemSpace(hash_estimate_size(apikeys_audit_queue_size, sizeof(QueuedEvent)));
-	RequestNamedLWLockTranche("apikeys", 1);
+	RequestAddinShmemSpace(usage_shmem_size());
+	RequestNamedLWLockTranche("apikeys", 2);
 }
 
 static void
@@ -46,8 +55,12 @@ apikeys_shmem_startup(void)
 	apikeys_shared = ShmemInitStruct("apikeys", sizeof(ApikeysShared), &found);
 	if (!found)
 	{
+		LWLockPadded *locks = GetNamedLWLockTranche("apikeys");
+
 		memset(apikeys_shared, 0, sizeof(ApikeysShared));
-		apikeys_shared->lock = &(GetNamedLWLockTranche("apikeys"))->lock;
+		apikeys_shared->lock = &locks[0].lock;
+		apikeys_shared->usage_lock = &locks[1].lock;
+		pg_atomic_init_u64(&apikeys_shared->worker_generation, 0);
 	}
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(QueuedEventKey);
@@ -55,6 +68,7 @@ apikeys_shmem_startup(void)
 	event_queue = ShmemInitHash("apikeys event queue",
 								apikeys_audit_queue_size, apikeys_audit_queue_size,
 								&info, HASH_ELEM | HASH_BLOBS);
+	usage_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -67,49 +81,15 @@ apikeys_shmem_init_hooks(void)
 	shmem_startup_hook = apikeys_shmem_startup;
 }
 
-/* A slot whose worker has not reported in this long is started again. */
-#define WORKER_START_TIMEOUT_MS 10000
-
-static WorkerSlot *
-find_slot(Oid dboid)
-{
-	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
-		if (apikeys_shared->workers[i].dboid == dboid)
-			return &apikeys_shared->workers[i];
-	return NULL;
-}
-
-/* Reserves a slot for dboid unless a worker runs or is starting; lock held. */
-static bool
-reserve_slot(Oid dboid)
-{
-	TimestampTz now = GetCurrentTimestamp();
-	WorkerSlot *slot = find_slot(dboid);
-
-	if (slot != NULL &&
-		(slot->pid != 0 ||
-		 !TimestampDifferenceExceeds(slot->requested_at, now, WORKER_START_TIMEOUT_MS)))
-		return false;
-	if (slot == NULL)
-		slot = find_slot(InvalidOid);
-	if (slot == NULL)
-		return false;
-	slot->dboid = dboid;
-	slot->pid = 0;
-	slot->requested_at = now;
-	return true;
-}
-
-EnqueueResult
+bool
 apikeys_enqueue(const QueuedEventKey *key, const char *owner,
 				const char *actor, const char *db_user, const char *details)
 {
 	QueuedEvent *entry;
 	bool		found;
-	bool		start_worker;
 
 	if (apikeys_shared == NULL || event_queue == NULL)
-		return ENQUEUE_DROPPED;
+		return false;
 
 	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
 	entry = hash_search(event_queue, key, HASH_FIND, &found);
@@ -120,7 +100,7 @@ apikeys_enqueue(const QueuedEventKey *key, const char *owner,
 	{
 		apikeys_shared->dropped++;
 		LWLockRelease(apikeys_shared->lock);
-		return ENQUEUE_DROPPED;
+		return false;
 	}
 	if (!found)
 	{
@@ -132,80 +112,8 @@ apikeys_enqueue(const QueuedEventKey *key, const char *owner,
 	}
 	entry->count++;
 	apikeys_shared->queued_total++;
-	start_worker = reserve_slot(key->dboid);
 	LWLockRelease(apikeys_shared->lock);
-	return start_worker ? ENQUEUE_QUEUED_START_WORKER : ENQUEUE_QUEUED;
-}
-
-void
-apikeys_release_reserved_slot(Oid dboid)
-{
-	WorkerSlot *slot;
-
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	slot = find_slot(dboid);
-	if (slot != NULL && slot->pid == 0)
-		memset(slot, 0, sizeof(WorkerSlot));
-	LWLockRelease(apikeys_shared->lock);
-}
-
-bool
-apikeys_claim_slot(Oid dboid)
-{
-	WorkerSlot *slot;
-	bool		claimed = false;
-
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	slot = find_slot(dboid);
-	if (slot == NULL)
-		slot = find_slot(InvalidOid);
-	if (slot != NULL && (slot->pid == 0 || slot->pid == MyProcPid))
-	{
-		slot->dboid = dboid;
-		slot->pid = MyProcPid;
-		claimed = true;
-	}
-	LWLockRelease(apikeys_shared->lock);
-	return claimed;
-}
-
-bool
-apikeys_retire_if_idle(Oid dboid)
-{
-	HASH_SEQ_STATUS status;
-	QueuedEvent *entry;
-	bool		idle = true;
-
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	hash_seq_init(&status, event_queue);
-	while ((entry = hash_seq_search(&status)) != NULL)
-	{
-		if (entry->key.dboid == dboid)
-		{
-			idle = false;
-			hash_seq_term(&status);
-			break;
-		}
-	}
-	if (idle)
-	{
-		WorkerSlot *slot = find_slot(dboid);
-
-		if (slot != NULL && slot->pid == MyProcPid)
-			memset(slot, 0, sizeof(WorkerSlot));
-	}
-	LWLockRelease(apikeys_shared->lock);
-	return idle;
-}
-
-void
-apikeys_release_own_slot(void)
-{
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
-		if (apikeys_shared->workers[i].pid == MyProcPid)
-			memset(&apikeys_shared->workers[i], 0, sizeof(WorkerSlot));
-	LWLockRelease(apikeys_shared->lock);
+	return true;
 }
 
 int
@@ -248,4 +156,157 @@ apikeys_queued_now(void)
 	n = hash_get_num_entries(event_queue);
 	LWLockRelease(apikeys_shared->lock);
 	return n;
+}
+
+static bool
+queue_has_records(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	QueuedEvent *entry;
+
+	hash_seq_init(&status, event_queue);
+	while ((entry = hash_seq_search(&status)) != NULL)
+	{
+		if (entry->key.dboid == dboid)
+		{
+			hash_seq_term(&status);
+			return true;
+		}
+	}
+	return false;
+}
+
+static WorkerSlot *
+find_slot(Oid dboid)
+{
+	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+		if (apikeys_shared->workers[i].dboid == dboid)
+			return &apikeys_shared->workers[i];
+	return NULL;
+}
+
+/* Generation at which this backend last saw its database's worker. */
+static uint64 worker_seen_generation = PG_UINT64_MAX;
+
+void
+apikeys_note_pending(void)
+{
+	ApikeysShared *sh = apikeys_shared;
+	uint64		generation;
+	TimestampTz now;
+	WorkerSlot *slot;
+	bool		start = false;
+
+	if (sh == NULL || !OidIsValid(MyDatabaseId))
+		return;
+
+	/*
+	 * Pairs with apikeys_retire_if_idle(), which bumps the generation before
+	 * it looks for pending work: either it sees ours, or we see its bump.
+	 */
+	pg_memory_barrier();
+	generation = pg_atomic_read_u64(&sh->worker_generation);
+	if (generation == worker_seen_generation)
+		return;
+
+	now = GetCurrentTimestamp();
+	LWLockAcquire(sh->lock, LW_EXCLUSIVE);
+	slot = find_slot(MyDatabaseId);
+	if (slot != NULL &&
+		(slot->pid != 0 ||
+		 !TimestampDifferenceExceeds(slot->requested_at, now, WORKER_START_TIMEOUT_MS)))
+		worker_seen_generation = generation;
+	else
+	{
+		if (slot == NULL)
+			slot = find_slot(InvalidOid);
+		if (slot != NULL)
+		{
+			slot->dboid = MyDatabaseId;
+			slot->pid = 0;
+			slot->requested_at = now;
+			start = true;
+		}
+	}
+	LWLockRelease(sh->lock);
+
+	if (start)
+	{
+		if (apikeys_start_worker())
+			worker_seen_generation = generation;
+		else
+		{
+			/* No free worker process now: a later call tries again. */
+			LWLockAcquire(sh->lock, LW_EXCLUSIVE);
+			if (slot->dboid == MyDatabaseId && slot->pid == 0)
+				memset(slot, 0, sizeof(WorkerSlot));
+			LWLockRelease(sh->lock);
+		}
+	}
+}
+
+bool
+apikeys_claim_slot(Oid dboid)
+{
+	WorkerSlot *slot;
+	bool		claimed = false;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	slot = find_slot(dboid);
+	if (slot == NULL)
+		slot = find_slot(InvalidOid);
+	if (slot != NULL && (slot->pid == 0 || slot->pid == MyProcPid))
+	{
+		slot->dboid = dboid;
+		slot->pid = MyProcPid;
+		claimed = true;
+	}
+	LWLockRelease(apikeys_shared->lock);
+	return claimed;
+}
+
+bool
+apikeys_retire_if_idle(Oid dboid)
+{
+	bool		idle;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	pg_atomic_fetch_add_u64(&apikeys_shared->worker_generation, 1);
+	idle = !queue_has_records(dboid) && !usage_has_pending(dboid);
+	if (idle)
+	{
+		WorkerSlot *slot = find_slot(dboid);
+
+		if (slot != NULL && slot->pid == MyProcPid)
+			memset(slot, 0, sizeof(WorkerSlot));
+	}
+	LWLockRelease(apikeys_shared->lock);
+	return idle;
+}
+
+void
+apikeys_release_own_slot(void)
+{
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+		if (apikeys_shared->workers[i].pid == MyProcPid)
+			memset(&apikeys_shared->workers[i], 0, sizeof(WorkerSlot));
+	pg_atomic_fetch_add_u64(&apikeys_shared->worker_generation, 1);
+	LWLockRelease(apikeys_shared->lock);
+}
+
+void
+apikeys_wake_worker(Oid dboid)
+{
+	pid_t		pid = 0;
+	PGPROC	   *proc;
+
+	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+		if (apikeys_shared->workers[i].dboid == dboid)
+			pid = apikeys_shared->workers[i].pid;
+	LWLockRelease(apikeys_shared->lock);
+
+	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
+		SetLatch(&proc->procLatch);
 }

@@ -1,19 +1,20 @@
 /*
  * shmem.h — apikeys' shared memory (library preloaded only): the queue of
  * audit records that must survive the caller's rollback, and the registry of
- * per-database background workers.
+ * per-database background workers.  Usage counters live in usage.h.
  */
 #ifndef APIKEYS_SHMEM_H
 #define APIKEYS_SHMEM_H
 
 #include "postgres.h"
 
+#include "port/atomics.h"
 #include "storage/lwlock.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 #define APIKEYS_SUBJECT_LEN		208	/* an owner (<= 200 bytes) or a prefix */
-#define APIKEYS_DETAILS_LEN		256
+#define APIKEYS_DETAILS_LEN		512
 #define APIKEYS_MAX_DB_WORKERS	64
 
 typedef enum QueuedEventKind
@@ -53,9 +54,12 @@ typedef struct WorkerSlot
 
 typedef struct ApikeysShared
 {
-	LWLock	   *lock;
+	LWLock	   *lock;			/* the queue and the registry */
+	LWLock	   *usage_lock;		/* the usage counters */
 	int64		queued_total;
 	int64		dropped;
+	/* Bumped whenever a worker may have gone: backends then look again. */
+	pg_atomic_uint64 worker_generation;
 	WorkerSlot	workers[APIKEYS_MAX_DB_WORKERS];
 } ApikeysShared;
 
@@ -67,41 +71,39 @@ extern int	apikeys_audit_queue_size;
 
 extern void apikeys_shmem_init_hooks(void);
 
-typedef enum EnqueueResult
-{
-	ENQUEUE_DROPPED,
-	ENQUEUE_QUEUED,
-	ENQUEUE_QUEUED_START_WORKER	/* the caller must start the database's worker */
-} EnqueueResult;
-
 /*
  * Adds one occurrence to the queue, merging with a record of the same key.
- * Never raises; a full queue counts a drop.  When the record's database has
- * no worker, reserves its slot and asks the caller to start one.
+ * Never raises; a full queue counts a drop.  Returns false when dropped.
  */
-extern EnqueueResult apikeys_enqueue(const QueuedEventKey *key, const char *owner,
-									 const char *actor, const char *db_user,
-									 const char *details);
-
-/* Frees a worker slot reserved by apikeys_enqueue whose worker did not start. */
-extern void apikeys_release_reserved_slot(Oid dboid);
-
-/* Takes this database's slot for the calling worker; false if another has it. */
-extern bool apikeys_claim_slot(Oid dboid);
-
-/*
- * Frees the calling worker's slot if its database has nothing queued; true
- * when freed (the worker then exits, and the next record starts a new one).
- */
-extern bool apikeys_retire_if_idle(Oid dboid);
-
-/* Frees whatever slot the calling worker holds (at exit). */
-extern void apikeys_release_own_slot(void);
+extern bool apikeys_enqueue(const QueuedEventKey *key, const char *owner,
+							const char *actor, const char *db_user,
+							const char *details);
 
 /* Moves up to max records of one database out of the queue; returns how many. */
 extern int	apikeys_dequeue(Oid dboid, QueuedEvent *out, int max);
 
 /* Records queued now, across databases. */
 extern int64 apikeys_queued_now(void);
+
+/*
+ * Called after adding anything a worker must write: makes sure this
+ * database's worker runs.  Costs an atomic read while it does.
+ */
+extern void apikeys_note_pending(void);
+
+/* Takes this database's slot for the calling worker; false if another has it. */
+extern bool apikeys_claim_slot(Oid dboid);
+
+/*
+ * Frees the calling worker's slot if its database has nothing left to
+ * write; true when freed (the worker then exits).
+ */
+extern bool apikeys_retire_if_idle(Oid dboid);
+
+/* Frees whatever slot the calling worker holds (at exit). */
+extern void apikeys_release_own_slot(void);
+
+/* Wakes this database's worker, if it runs (an alert is waiting). */
+extern void apikeys_wake_worker(Oid dboid);
 
 #endif							/* APIKEYS_SHMEM_H */

@@ -2,29 +2,40 @@
  * verify.c — verify() and authenticate().
  *
  * A token is parsed and its checksum checked before any table is read, so
- * malformed input costs no I/O; a well-formed one costs one lookup on the
- * unique digest index through a plan prepared once per backend.  Nothing
- * here writes a table row, so verification works in read-only transactions
- * and on hot standbys.
+ * malformed input costs no I/O; a well-formed one costs one probe of the
+ * unique digest index.  Nothing here writes a table row (counters live in
+ * shared memory), so verification works in read-only transactions and on
+ * hot standbys.
  */
 #include "postgres.h"
 
+#include "access/genam.h"
 #include "access/htup_details.h"
+#include "access/relscan.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
-#include "executor/spi.h"
+#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
+#include "utils/fmgroids.h"
 #include "utils/lsyscache.h"
+#include "utils/rel.h"
+#include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 #include <sodium.h>
 
 #include "audit.h"
+#include "shmem.h"
 #include "token.h"
+#include "usage.h"
 #include "verify.h"
 
 /* What a lookup found, copied into the caller's memory context. */
@@ -33,14 +44,25 @@ typedef struct FoundKey
 	Datum		id;
 	Datum		owner;
 	Datum		name;
+	Datum		start;
 	Datum		scopes;
 	Datum		metadata;
 	Datum		expires_at;
 	bool		expires_null;
+	int32		rate_limit;		/* 0: none */
 	bool		revoked;
 } FoundKey;
 
-static SPIPlanPtr lookup_plan = NULL;
+/* Column numbers of apikeys.keys, fixed by the install script's CREATE TABLE. */
+#define KEYS_ATT_ID			1
+#define KEYS_ATT_OWNER		2
+#define KEYS_ATT_NAME		3
+#define KEYS_ATT_START		5
+#define KEYS_ATT_SCOPES		7
+#define KEYS_ATT_METADATA	8
+#define KEYS_ATT_RATE_LIMIT	9
+#define KEYS_ATT_EXPIRES_AT	12
+#define KEYS_ATT_REVOKED_AT	13
 
 const char *
 verify_code_name(VerifyCode code)
@@ -63,62 +85,75 @@ verify_code_name(VerifyCode code)
 	return "API_KEY_INVALID";
 }
 
-/* Looks the digest up; returns false when no key has it. */
+static Datum
+copy_attr(TupleTableSlot *slot, AttrNumber attnum, bool *isnull)
+{
+	Form_pg_attribute att = TupleDescAttr(slot->tts_tupleDescriptor, attnum - 1);
+	Datum		value = slot_getattr(slot, attnum, isnull);
+
+	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
+}
+
+/*
+ * One probe of the unique digest index, read with the statement's snapshot.
+ * The lookup reads the table directly rather than through SQL: it costs no
+ * planning and no permission switch, and EXECUTE on verify() is what guards
+ * it.  Returns false when no key has the digest.
+ */
 static bool
 lookup_key(const unsigned char *digest, FoundKey *found)
 {
-	MemoryContext caller_cxt = CurrentMemoryContext;
+	Oid			nsp = get_namespace_oid("apikeys", false);
+	Oid			relid = get_relname_relid("keys", nsp);
+	Oid			indexid = get_relname_relid("keys_digest_key", nsp);
+	Relation	heap;
+	Relation	index;
+	IndexScanDesc scan;
+	TupleTableSlot *slot;
+	ScanKeyData skey;
 	bytea	   *param = palloc(VARHDRSZ + TOKEN_DIGEST_LEN);
-	Datum		values[1];
-	bool		exists = false;
-	int			rc;
+	Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
+	bool		exists;
+
+	if (!OidIsValid(relid) || !OidIsValid(indexid))
+		ereport(ERROR,
+				(errcode(ERRCODE_UNDEFINED_TABLE),
+				 errmsg("apikeys.keys or its digest index is missing")));
 
 	SET_VARSIZE(param, VARHDRSZ + TOKEN_DIGEST_LEN);
 	memcpy(VARDATA(param), digest, TOKEN_DIGEST_LEN);
-	values[0] = PointerGetDatum(param);
 
-	if (SPI_connect() != SPI_OK_CONNECT)
-		elog(ERROR, "SPI_connect failed");
+	heap = table_open(relid, AccessShareLock);
+	index = index_open(indexid, AccessShareLock);
+	slot = table_slot_create(heap, NULL);
+	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_BYTEAEQ, PointerGetDatum(param));
+	scan = index_beginscan(heap, index, snapshot, 1, 0);
+	index_rescan(scan, &skey, 1, NULL, 0);
 
-	if (lookup_plan == NULL)
+	exists = index_getnext_slot(scan, ForwardScanDirection, slot);
+	if (exists)
 	{
-		Oid			argtypes[1] = {BYTEAOID};
-		SPIPlanPtr	plan;
-
-		plan = SPI_prepare("SELECT id, owner, name, scopes, metadata, expires_at, "
-						   "revoked_at IS NOT NULL "
-						   "FROM apikeys.keys WHERE digest OPERATOR(pg_catalog.=) $1",
-						   1, argtypes);
-		if (plan == NULL)
-			elog(ERROR, "SPI_prepare failed: %s", SPI_result_code_string(SPI_result));
-		if (SPI_keepplan(plan) != 0)
-			elog(ERROR, "SPI_keepplan failed");
-		lookup_plan = plan;
-	}
-
-	rc = SPI_execute_plan(lookup_plan, values, NULL, true, 1);
-	if (rc != SPI_OK_SELECT)
-		elog(ERROR, "key lookup failed: %s", SPI_result_code_string(rc));
-
-	if (SPI_processed > 0)
-	{
-		HeapTuple	tuple = SPI_tuptable->vals[0];
-		TupleDesc	desc = SPI_tuptable->tupdesc;
-		MemoryContext spi_cxt = MemoryContextSwitchTo(caller_cxt);
 		bool		isnull;
+		Datum		rate_limit;
 
-		found->id = datumCopy(SPI_getbinval(tuple, desc, 1, &isnull), false, UUID_LEN);
-		found->owner = datumCopy(SPI_getbinval(tuple, desc, 2, &isnull), false, -1);
-		found->name = datumCopy(SPI_getbinval(tuple, desc, 3, &isnull), false, -1);
-		found->scopes = datumCopy(SPI_getbinval(tuple, desc, 4, &isnull), false, -1);
-		found->metadata = datumCopy(SPI_getbinval(tuple, desc, 5, &isnull), false, -1);
-		found->expires_at = SPI_getbinval(tuple, desc, 6, &found->expires_null);
-		found->revoked = DatumGetBool(SPI_getbinval(tuple, desc, 7, &isnull));
-		MemoryContextSwitchTo(spi_cxt);
-		exists = true;
+		found->id = copy_attr(slot, KEYS_ATT_ID, &isnull);
+		found->owner = copy_attr(slot, KEYS_ATT_OWNER, &isnull);
+		found->name = copy_attr(slot, KEYS_ATT_NAME, &isnull);
+		found->start = copy_attr(slot, KEYS_ATT_START, &isnull);
+		found->scopes = copy_attr(slot, KEYS_ATT_SCOPES, &isnull);
+		found->metadata = copy_attr(slot, KEYS_ATT_METADATA, &isnull);
+		found->expires_at = slot_getattr(slot, KEYS_ATT_EXPIRES_AT, &found->expires_null);
+		rate_limit = slot_getattr(slot, KEYS_ATT_RATE_LIMIT, &isnull);
+		found->rate_limit = isnull ? 0 : DatumGetInt32(rate_limit);
+		(void) slot_getattr(slot, KEYS_ATT_REVOKED_AT, &isnull);
+		found->revoked = !isnull;
 	}
 
-	SPI_finish();
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	/* Locks are kept to the end of the transaction, as for any read. */
+	index_close(index, NoLock);
+	table_close(heap, NoLock);
 	pfree(param);
 	return exists;
 }
@@ -215,15 +250,32 @@ decide(text *token, ArrayType *required, FoundKey *key, bool *found_key,
 
 /*
  * The whole decision.  *found_key tells whether key holds a row; code is the
- * answer.  Never raises for any token text.  A refusal is queued for the
- * audit log (with the preload), per key when the token matched one, else per
- * prefix.
+ * answer.  Never raises for any token text.  With the preload, a key that
+ * passes is counted and rate limited, a refusal of a known key is counted,
+ * and every refusal is queued for the audit log (per key when the token
+ * matched one, else per prefix).
  */
 static VerifyCode
 verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 {
 	size_t		prefix_len = 0;
 	VerifyCode	code = decide(token, required, key, found_key, &prefix_len);
+
+	if (code == VERIFY_VALID)
+	{
+		int64		alert_requests;
+
+		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit,
+								&alert_requests) == USAGE_RATE_LIMITED)
+			code = VERIFY_RATE_LIMITED;
+		if (alert_requests > 0)
+			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
+									 TextDatumGetCString(key->start), alert_requests);
+		else if (code == VERIFY_VALID && apikeys_shared != NULL)
+			apikeys_note_pending();
+	}
+	else if (*found_key)
+		usage_count_failure(DatumGetUUIDP(key->id));
 
 	if (code != VERIFY_VALID)
 	{

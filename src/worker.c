@@ -26,13 +26,14 @@
 #include "utils/timestamp.h"
 
 #include "shmem.h"
+#include "usage.h"
 #include "worker.h"
 
 int			apikeys_flush_interval = 10;
 
 #define FLUSH_BATCH 64
 
-void
+bool
 apikeys_start_worker(void)
 {
 	BackgroundWorker worker;
@@ -47,9 +48,7 @@ apikeys_start_worker(void)
 	strlcpy(worker.bgw_type, "apikeys worker", BGW_MAXLEN);
 	worker.bgw_main_arg = ObjectIdGetDatum(MyDatabaseId);
 
-	/* No free worker process now: the next record tries again. */
-	if (!RegisterDynamicBackgroundWorker(&worker, NULL))
-		apikeys_release_reserved_slot(MyDatabaseId);
+	return RegisterDynamicBackgroundWorker(&worker, NULL);
 }
 
 static void
@@ -102,11 +101,53 @@ insert_record(const QueuedEvent *ev)
 		elog(ERROR, "apikeys worker could not write an audit record");
 }
 
+/* An alert is also a notification, delivered when the flush commits. */
+static void
+notify_alert(const QueuedEvent *ev)
+{
+	Oid			types[1] = {TEXTOID};
+	Datum		values[1];
+
+	values[0] = CStringGetTextDatum(ev->details);
+	if (SPI_execute_with_args("SELECT pg_catalog.pg_notify('apikeys_alert', $1)",
+							  1, types, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "apikeys worker could not send an alert");
+}
+
+/* Adds counts to apikeys.key_usage; a key that no longer exists is skipped. */
+static void
+write_usage(const UsageDelta *d)
+{
+	static const char *sql =
+	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) "
+	"SELECT $1, DATE '1970-01-01' OPERATOR(pg_catalog.+) $2, $3, $4, $5 "
+	"WHERE EXISTS (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) $1) "
+	"ON CONFLICT (key_id, day) DO UPDATE SET "
+	"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
+	"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
+	"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)";
+	Oid			types[5] = {UUIDOID, INT4OID, INT8OID, INT8OID, TIMESTAMPTZOID};
+	Datum		values[5];
+	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
+
+	values[0] = UUIDPGetDatum(&d->key_id);
+	values[1] = Int32GetDatum(d->day);
+	values[2] = Int64GetDatum(d->requests);
+	values[3] = Int64GetDatum(d->failures);
+	values[4] = TimestampTzGetDatum(d->last_used_at);
+	if (d->last_used_at == 0)
+		nulls[4] = 'n';
+	if (SPI_execute_with_args(sql, 5, types, values, nulls, false, 0) != SPI_OK_INSERT)
+		elog(ERROR, "apikeys worker could not write usage counts");
+}
+
 /* One flush; false when the extension is no longer installed here. */
 static bool
 flush_once(Oid dboid)
 {
 	QueuedEvent batch[FLUSH_BATCH];
+	UsageDelta	deltas[FLUSH_BATCH];
+	TransactionId xid;
 	bool		installed;
 	int			n;
 
@@ -114,19 +155,27 @@ flush_once(Oid dboid)
 	StartTransactionCommand();
 	SPI_connect();
 	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "apikeys: flushing audit records");
+	pgstat_report_activity(STATE_RUNNING, "apikeys: flushing audit records and usage");
 
 	SPI_execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'apikeys'", true, 1);
 	installed = SPI_processed > 0;
 
 	while ((n = apikeys_dequeue(dboid, batch, FLUSH_BATCH)) > 0)
-		if (installed)
-			for (int i = 0; i < n; i++)
-				insert_record(&batch[i]);
+		for (int i = 0; installed && i < n; i++)
+		{
+			insert_record(&batch[i]);
+			if (batch[i].key.kind == EVENT_USAGE_ALERT)
+				notify_alert(&batch[i]);
+		}
+	xid = GetCurrentTransactionId();
+	while ((n = usage_take_pending(dboid, xid, deltas, FLUSH_BATCH)) > 0)
+		for (int i = 0; installed && i < n; i++)
+			write_usage(&deltas[i]);
 
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
+	usage_flush_done(dboid, xid);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;
 }

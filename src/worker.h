@@ -10,8 +10,8 @@
 /* GUC apikeys.flush_interval, in seconds. */
 extern int	apikeys_flush_interval;
 
-/* Starts this database's worker (its slot already reserved). */
-extern void apikeys_start_worker(void);
+/* Registers this database's worker (its slot already reserved); false if no process is free. */
+extern bool apikeys_start_worker(void);
 
 PGDLLEXPORT void apikeys_worker_main(Datum main_arg);
 

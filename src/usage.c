@@ -1,0 +1,472 @@
+/*
+ * usage.c — per-key, per-UTC-day counters in a shared hash.
+ *
+ * The hot path takes the usage lock in shared mode and the entry's spinlock;
+ * only a key's first request of the day takes the lock exclusively, to add
+ * its entry.  When the table is full, an idle entry (nothing pending, not
+ * used this minute) makes room; if none is idle the request is untracked:
+ * it verifies as usual but is neither counted nor rate limited, and
+ * status() counts it.
+ */
+#include "postgres.h"
+
+#include "access/htup_details.h"
+#include "access/transam.h"
+#include "access/xlog.h"
+#include "fmgr.h"
+#include "funcapi.h"
+#include "miscadmin.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "utils/hsearch.h"
+#include "utils/snapmgr.h"
+
+#include "shmem.h"
+#include "usage.h"
+
+int			apikeys_max_tracked_keys = 100000;
+int			apikeys_alert_requests_per_minute = 0;
+
+typedef struct UsageKey
+{
+	Oid			dboid;
+	int32		day;
+	pg_uuid_t	key_id;
+} UsageKey;
+
+typedef struct UsageEntry
+{
+	UsageKey	key;
+	slock_t		mutex;
+	int64		requests;		/* pending: not yet written */
+	int64		failures;		/* pending */
+	TimestampTz last_used_at;	/* pending, 0 if none */
+	/* Taken by a flush whose transaction may not have committed yet. */
+	int64		inflight_requests;
+	int64		inflight_failures;
+	TimestampTz inflight_last_used_at;
+	TransactionId inflight_xid;
+	int64		minute;			/* the minute minute_count belongs to */
+	int64		minute_count;	/* requests allowed in that minute */
+	int64		alerted_minute;
+} UsageEntry;
+
+typedef struct UsageCounters
+{
+	slock_t		mutex;
+	int64		untracked;
+} UsageCounters;
+
+static HTAB *usage_table = NULL;
+static UsageCounters *usage_counters = NULL;
+
+Size
+usage_shmem_size(void)
+{
+	return add_size(MAXALIGN(sizeof(UsageCounters)),
+					hash_estimate_size(apikeys_max_tracked_keys, sizeof(UsageEntry)));
+}
+
+void
+usage_shmem_init(void)
+{
+	HASHCTL		info;
+	bool		found;
+
+	usage_counters = ShmemInitStruct("apikeys usage counters", sizeof(UsageCounters), &found);
+	if (!found)
+	{
+		SpinLockInit(&usage_counters->mutex);
+		usage_counters->untracked = 0;
+	}
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(UsageKey);
+	info.entrysize = sizeof(UsageEntry);
+	usage_table = ShmemInitHash("apikeys usage", apikeys_max_tracked_keys,
+								apikeys_max_tracked_keys, &info, HASH_ELEM | HASH_BLOBS);
+}
+
+static void
+now_parts(TimestampTz *now, int64 *minute, int32 *day)
+{
+	int64		unix_seconds;
+
+	*now = GetCurrentTimestamp();
+	unix_seconds = *now / USECS_PER_SEC +
+		(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
+	*minute = unix_seconds / 60;
+	*day = (int32) (unix_seconds / SECS_PER_DAY);
+}
+
+static inline bool
+has_inflight(UsageEntry *e)
+{
+	return TransactionIdIsValid(e->inflight_xid);
+}
+
+static inline bool
+entry_idle(UsageEntry *e, int64 minute)
+{
+	return e->requests == 0 && e->failures == 0 && !has_inflight(e) && e->minute != minute;
+}
+
+/* Finds or adds the entry; NULL when there is no room.  Returns with the usage lock held shared. */
+static UsageEntry *
+get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
+{
+	UsageKey	key;
+	UsageEntry *e;
+	bool		found;
+
+	memset(&key, 0, sizeof(key));	/* compared as bytes */
+	key.dboid = MyDatabaseId;
+	key.day = day;
+	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
+
+	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	e = hash_search(usage_table, &key, HASH_FIND, NULL);
+	if (e != NULL)
+		return e;
+	LWLockRelease(apikeys_shared->usage_lock);
+
+	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	e = hash_search(usage_table, &key, HASH_FIND, NULL);
+	if (e == NULL && hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys)
+	{
+		HASH_SEQ_STATUS status;
+		UsageEntry *victim;
+
+		hash_seq_init(&status, usage_table);
+		while ((victim = hash_seq_search(&status)) != NULL)
+		{
+			if (entry_idle(victim, minute))
+			{
+				hash_seq_term(&status);
+				hash_search(usage_table, &victim->key, HASH_REMOVE, NULL);
+				break;
+			}
+		}
+	}
+	/* A shared hash can outgrow its size into spare shared memory: cap it. */
+	if (e == NULL && hash_get_num_entries(usage_table) < apikeys_max_tracked_keys)
+	{
+		e = hash_search(usage_table, &key, HASH_ENTER_NULL, &found);
+		if (e != NULL && !found)
+		{
+			SpinLockInit(&e->mutex);
+			e->requests = 0;
+			e->failures = 0;
+			e->last_used_at = 0;
+			e->inflight_requests = 0;
+			e->inflight_failures = 0;
+			e->inflight_last_used_at = 0;
+			e->inflight_xid = InvalidTransactionId;
+			e->minute = 0;
+			e->minute_count = 0;
+			e->alerted_minute = 0;
+		}
+	}
+	LWLockRelease(apikeys_shared->usage_lock);
+	if (e == NULL)
+	{
+		SpinLockAcquire(&usage_counters->mutex);
+		usage_counters->untracked++;
+		SpinLockRelease(&usage_counters->mutex);
+		return NULL;
+	}
+	/* Entries leave only under the exclusive lock, so e stays valid. */
+	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	return hash_search(usage_table, &key, HASH_FIND, NULL);
+}
+
+UsageOutcome
+usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requests)
+{
+	TimestampTz now;
+	int64		minute;
+	int32		day;
+	UsageEntry *e;
+	UsageOutcome outcome;
+	bool		standby;
+
+	*alert_requests = 0;
+	if (apikeys_shared == NULL)
+		return USAGE_UNTRACKED;
+
+	now_parts(&now, &minute, &day);
+	e = get_entry(key_id, day, minute);
+	if (e == NULL)
+		return USAGE_UNTRACKED;
+
+	/* A standby enforces rate limits but keeps no counts: nothing could write them. */
+	standby = RecoveryInProgress();
+	SpinLockAcquire(&e->mutex);
+	if (e->minute != minute)
+	{
+		e->minute = minute;
+		e->minute_count = 0;
+	}
+	if (rate_limit > 0 && e->minute_count >= rate_limit)
+	{
+		if (!standby)
+			e->failures++;
+		outcome = USAGE_RATE_LIMITED;
+	}
+	else
+	{
+		e->minute_count++;
+		if (!standby)
+		{
+			e->requests++;
+			e->last_used_at = now;
+		}
+		outcome = USAGE_ALLOWED;
+		if (apikeys_alert_requests_per_minute > 0 && !standby &&
+			e->minute_count > apikeys_alert_requests_per_minute &&
+			e->alerted_minute != minute)
+		{
+			e->alerted_minute = minute;
+			*alert_requests = e->minute_count;
+		}
+	}
+	SpinLockRelease(&e->mutex);
+	LWLockRelease(apikeys_shared->usage_lock);
+	return outcome;
+}
+
+void
+usage_count_failure(const pg_uuid_t *key_id)
+{
+	TimestampTz now;
+	int64		minute;
+	int32		day;
+	UsageEntry *e;
+
+	if (apikeys_shared == NULL || RecoveryInProgress())
+		return;
+	now_parts(&now, &minute, &day);
+	e = get_entry(key_id, day, minute);
+	if (e == NULL)
+		return;
+	SpinLockAcquire(&e->mutex);
+	e->failures++;
+	SpinLockRelease(&e->mutex);
+	LWLockRelease(apikeys_shared->usage_lock);
+}
+
+static Snapshot
+snapshot_for_reading(void)
+{
+	return ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
+}
+
+void
+usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
+			  TimestampTz *last_used_at)
+{
+	UsageKey	key;
+	UsageEntry *e;
+	TimestampTz now;
+	int64		minute;
+
+	*requests = 0;
+	*failures = 0;
+	*last_used_at = 0;
+	if (apikeys_shared == NULL)
+		return;
+
+	memset(&key, 0, sizeof(key));
+	key.dboid = MyDatabaseId;
+	now_parts(&now, &minute, &key.day);
+	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
+
+	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	e = hash_search(usage_table, &key, HASH_FIND, NULL);
+	if (e != NULL)
+	{
+		TransactionId xid;
+		int64		inflight_requests;
+		int64		inflight_failures;
+		TimestampTz inflight_last_used_at;
+
+		SpinLockAcquire(&e->mutex);
+		*requests = e->requests;
+		*failures = e->failures;
+		*last_used_at = e->last_used_at;
+		xid = e->inflight_xid;
+		inflight_requests = e->inflight_requests;
+		inflight_failures = e->inflight_failures;
+		inflight_last_used_at = e->inflight_last_used_at;
+		SpinLockRelease(&e->mutex);
+
+		/*
+		 * Counts a flush has taken are in apikeys.key_usage only if its
+		 * transaction committed and our snapshot sees it; otherwise they are
+		 * still ours to add, so totals stay exact across a flush.
+		 */
+		if (TransactionIdIsValid(xid) &&
+			!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot_for_reading())))
+		{
+			*requests += inflight_requests;
+			*failures += inflight_failures;
+			*last_used_at = Max(*last_used_at, inflight_last_used_at);
+		}
+	}
+	LWLockRelease(apikeys_shared->usage_lock);
+}
+
+int
+usage_take_pending(Oid dboid, TransactionId xid, UsageDelta *out, int max)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *e;
+	TimestampTz now;
+	int64		minute;
+	int32		day;
+	int			n = 0;
+
+	if (apikeys_shared == NULL)
+		return 0;
+	now_parts(&now, &minute, &day);
+
+	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	hash_seq_init(&status, usage_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		if (e->key.dboid != dboid || e->inflight_xid == xid)
+			continue;
+		/* Counts an earlier flush took but never committed are written again. */
+		if (has_inflight(e))
+		{
+			if (!TransactionIdDidCommit(e->inflight_xid))
+			{
+				e->requests += e->inflight_requests;
+				e->failures += e->inflight_failures;
+				e->last_used_at = Max(e->last_used_at, e->inflight_last_used_at);
+			}
+			e->inflight_requests = 0;
+			e->inflight_failures = 0;
+			e->inflight_last_used_at = 0;
+			e->inflight_xid = InvalidTransactionId;
+		}
+		if (entry_idle(e, minute))
+		{
+			/* Forget keys with nothing to write and no limit to keep. */
+			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
+			continue;
+		}
+		if (e->requests == 0 && e->failures == 0)
+			continue;
+		if (n >= max)
+		{
+			hash_seq_term(&status);
+			break;
+		}
+		memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
+		out[n].day = e->key.day;
+		out[n].requests = e->requests;
+		out[n].failures = e->failures;
+		out[n].last_used_at = e->last_used_at;
+		e->inflight_requests = e->requests;
+		e->inflight_failures = e->failures;
+		e->inflight_last_used_at = e->last_used_at;
+		e->inflight_xid = xid;
+		e->requests = 0;
+		e->failures = 0;
+		e->last_used_at = 0;
+		n++;
+	}
+	LWLockRelease(apikeys_shared->usage_lock);
+	return n;
+}
+
+void
+usage_flush_done(Oid dboid, TransactionId xid)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *e;
+
+	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	hash_seq_init(&status, usage_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		if (e->key.dboid != dboid || e->inflight_xid != xid)
+			continue;
+		e->inflight_requests = 0;
+		e->inflight_failures = 0;
+		e->inflight_last_used_at = 0;
+		e->inflight_xid = InvalidTransactionId;
+	}
+	LWLockRelease(apikeys_shared->usage_lock);
+}
+
+bool
+usage_has_pending(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *e;
+	bool		pending = false;
+
+	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	hash_seq_init(&status, usage_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		bool		has;
+
+		if (e->key.dboid != dboid)
+			continue;
+		SpinLockAcquire(&e->mutex);
+		has = e->requests != 0 || e->failures != 0 || has_inflight(e);
+		SpinLockRelease(&e->mutex);
+		if (has)
+		{
+			pending = true;
+			hash_seq_term(&status);
+			break;
+		}
+	}
+	LWLockRelease(apikeys_shared->usage_lock);
+	return pending;
+}
+
+void
+usage_stats(int64 *tracked, int64 *untracked)
+{
+	*tracked = 0;
+	*untracked = 0;
+	if (apikeys_shared == NULL)
+		return;
+	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	*tracked = hash_get_num_entries(usage_table);
+	LWLockRelease(apikeys_shared->usage_lock);
+	SpinLockAcquire(&usage_counters->mutex);
+	*untracked = usage_counters->untracked;
+	SpinLockRelease(&usage_counters->mutex);
+}
+
+PG_FUNCTION_INFO_V1(apikeys_pending_usage);
+
+/*
+ * _pending_usage(key_id): today's counts still in shared memory, so
+ * list_keys() can add them to what the worker has written.
+ */
+Datum
+apikeys_pending_usage(PG_FUNCTION_ARGS)
+{
+	TupleDesc	tupdesc;
+	Datum		values[3];
+	bool		nulls[3] = {false, false, false};
+	int64		requests;
+	int64		failures;
+	TimestampTz last_used_at;
+
+	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+		elog(ERROR, "return type must be a row type");
+
+	usage_pending(PG_GETARG_UUID_P(0), &requests, &failures, &last_used_at);
+	values[0] = Int64GetDatum(requests);
+	values[1] = Int64GetDatum(failures);
+	values[2] = TimestampTzGetDatum(last_used_at);
+	nulls[2] = last_used_at == 0;
+	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
+}

@@ -1,0 +1,69 @@
+/*
+ * usage.h — per-key usage counters and rate limits in shared memory
+ * (library preloaded only).
+ */
+#ifndef APIKEYS_USAGE_H
+#define APIKEYS_USAGE_H
+
+#include "postgres.h"
+
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+/* GUC apikeys.max_tracked_keys: keys counted at once across databases. */
+extern int	apikeys_max_tracked_keys;
+/* GUC apikeys.alert_requests_per_minute: 0 turns alerts off. */
+extern int	apikeys_alert_requests_per_minute;
+
+typedef enum UsageOutcome
+{
+	USAGE_ALLOWED,				/* counted as a request */
+	USAGE_RATE_LIMITED,			/* counted as a failure */
+	USAGE_UNTRACKED				/* no room: neither counted nor limited */
+} UsageOutcome;
+
+/* What one database's worker moves to apikeys.key_usage. */
+typedef struct UsageDelta
+{
+	pg_uuid_t	key_id;
+	int32		day;			/* days since 1970-01-01, UTC */
+	int64		requests;
+	int64		failures;
+	TimestampTz last_used_at;	/* 0 when no request */
+} UsageDelta;
+
+extern Size usage_shmem_size(void);
+extern void usage_shmem_init(void);
+
+/*
+ * Counts a verification that would return VALID, enforcing rate_limit
+ * (<= 0: none).  *alert_requests is set when this request passes the alert
+ * threshold for the first time this minute (else 0).
+ */
+extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limit,
+										int64 *alert_requests);
+
+/* Counts a refusal of a key that exists (revoked, expired, scope). */
+extern void usage_count_failure(const pg_uuid_t *key_id);
+
+/* Today's counts not yet written to apikeys.key_usage for a key here. */
+extern void usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
+						  TimestampTz *last_used_at);
+
+/*
+ * Takes up to max pending deltas of a database for the flush transaction
+ * xid, and forgets idle keys; returns how many.  Until usage_flush_done(),
+ * readers add the taken counts unless they see xid committed.
+ */
+extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta *out, int max);
+
+/* After the flush transaction xid committed: forget what it took. */
+extern void usage_flush_done(Oid dboid, TransactionId xid);
+
+/* Whether the database has counts waiting to be written.  Caller may hold no lock. */
+extern bool usage_has_pending(Oid dboid);
+
+/* Keys tracked now, and how many could not be tracked since start. */
+extern void usage_stats(int64 *tracked, int64 *untracked);
+
+#endif							/* APIKEYS_USAGE_H */
