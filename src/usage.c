@@ -316,8 +316,10 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 }
 
 int
-usage_take_pending(Oid dboid, TransactionId xid, UsageDelta *out, int max)
+usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 {
+	UsageDelta *out;
+	long		max;
 	HASH_SEQ_STATUS status;
 	UsageEntry *e;
 	TimestampTz now;
@@ -325,9 +327,14 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta *out, int max)
 	int32		day;
 	int			n = 0;
 
+	*result = NULL;
 	if (apikeys_shared == NULL)
 		return 0;
 	now_parts(&now, &minute, &day);
+
+	/* Sized for every entry before the lock, so nothing allocates under it. */
+	max = Max(hash_get_num_entries(usage_table), 1) + 64;
+	out = palloc(sizeof(UsageDelta) * max);
 
 	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
 	hash_seq_init(&status, usage_table);
@@ -377,6 +384,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta *out, int max)
 		n++;
 	}
 	LWLockRelease(apikeys_shared->usage_lock);
+	*result = out;
 	return n;
 }
 

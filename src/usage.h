@@ -51,11 +51,12 @@ extern void usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failu
 						  TimestampTz *last_used_at);
 
 /*
- * Takes up to max pending deltas of a database for the flush transaction
- * xid, and forgets idle keys; returns how many.  Until usage_flush_done(),
- * readers add the taken counts unless they see xid committed.
+ * Takes every pending delta of a database for the flush transaction xid (in
+ * one pass, into a palloc'd array) and forgets idle keys; returns how many.
+ * Until usage_flush_done(), readers add the taken counts unless they see
+ * xid committed.
  */
-extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta *out, int max);
+extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **out);
 
 /* After the flush transaction xid committed: forget what it took. */
 extern void usage_flush_done(Oid dboid, TransactionId xid);

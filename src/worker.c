@@ -21,6 +21,7 @@
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
@@ -32,6 +33,8 @@
 int			apikeys_flush_interval = 10;
 
 #define FLUSH_BATCH 64
+/* Keys whose counts one statement writes. */
+#define USAGE_BATCH 1000
 
 bool
 apikeys_start_worker(void)
@@ -114,30 +117,52 @@ notify_alert(const QueuedEvent *ev)
 		elog(ERROR, "apikeys worker could not send an alert");
 }
 
-/* Adds counts to apikeys.key_usage; a key that no longer exists is skipped. */
+/*
+ * Adds counts to apikeys.key_usage, a batch of keys per statement; a key
+ * that no longer exists (created in a transaction that rolled back) is
+ * skipped.
+ */
 static void
-write_usage(const UsageDelta *d)
+write_usage(const UsageDelta *deltas, int n)
 {
 	static const char *sql =
 	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) "
-	"SELECT $1, DATE '1970-01-01' OPERATOR(pg_catalog.+) $2, $3, $4, $5 "
-	"WHERE EXISTS (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) $1) "
+	"SELECT d.key_id, DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day, d.requests, d.failures, d.last_used_at "
+	"FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), "
+	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) "
+	"  AS d(key_id, day, requests, failures, last_used_at) "
+	"WHERE EXISTS (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) d.key_id) "
 	"ON CONFLICT (key_id, day) DO UPDATE SET "
 	"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
 	"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
 	"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)";
-	Oid			types[5] = {UUIDOID, INT4OID, INT8OID, INT8OID, TIMESTAMPTZOID};
+	Oid			types[5] = {UUIDARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum	   *days = palloc(sizeof(Datum) * n);
+	Datum	   *requests = palloc(sizeof(Datum) * n);
+	Datum	   *failures = palloc(sizeof(Datum) * n);
+	Datum	   *last_used = palloc(sizeof(Datum) * n);
+	bool	   *last_used_null = palloc(sizeof(bool) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
 	Datum		values[5];
-	char		nulls[5] = {' ', ' ', ' ', ' ', ' '};
 
-	values[0] = UUIDPGetDatum(&d->key_id);
-	values[1] = Int32GetDatum(d->day);
-	values[2] = Int64GetDatum(d->requests);
-	values[3] = Int64GetDatum(d->failures);
-	values[4] = TimestampTzGetDatum(d->last_used_at);
-	if (d->last_used_at == 0)
-		nulls[4] = 'n';
-	if (SPI_execute_with_args(sql, 5, types, values, nulls, false, 0) != SPI_OK_INSERT)
+	for (int i = 0; i < n; i++)
+	{
+		ids[i] = UUIDPGetDatum(&deltas[i].key_id);
+		days[i] = Int32GetDatum(deltas[i].day);
+		requests[i] = Int64GetDatum(deltas[i].requests);
+		failures[i] = Int64GetDatum(deltas[i].failures);
+		last_used[i] = TimestampTzGetDatum(deltas[i].last_used_at);
+		last_used_null[i] = deltas[i].last_used_at == 0;
+	}
+	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	values[1] = PointerGetDatum(construct_array(days, n, INT4OID, 4, true, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_array(requests, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[3] = PointerGetDatum(construct_array(failures, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[4] = PointerGetDatum(construct_md_array(last_used, last_used_null, 1, dims, lbs,
+												   TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	if (SPI_execute_with_args(sql, 5, types, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "apikeys worker could not write usage counts");
 }
 
@@ -146,7 +171,7 @@ static bool
 flush_once(Oid dboid)
 {
 	QueuedEvent batch[FLUSH_BATCH];
-	UsageDelta	deltas[FLUSH_BATCH];
+	UsageDelta *deltas;
 	TransactionId xid;
 	bool		installed;
 	int			n;
@@ -168,9 +193,9 @@ flush_once(Oid dboid)
 				notify_alert(&batch[i]);
 		}
 	xid = GetCurrentTransactionId();
-	while ((n = usage_take_pending(dboid, xid, deltas, FLUSH_BATCH)) > 0)
-		for (int i = 0; installed && i < n; i++)
-			write_usage(&deltas[i]);
+	n = usage_take_pending(dboid, xid, &deltas);
+	for (int i = 0; installed && i < n; i += USAGE_BATCH)
+		write_usage(deltas + i, Min(USAGE_BATCH, n - i));
 
 	SPI_finish();
 	PopActiveSnapshot();

@@ -147,26 +147,40 @@ sub start_burst
 	return \@running;
 }
 
-# Waits (bounded) for every psql to exit after the crash; returns their output.
+# Waits (bounded) for every psql to exit after the crash.  A session must
+# have been ended by the crash alone: no SQL error before it (with
+# ON_ERROR_STOP an error would have stopped its script early).
 sub finish_burst
 {
-	my ($running) = @_;
+	my ($running, $label) = @_;
 	for my $r (@$running)
 	{
 		eval { $r->{h}->finish; };
-		note("session $r->{sid}: psql exit " . ($r->{h}->result // 'none')
-			  . ($@ ? " ($@)" : '') . ", stderr: " . ${ $r->{err} });
+		my $err = ${ $r->{err} };
+		my @errors = grep { /\b(ERROR|FATAL):/ } split /\n/, $err;
+		is(scalar(@errors), 0, "$label: session $r->{sid} ran without an error until the crash")
+		  or diag("session $r->{sid} stderr:\n$err");
 	}
 	return;
 }
 
-# Server-side progress, for choosing the moment of the crash.
+# Server-side progress, for choosing the moment of the crash; gives up early
+# when a session has exited (it must not before the crash).
 sub wait_for_keys
 {
-	my ($n, $timeout) = @_;
+	my ($running, $n, $timeout) = @_;
 	my $deadline = time() + $timeout;
 	while (time() < $deadline)
 	{
+		for my $r (@$running)
+		{
+			$r->{h}->pump_nb if $r->{h}->pumpable;
+			if (!$r->{h}->pumpable)
+			{
+				diag("session $r->{sid} exited before the crash: " . ${ $r->{err} });
+				return -1;
+			}
+		}
 		my $c = sql('SELECT count(*) FROM apikeys.keys');
 		return $c if $c >= $n;
 		usleep(50_000);
@@ -218,6 +232,17 @@ sub collect_acks
 	}
 	note("$label: $ops acknowledged operations");
 	return $ops;
+}
+
+# No statement and no worker failed: the server log has no ERROR since $from.
+sub log_has_no_errors
+{
+	my ($label, $from) = @_;
+	my @errors = grep { /\b(ERROR|FATAL|PANIC):/ }
+	  split /\n/, slurp_file($node->logfile, $from);
+	is(scalar(@errors), 0, "$label: no ERROR in the server log")
+	  or diag(join("\n", @errors[ 0 .. ($#errors < 20 ? $#errors : 20) ]));
+	return;
 }
 
 # The audit log and keys as the server has them now, checked against the
@@ -343,12 +368,15 @@ sub check_after_recovery
 #
 # Round 1: crash in the middle of the flowing burst.
 #
+my $log_from = -s $node->logfile;
 my $running = start_burst(1, 5000);
-my $n = wait_for_keys(300, 60);
+my $n = wait_for_keys($running, 300, 30);
 ok($n >= 300, "round 1: burst under way ($n keys)");
 $node->stop('immediate');
-finish_burst($running);
+finish_burst($running, 'round 1');
 cmp_ok(collect_acks($running, 'round 1'), '>', 100, 'round 1: clients saw operations acknowledged');
+log_has_no_errors('round 1', $log_from);
+$log_from = -s $node->logfile;
 $node->start;
 check_after_recovery('round 1');
 
@@ -359,7 +387,7 @@ check_after_recovery('round 1');
 #
 my $keys_before = sql('SELECT count(*) FROM apikeys.keys');
 $running = start_burst(2, 5000);
-$n = wait_for_keys($keys_before + 150, 60);
+$n = wait_for_keys($running, $keys_before + 150, 30);
 ok($n >= $keys_before + 150, "round 2: burst under way ($n keys)");
 my $open = $node->background_psql('crashdb');
 my $open_id = $open->query_safe(
@@ -371,10 +399,12 @@ is( sql(q{SELECT count(*) > 0 FROM pg_stat_activity
 	       WHERE datname = 'crashdb' AND wait_event_type = 'Lock' AND wait_event = 'advisory'}),
 	't', 'round 2: sessions wait for the audit chain lock');
 $node->stop('immediate');
-finish_burst($running);
+finish_burst($running, 'round 2');
 eval { $open->quit; };
 $rolledback{$open_id} = 'open';
 cmp_ok(collect_acks($running, 'round 2'), '>', 50, 'round 2: clients saw operations acknowledged');
+log_has_no_errors('round 2', $log_from);
+$log_from = -s $node->logfile;
 $node->start;
 check_after_recovery('round 2');
 
@@ -413,6 +443,8 @@ ok($seen, 'after recovery: a failed verification is written by a worker');
 $rows = sql('SELECT count(*) FROM apikeys.audit_log');
 is(sql('SELECT ok, rows_checked FROM apikeys.audit_verify()'), "t|$rows",
 	'after recovery: audit_verify() still ok');
+
+log_has_no_errors('after recovery', $log_from);
 
 $node->stop;
 note(sprintf('002_audit_crash took %.1f s', time() - $t0));

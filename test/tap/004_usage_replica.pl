@@ -1,0 +1,580 @@
+# Copyright: the apikeys authors.
+#
+# Usage counters, rate limits and alerts (library preloaded), and verify on
+# a streaming replica.
+#
+#  1. Counters are exact: N VALID answers and M refusals (scope) of a key
+#     show in list_keys() at once; after the worker's flush
+#     apikeys.key_usage holds exactly N/M; more requests, then a clean
+#     (fast) restart: the shutdown flush leaves exact totals in key_usage,
+#     and list_keys() still agrees.
+#  2. Rate limit 5: requests 1..5 VALID, 6.. RATE_LIMITED within the minute;
+#     the refusals count as failures; the next minute the key is allowed
+#     again.
+#  3. Alerts (apikeys.alert_requests_per_minute = 5): a LISTEN session gets
+#     exactly one apikeys_alert notification per key and minute, with the
+#     right JSON payload; audit_log holds exactly one usage_alert row for
+#     it; a key at the threshold (not past it) raises none.
+#  4. verify() inside a read-only transaction works and is counted.
+#  5. apikeys.max_tracked_keys = 100 on a separate node: 150 distinct keys
+#     verified in one minute all get the right answer, with no error;
+#     status() reports the 50 untracked requests; untracked keys are not
+#     rate limited; once the minute has passed and the counts were flushed,
+#     idle entries make room and the other keys are tracked (and limited)
+#     again, with exact totals.
+#  6. A streaming standby (also preloaded): verify works (VALID, then
+#     API_KEY_REVOKED after the primary revokes and the standby replays,
+#     API_KEY_INVALID for unknown and malformed tokens); status() reports
+#     in_recovery; rate limits are enforced per server; the standby's log
+#     has no unexpected ERROR/FATAL; nothing the standby did shows up in
+#     the primary's key_usage or audit_log.
+#
+# The minute-sensitive checks (2, 3, 5 and the standby's rate limit) run
+# together inside one minute, then the test waits (bounded) for the next
+# minute once.
+#
+# The test references no file of the repository: CI runs it as the postgres
+# OS user from a copy.
+
+use strict;
+use warnings;
+
+use PostgreSQL::Test::Cluster;
+use PostgreSQL::Test::Utils;
+use Test::More;
+use JSON::PP;
+use Time::HiRes qw(time usleep sleep);
+
+my $t0 = time();
+
+#
+# Helpers.
+#
+
+# Polls $query on $node until it returns $expected; bounded by $secs.
+sub poll_until
+{
+	my ($node, $db, $query, $expected, $secs) = @_;
+	$secs //= 30;
+	my $deadline = time() + $secs;
+	my $last = '';
+	while (time() < $deadline)
+	{
+		my ($ret, $out, $err) = $node->psql($db, $query);
+		$last = $out;
+		return 1 if $ret == 0 && $out eq $expected;
+		usleep(100_000);
+	}
+	diag("poll_until timed out after $secs s: $query\nexpected: $expected\nlast: $last");
+	return 0;
+}
+
+# The current Unix minute and second of the clock (the server's clock: same
+# machine).
+sub minute_now { return int(time() / 60); }
+sub second_now { my $t = time(); return $t - 60 * int($t / 60); }
+
+# If fewer than 60 - $max_second seconds are left in this minute, sleeps
+# into the next one, so that what follows does not straddle a boundary.
+sub start_of_window
+{
+	my ($max_second) = @_;
+	my $s = second_now();
+	if ($s > $max_second)
+	{
+		note(sprintf('second %.1f > %d: waiting for the next minute', $s, $max_second));
+		sleep(60 - $s + 0.3);
+	}
+	return minute_now();
+}
+
+# Sleeps until the minute after $minute has begun (bounded: at most ~61 s).
+sub wait_for_minute_after
+{
+	my ($minute) = @_;
+	my $wait = ($minute + 1) * 60 + 0.3 - time();
+	note(sprintf('waiting %.1f s for the next minute', $wait)) if $wait > 0;
+	sleep($wait) if $wait > 0 && $wait < 62;
+	return minute_now();
+}
+
+# "key_id|token" of a new key.
+sub new_key
+{
+	my ($node, $db, $args) = @_;
+	my $row = $node->safe_psql($db, "SELECT key_id, token FROM apikeys.create_key($args)");
+	my ($id, $token) = split /\|/, $row;
+	die "create_key($args) returned '$row'" unless defined $token && $token ne '';
+	return ($id, $token);
+}
+
+# Codes of $n calls of verify (select list: one call per row), comma-joined.
+sub verify_n
+{
+	my ($node, $db, $token, $n, $scopes) = @_;
+	$scopes //= '{}';
+	return $node->safe_psql($db, qq{
+		SELECT string_agg(c, ',' ORDER BY i)
+		  FROM (SELECT i, (apikeys.verify('$token', '$scopes')).code AS c
+		          FROM generate_series(1, $n) i) s});
+}
+
+sub codes
+{
+	my (@spec) = @_;    # pairs: code, count
+	my @out;
+	while (my ($c, $n) = splice(@spec, 0, 2)) { push @out, ($c) x $n; }
+	return join(',', @out);
+}
+
+# list_keys(owner) of one key: "requests_today|failures_today".
+sub listed
+{
+	my ($node, $db, $owner, $key_id) = @_;
+	return $node->safe_psql($db, qq{
+		SELECT requests_today || '|' || failures_today
+		  FROM apikeys.list_keys('$owner') WHERE key_id = '$key_id'});
+}
+
+# key_usage totals of one key: "requests|failures" ("0|0" without rows).
+sub usage_row
+{
+	my ($node, $db, $key_id) = @_;
+	return $node->safe_psql($db, qq{
+		SELECT coalesce(sum(requests), 0) || '|' || coalesce(sum(failures), 0)
+		  FROM apikeys.key_usage WHERE key_id = '$key_id'});
+}
+
+# Lines of a log at or after byte offset $from matching ERROR/FATAL/PANIC,
+# minus those matching one of @allowed.
+sub bad_log_lines
+{
+	my ($node, $from, @allowed) = @_;
+	my $log = slurp_file($node->logfile, $from);
+	my @bad;
+	for my $line (split /\n/, $log)
+	{
+		next unless $line =~ /\b(?:ERROR|FATAL|PANIC):/
+		  || $line =~ /terminated by signal|exited with exit code [1-9]/;
+		next if grep { $line =~ $_ } @allowed;
+		push @bad, $line;
+	}
+	return @bad;
+}
+
+#
+# The primary.
+#
+my $primary = PostgreSQL::Test::Cluster->new('primary');
+$primary->init(allows_streaming => 1);
+$primary->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'apikeys'
+apikeys.flush_interval = 1
+max_connections = 20
+});
+$primary->start;
+$primary->safe_psql('postgres', 'CREATE DATABASE app');
+$primary->safe_psql('app', 'CREATE EXTENSION apikeys');
+$primary->safe_psql('app', q{
+	SELECT apikeys.set_plan(o, 'enterprise')
+	  FROM unnest(ARRAY['acme', 'limited', 'alert1', 'alert2', 'ro', 'sb', 'marker']) o});
+
+sub p { return $primary->safe_psql('app', $_[0]); }
+
+is(p(q{SELECT preloaded AND usage_tracking AND rate_limits AND NOT in_recovery FROM apikeys.status()}),
+	't', 'primary: preloaded, tracking usage, not in recovery');
+
+my ($u1_id, $u1)   = new_key($primary, 'app', q{'acme', 'counted', '{read}'});
+my ($rl_id, $rl)   = new_key($primary, 'app', q{'limited', 'five a minute', rate_limit => 5});
+my ($a1_id, $a1)   = new_key($primary, 'app', q{'alert1', 'hammered 1'});
+my ($a2_id, $a2)   = new_key($primary, 'app', q{'alert2', 'hammered 2'});
+my ($ro_id, $ro)   = new_key($primary, 'app', q{'ro', 'read only'});
+my ($sbv_id, $sbv) = new_key($primary, 'app', q{'sb', 'standby valid'});
+my ($sbr_id, $sbr) = new_key($primary, 'app', q{'sb', 'standby revoked'});
+my ($sbo_id, $sbo) = new_key($primary, 'app', q{'sb', 'standby only'});
+my ($sbl_id, $sbl) = new_key($primary, 'app', q{'sb', 'standby limited', rate_limit => 3});
+my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
+
+#
+# 1. Counters: exact before a flush, after it, and across a clean restart.
+#
+{
+	my ($n, $m) = (12, 4);
+	is(verify_n($primary, 'app', $u1, $n, '{read}'), codes('VALID', $n),
+		"1: $n requests VALID");
+	is(verify_n($primary, 'app', $u1, $m, '{write}'), codes('INSUFFICIENT_SCOPE', $m),
+		"1: $m requests refused for scope");
+	is(listed($primary, 'app', 'acme', $u1_id), "$n|$m",
+		'1: list_keys shows the counts at once, before any flush');
+	is(p(qq{SELECT last_used_at IS NOT NULL AND last_used_at <= now() AND last_used_at > now() - interval '1 minute'
+	          FROM apikeys.list_keys('acme') WHERE key_id = '$u1_id'}),
+		't', '1: list_keys shows last_used_at');
+
+	ok(poll_until($primary, 'app',
+			qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$u1_id'},
+			"$n|$m"),
+		'1: the worker flushed the counts into key_usage');
+	is(p(qq{SELECT count(*) || '|' || bool_and(day = (now() AT TIME ZONE 'UTC')::date)
+	          FROM apikeys.key_usage WHERE key_id = '$u1_id'}),
+		'1|t', '1: one key_usage row, for today (UTC)');
+	is(listed($primary, 'app', 'acme', $u1_id), "$n|$m",
+		'1: list_keys unchanged after the flush (nothing counted twice)');
+	is(p(qq{SELECT l.last_used_at = u.last_used_at
+	          FROM apikeys.list_keys('acme') l JOIN apikeys.key_usage u ON u.key_id = l.key_id
+	         WHERE l.key_id = '$u1_id'}),
+		't', '1: last_used_at in key_usage is the one list_keys showed');
+
+	# The shutdown flush: with a flush interval of an hour, the only flush
+	# that can write the next counts is the one at shutdown.
+	p(q{ALTER SYSTEM SET apikeys.flush_interval = 3600});
+	p(q{SELECT pg_reload_conf()});
+	ok(poll_until($primary, 'app', q{SHOW apikeys.flush_interval}, '1h'),
+		'1: flush interval raised to an hour');
+	# A worker that was running wakes on the reload, has nothing to write, and leaves.
+	ok(poll_until($primary, 'app',
+			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'}, '0'),
+		'1: no worker left from before the reload');
+
+	my ($n2, $m2) = (7, 2);
+	is(verify_n($primary, 'app', $u1, $n2, '{read}'), codes('VALID', $n2),
+		"1: $n2 more requests VALID");
+	is(verify_n($primary, 'app', $u1, $m2, '{write}'), codes('INSUFFICIENT_SCOPE', $m2),
+		"1: $m2 more refusals");
+	ok(poll_until($primary, 'app',
+			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'}, '1'),
+		'1: a worker runs for the pending counts');
+	is(listed($primary, 'app', 'acme', $u1_id), ($n + $n2) . '|' . ($m + $m2),
+		'1: list_keys adds the pending counts');
+	is(usage_row($primary, 'app', $u1_id), "$n|$m",
+		'1: key_usage does not have them yet');
+
+	# Back to a 1 s interval after the restart.
+	p(q{ALTER SYSTEM SET apikeys.flush_interval = 1});
+	$primary->restart;    # pg_ctl restart: fast shutdown
+
+	is(usage_row($primary, 'app', $u1_id), ($n + $n2) . '|' . ($m + $m2),
+		'1: after a clean restart key_usage holds the exact totals (shutdown flush)');
+	is(listed($primary, 'app', 'acme', $u1_id), ($n + $n2) . '|' . ($m + $m2),
+		'1: list_keys still exact after the restart');
+	is(p(q{SHOW apikeys.flush_interval}), '1s', '1: flush interval back to 1 s');
+}
+
+#
+# 4. Read-only transactions.
+#
+{
+	my $out = p(qq{
+		BEGIN TRANSACTION READ ONLY;
+		SELECT current_setting('transaction_read_only');
+		SELECT code FROM apikeys.verify('$ro');
+		SELECT code FROM apikeys.verify('$ro');
+		COMMIT;
+		SET default_transaction_read_only = on;
+		SELECT owner FROM apikeys.authenticate('$ro');
+		SELECT code FROM apikeys.verify('$ro', '{admin}');});
+	is($out, "on\nVALID\nVALID\nro\nINSUFFICIENT_SCOPE",
+		'4: verify and authenticate work in read-only transactions');
+	is(listed($primary, 'app', 'ro', $ro_id), '3|1', '4: ... and are counted');
+	ok(poll_until($primary, 'app',
+			qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$ro_id'},
+			'3|1'),
+		'4: ... and flushed');
+}
+
+#
+# 6 (set-up). The standby.
+#
+$primary->backup('b');
+my $standby = PostgreSQL::Test::Cluster->new('standby');
+$standby->init_from_backup($primary, 'b', has_streaming => 1);
+$standby->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'apikeys'
+apikeys.flush_interval = 1
+});
+my $standby_log_start = -s $standby->logfile // 0;
+$standby->start;
+$primary->wait_for_catchup($standby);
+
+sub sb { return $standby->safe_psql('app', $_[0]); }
+
+is(sb(q{SELECT in_recovery AND preloaded AND rate_limits FROM apikeys.status()}), 't',
+	'6: standby: status() says in_recovery');
+is(sb(qq{SELECT code FROM apikeys.verify('$sbv')}), 'VALID', '6: standby: valid key VALID');
+is(sb(qq{SELECT owner || '|' || name FROM apikeys.authenticate('$sbv')}), 'sb|standby valid',
+	'6: standby: authenticate works');
+is(sb(qq{BEGIN READ ONLY; SELECT code FROM apikeys.verify('$sbv'); COMMIT;}), 'VALID',
+	'6: standby: verify in an explicit read-only transaction');
+is(sb(qq{SELECT code FROM apikeys.verify('$sbr')}), 'VALID', '6: standby: key to revoke is VALID');
+is(verify_n($standby, 'app', $sbo, 5), codes('VALID', 5), '6: standby: standby-only key VALID x5');
+
+p(qq{SELECT apikeys.revoke('$sbr_id', 'sb', 'standby test')});
+$primary->wait_for_catchup($standby);
+is(sb(qq{SELECT code FROM apikeys.verify('$sbr')}), 'API_KEY_REVOKED',
+	'6: standby: revoked on the primary and replayed: API_KEY_REVOKED');
+is(sb(qq{SELECT code || '|' || key_id FROM apikeys.verify('$sbr')}), "API_KEY_REVOKED|$sbr_id",
+	'6: standby: ... naming the key');
+
+my $unknown = p(q{SELECT apikeys._new_token('sbonly')::text});
+is(sb(qq{SELECT string_agg(code, ',') FROM (VALUES ('$unknown'), ('not-a-token'), (''), ('sbonly_xyz'))
+          t(tok), LATERAL apikeys.verify(t.tok)}),
+	'API_KEY_INVALID,API_KEY_INVALID,API_KEY_INVALID,API_KEY_INVALID',
+	'6: standby: unknown and malformed tokens API_KEY_INVALID');
+is(sb(qq{SELECT requests_today || '|' || failures_today FROM apikeys.list_keys('acme')}),
+	'19|6', '6: standby: list_keys shows the replicated key_usage');
+
+#
+# 5 (set-up). A node that tracks at most 100 keys.
+#
+my $small = PostgreSQL::Test::Cluster->new('small');
+$small->init;
+$small->append_conf('postgresql.conf', qq{
+shared_preload_libraries = 'apikeys'
+apikeys.flush_interval = 1
+apikeys.max_tracked_keys = 100
+log_statement = none
+});
+$small->start;
+$small->safe_psql('postgres', 'CREATE DATABASE small');
+$small->safe_psql('small', 'CREATE EXTENSION apikeys');
+sub sm { return $small->safe_psql('small', $_[0]); }
+# 150 keys; every tenth is revoked; key 149 has rate limit 1.
+sm(q{
+	SELECT apikeys.set_plan('bulk', 'enterprise');
+	CREATE TABLE toks AS
+	SELECT i, c.key_id, c.token::text AS token
+	  FROM generate_series(1, 150) i,
+	       LATERAL apikeys.create_key('bulk', 'bulk ' || i,
+	                                  rate_limit => CASE WHEN i = 149 THEN 1 END) c;
+	SELECT count(apikeys.revoke(key_id, NULL, 'test')) FROM toks WHERE i % 10 = 0;
+});
+is(sm(q{SELECT tracked_keys || '|' || untracked_requests FROM apikeys.status()}), '0|0',
+	'5: nothing tracked yet');
+my $small_log_start = -s $small->logfile;
+
+# verify of keys $from..$to of toks, in order: "valid|revoked|wrong".
+sub small_batch
+{
+	my ($from, $to) = @_;
+	return sm(qq{
+		SELECT count(*) FILTER (WHERE c = 'VALID' AND i % 10 <> 0) || '|' ||
+		       count(*) FILTER (WHERE c = 'API_KEY_REVOKED' AND i % 10 = 0) || '|' ||
+		       count(*) FILTER (WHERE NOT ((c = 'VALID' AND i % 10 <> 0)
+		                                   OR (c = 'API_KEY_REVOKED' AND i % 10 = 0)))
+		  FROM (SELECT i, (apikeys.verify(token)).code AS c FROM toks
+		         WHERE i BETWEEN $from AND $to ORDER BY i) s});
+}
+
+#
+# Alerts on; the listener.
+#
+p(q{ALTER SYSTEM SET apikeys.alert_requests_per_minute = 5});
+p(q{SELECT pg_reload_conf()});
+ok(poll_until($primary, 'app', q{SHOW apikeys.alert_requests_per_minute}, '5'),
+	'3: alert threshold set to 5');
+
+my $listener = $primary->background_psql('app');
+$listener->query_safe('LISTEN apikeys_alert');
+my $heard = '';
+my $sync = 0;
+
+# Runs a query in the listener so psql prints what arrived; returns the
+# payloads of every apikeys_alert notification heard so far.
+sub alerts_heard
+{
+	my $out = $listener->query_safe("SELECT 'sync " . $sync++ . "'");
+	$heard .= "$out\n";
+	my @payloads;
+	while ($heard =~ /Asynchronous notification "apikeys_alert" with payload "(.*)" received from server process with PID \d+\./g)
+	{
+		push @payloads, $1;
+	}
+	return @payloads;
+}
+is(scalar(alerts_heard()), 0, '3: no alert before the burst');
+
+#
+# The minute: every check that must not straddle a minute boundary.
+#
+my $minute = start_of_window(45);
+my $minute_start = p(qq{SELECT to_timestamp($minute * 60)});
+note("minute window starts at $minute_start");
+
+# 2. Rate limit 5.
+is(verify_n($primary, 'app', $rl, 7), codes('VALID', 5, 'RATE_LIMITED', 2),
+	'2: rate limit 5: requests 1..5 VALID, 6 and 7 RATE_LIMITED');
+is(p(qq{SELECT valid || '|' || code || '|' || key_id FROM apikeys.verify('$rl')}),
+	"false|RATE_LIMITED|$rl_id", '2: a rate-limited answer names the key');
+
+# 3. Two keys hammered past the threshold; a third key (rl) reached it
+# without passing it.
+is(verify_n($primary, 'app', $a1, 20), codes('VALID', 20), '3: key 1 hammered 20 times');
+is(verify_n($primary, 'app', $a2, 20), codes('VALID', 20), '3: key 2 hammered 20 times');
+is(verify_n($primary, 'app', $a1, 10), codes('VALID', 10), '3: key 1 10 more times');
+
+# 6. Rate limits are per server: the primary used up rl's minute, the
+# standby has its own; sbl is used up on the standby first.
+is(verify_n($standby, 'app', $rl, 7), codes('VALID', 5, 'RATE_LIMITED', 2),
+	'6: standby enforces rl independently of the primary');
+is(verify_n($standby, 'app', $sbl, 4), codes('VALID', 3, 'RATE_LIMITED', 1),
+	'6: standby: rate limit 3 enforced');
+is(verify_n($primary, 'app', $sbl, 4), codes('VALID', 3, 'RATE_LIMITED', 1),
+	'6: primary: the standby used none of its limit');
+
+# 5. 150 distinct keys on the small node: the first 100 are tracked.
+is(small_batch(1, 150), '135|15|0', '5: 150 distinct keys: every answer right');
+is(verify_n($small, 'small', sm(q{SELECT token FROM toks WHERE i = 149}), 3),
+	codes('VALID', 3), '5: an untracked key is not rate limited');
+
+my $minute_end = minute_now();
+is($minute_end, $minute, 'the minute-sensitive checks ran within one minute')
+  or diag('the checks above straddled a minute boundary: their counts may be off');
+
+#
+# Checks of that minute that may run late.
+#
+
+# 2.
+is(listed($primary, 'app', 'limited', $rl_id), '5|3',
+	'2: rate-limited answers count as failures (5 requests, 3 failures)');
+
+# 5.
+is(sm(q{SELECT tracked_keys || '|' || untracked_requests FROM apikeys.status()}), '100|53',
+	'5: status(): 100 keys tracked, 53 untracked requests');
+is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('bulk')}),
+	'90|10', '5: list_keys counts only the tracked keys');
+
+# 3. Both alerts arrive (bounded wait), each once.
+{
+	my @payloads;
+	my $deadline = time() + 30;
+	while (time() < $deadline)
+	{
+		@payloads = alerts_heard();
+		last if @payloads >= 2;
+		sleep(0.2);
+	}
+	# Two more flushes: nothing more may come.
+	sleep(2.5);
+	@payloads = alerts_heard();
+	is(scalar(@payloads), 2, '3: exactly two apikeys_alert notifications')
+	  or diag("heard:\n$heard");
+
+	my %by_key;
+	for my $pl (@payloads)
+	{
+		my $j = eval { decode_json($pl) };
+		ok($j, "3: payload is JSON: $pl") or next;
+		push @{ $by_key{ $j->{key_id} // '' } }, $j;
+	}
+	for my $k ([ $a1_id, 'alert1' ], [ $a2_id, 'alert2' ])
+	{
+		my ($id, $owner) = @$k;
+		my $list = $by_key{$id} // [];
+		is(scalar(@$list), 1, "3: one notification for ${owner}'s key");
+		next unless @$list;
+		my $j = $list->[0];
+		my $start = p(qq{SELECT start FROM apikeys.keys WHERE id = '$id'});
+		is_deeply(
+			{ map { $_ => $j->{$_} } qw(key_id owner start requests threshold) },
+			{ key_id => $id, owner => $owner, start => $start, requests => 6, threshold => 5 },
+			"3: ${owner}'s payload: key_id, owner, start, requests (6), threshold (5)");
+		is_deeply([ sort keys %$j ], [qw(key_id owner requests start threshold)],
+			"3: ${owner}'s payload has exactly those fields");
+	}
+	is(scalar(grep { !exists $by_key{$_} } ($rl_id)), 1, '3: no alert for a key at the threshold');
+
+	# The audit rows.
+	is(p(qq{SELECT count(*) FROM apikeys.audit_log WHERE event = 'usage_alert'}), '2',
+		'3: two usage_alert rows in audit_log');
+	for my $k ([ $a1_id, 'alert1' ], [ $a2_id, 'alert2' ])
+	{
+		my ($id, $owner) = @$k;
+		is(p(qq{SELECT count(*) || '|' || min(owner) || '|' || (min(at) = to_timestamp($minute * 60))
+		          || '|' || min(details->>'key_id') || '|' || min(details->>'requests')
+		          || '|' || min(details->>'threshold')
+		          FROM apikeys.audit_log WHERE event = 'usage_alert' AND key_id = '$id'}),
+			"1|$owner|true|$id|6|5", "3: one usage_alert row for ${owner}'s key, for that minute");
+	}
+	is(p(q{SELECT ok FROM apikeys.audit_verify()}), 't', '3: audit chain verifies');
+	is(listed($primary, 'app', 'alert1', $a1_id), '30|0', '3: alerted key still counted (30)');
+}
+
+#
+# The next minute.
+#
+my $next = wait_for_minute_after($minute);
+cmp_ok($next, '>', $minute, 'a new minute has begun');
+
+# 2. Allowed again.
+is(verify_n($primary, 'app', $rl, 2), 'VALID,VALID', '2: next minute: the key is allowed again');
+is(listed($primary, 'app', 'limited', $rl_id), '7|3', '2: ... and counted (7 requests, 3 failures)');
+ok(poll_until($primary, 'app',
+		qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$rl_id'},
+		'7|3'),
+	'2: key_usage: 7 requests, 3 failures');
+is(sb(qq{SELECT code FROM apikeys.verify('$rl')}), 'VALID', '6: standby: next minute allowed again');
+
+# 5. The first minute's counts were flushed (100 rows); now idle entries
+# make room for the other 50 keys.
+ok(poll_until($small, 'small', q{SELECT count(*) FROM apikeys.key_usage}, '100'),
+	'5: the 100 tracked keys were flushed');
+is(small_batch(101, 150), '45|5|0', '5: the 50 other keys: every answer right');
+is(verify_n($small, 'small', sm(q{SELECT token FROM toks WHERE i = 149}), 1), 'RATE_LIMITED',
+	'5: key 149, now tracked, is rate limited again');
+is(sm(q{SELECT untracked_requests FROM apikeys.status()}), '53',
+	'5: no new untracked requests: idle entries were evicted');
+ok(poll_until($small, 'small',
+		q{SELECT count(*) || '|' || sum(requests) || '|' || sum(failures) FROM apikeys.key_usage},
+		'150|135|16'),
+	'5: key_usage: 150 keys, 135 requests, 16 failures');
+is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('bulk')}),
+	'135|16', '5: list_keys agrees');
+{
+	my @bad = bad_log_lines($small, $small_log_start);
+	is(scalar(@bad), 0, '5: no ERROR in the log of the small node') or diag(join("\n", @bad));
+}
+
+#
+# 6. Nothing the standby did reached the primary.
+#
+is(verify_n($primary, 'app', $mk, 1), 'VALID', '6: marker request on the primary');
+ok(poll_until($primary, 'app',
+		qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$mk_id'}, '1'),
+	'6: the primary flushed since the standby worked');
+is(usage_row($primary, 'app', $sbo_id), '0|0', '6: no usage for the standby-only key');
+is(usage_row($primary, 'app', $sbv_id), '0|0', '6: no usage for the key used on the standby');
+is(usage_row($primary, 'app', $sbr_id), '0|0', '6: no usage for the key refused on the standby');
+is(usage_row($primary, 'app', $sbl_id), '3|1', '6: the key limited on both: only the primary\'s counts');
+is(p(q{SELECT string_agg(requests_today || '/' || failures_today, ',' ORDER BY name)
+          FROM apikeys.list_keys('sb')}),
+	'3/1,0/0,0/0,0/0', '6: list_keys on the primary: only the primary\'s counts');
+is(p(qq{SELECT count(*) FROM apikeys.audit_log
+         WHERE event = 'verify_failed'
+           AND (owner = 'sb' OR details->>'prefix' = 'sbonly' OR (details ? 'malformed'))
+           AND key_id IS DISTINCT FROM '$sbl_id'}),
+	'0', '6: no verify_failed audit rows for what the standby refused');
+is(p(qq{SELECT count(*) FROM apikeys.audit_log WHERE event = 'verify_failed' AND key_id = '$sbl_id'}),
+	'1', '6: the primary\'s own refusal of the shared key is audited');
+is(p(qq{SELECT sum((details->>'count')::int) FROM apikeys.audit_log
+         WHERE event = 'verify_failed' AND key_id = '$rl_id'}),
+	'3', '6: rl: the primary\'s 3 refusals audited, none of the standby\'s');
+$primary->wait_for_catchup($standby);
+is(sb(q{SELECT count(*) FROM apikeys.key_usage}), p(q{SELECT count(*) FROM apikeys.key_usage}),
+	'6: the standby replays the primary\'s key_usage');
+{
+	my @bad = bad_log_lines($standby, $standby_log_start,
+		qr/FATAL:  the database system is starting up/);
+	is(scalar(@bad), 0, '6: standby log: no unexpected ERROR or FATAL') or diag(join("\n", @bad));
+}
+{
+	my @bad = bad_log_lines($primary, 0);
+	is(scalar(@bad), 0, 'primary log: no ERROR or FATAL') or diag(join("\n", @bad));
+}
+
+$listener->quit;
+$standby->stop;
+$small->stop;
+$primary->stop;
+
+note(sprintf('004_usage_replica took %.1f s', time() - $t0));
+done_testing();
