@@ -642,14 +642,15 @@ BEGIN
 END
 $$;
 
-CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
-RETURNS TABLE (valid boolean, code text, key_id uuid, owner text, name text,
-               scopes text[], metadata jsonb, expires_at timestamptz)
+-- One row, not a set: no tuplestore on the hot path.
+CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}',
+    OUT valid boolean, OUT code text, OUT key_id uuid, OUT owner text, OUT name text,
+    OUT scopes text[], OUT metadata jsonb, OUT expires_at timestamptz)
     AS 'MODULE_PATHNAME', 'apikeys_verify'
     LANGUAGE C VOLATILE;
 
-CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
-RETURNS TABLE (key_id uuid, owner text, name text, scopes text[], metadata jsonb)
+CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}',
+    OUT key_id uuid, OUT owner text, OUT name text, OUT scopes text[], OUT metadata jsonb)
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
     LANGUAGE C VOLATILE;
 

@@ -24,6 +24,7 @@
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
+#include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
@@ -85,6 +86,66 @@ verify_code_name(VerifyCode code)
 	return "API_KEY_INVALID";
 }
 
+/* OIDs of apikeys.keys and its digest index, looked up once per backend. */
+static Oid	cached_keys_relid = InvalidOid;
+static Oid	cached_digest_indexid = InvalidOid;
+static bool relcache_callback_registered = false;
+
+/* Any change to either relation (or a drop of the extension) forgets them. */
+static void
+forget_keys_relation(Datum arg, Oid relid)
+{
+	if (relid == InvalidOid || relid == cached_keys_relid || relid == cached_digest_indexid)
+	{
+		cached_keys_relid = InvalidOid;
+		cached_digest_indexid = InvalidOid;
+	}
+}
+
+static void
+keys_relation_oids(Oid *relid, Oid *indexid)
+{
+	if (!OidIsValid(cached_keys_relid) || !OidIsValid(cached_digest_indexid))
+	{
+		Oid			nsp = get_namespace_oid("apikeys", false);
+		Oid			heap = get_relname_relid("keys", nsp);
+		Oid			index = get_relname_relid("keys_digest_key", nsp);
+
+		if (!OidIsValid(heap) || !OidIsValid(index))
+			ereport(ERROR,
+					(errcode(ERRCODE_UNDEFINED_TABLE),
+					 errmsg("apikeys.keys or its digest index is missing")));
+		if (!relcache_callback_registered)
+		{
+			CacheRegisterRelcacheCallback(forget_keys_relation, (Datum) 0);
+			relcache_callback_registered = true;
+		}
+		cached_keys_relid = heap;
+		cached_digest_indexid = index;
+	}
+	*relid = cached_keys_relid;
+	*indexid = cached_digest_indexid;
+}
+
+/* The result row's descriptor, built once per call site. */
+static TupleDesc
+result_tupdesc(FunctionCallInfo fcinfo)
+{
+	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
+
+	if (tupdesc == NULL)
+	{
+		MemoryContext old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
+
+		if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
+			elog(ERROR, "return type must be a row type");
+		tupdesc = BlessTupleDesc(CreateTupleDescCopy(tupdesc));
+		fcinfo->flinfo->fn_extra = tupdesc;
+		MemoryContextSwitchTo(old);
+	}
+	return tupdesc;
+}
+
 static Datum
 copy_attr(TupleTableSlot *slot, AttrNumber attnum, bool *isnull)
 {
@@ -103,9 +164,8 @@ copy_attr(TupleTableSlot *slot, AttrNumber attnum, bool *isnull)
 static bool
 lookup_key(const unsigned char *digest, FoundKey *found)
 {
-	Oid			nsp = get_namespace_oid("apikeys", false);
-	Oid			relid = get_relname_relid("keys", nsp);
-	Oid			indexid = get_relname_relid("keys_digest_key", nsp);
+	Oid			relid;
+	Oid			indexid;
 	Relation	heap;
 	Relation	index;
 	IndexScanDesc scan;
@@ -115,10 +175,7 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 	Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
 	bool		exists;
 
-	if (!OidIsValid(relid) || !OidIsValid(indexid))
-		ereport(ERROR,
-				(errcode(ERRCODE_UNDEFINED_TABLE),
-				 errmsg("apikeys.keys or its digest index is missing")));
+	keys_relation_oids(&relid, &indexid);
 
 	SET_VARSIZE(param, VARHDRSZ + TOKEN_DIGEST_LEN);
 	memcpy(VARDATA(param), digest, TOKEN_DIGEST_LEN);
@@ -307,9 +364,7 @@ apikeys_verify(PG_FUNCTION_ARGS)
 	Datum		values[8];
 	bool		nulls[8] = {false};
 
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-
+	tupdesc = result_tupdesc(fcinfo);
 	code = verify_token(token, required, &key, &found);
 
 	values[0] = BoolGetDatum(code == VERIFY_VALID);
@@ -350,9 +405,7 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 	Datum		values[5];
 	bool		nulls[5] = {false};
 
-	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
-		elog(ERROR, "return type must be a row type");
-
+	tupdesc = result_tupdesc(fcinfo);
 	code = verify_token(token, required, &key, &found);
 
 	/* errhidestmt: the failing statement's text may hold the token. */

@@ -14,7 +14,7 @@ as_postgres() {
 }
 
 install_packages() {
-    local pkgs=(build-essential postgresql-15 postgresql-contrib-15 postgresql-server-dev-15
+    local pkgs=(build-essential postgresql-15 postgresql-server-dev-15
                 libsodium-dev libipc-run-perl)
     local missing=()
     for p in "${pkgs[@]}"; do

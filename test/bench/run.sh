@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# Verification benchmark: every variant side by side in one run, on one
+# private cluster, reported as TPS and ratios (never asserted in tests).
+#
+#   bash test/bench/run.sh            # full run: 1,000,000 keys, 15 s a variant
+#   bash test/bench/run.sh --smoke    # seconds-long run that only proves it works
+#
+# Knobs: BENCH_KEYS, BENCH_SMALL_KEYS, BENCH_SECONDS, BENCH_CLIENTS.
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+
+if [ "${1:-}" = "--smoke" ]; then
+    KEYS=${BENCH_KEYS:-2000}; SMALL=${BENCH_SMALL_KEYS:-500}; SECONDS_EACH=${BENCH_SECONDS:-2}
+else
+    KEYS=${BENCH_KEYS:-1000000}; SMALL=${BENCH_SMALL_KEYS:-10000}; SECONDS_EACH=${BENCH_SECONDS:-15}
+fi
+CLIENTS=${BENCH_CLIENTS:-2}
+PGPORT=${APIKEYS_BENCH_PORT:-54330}
+CLUSTER=${APIKEYS_BENCH_DIR:-/tmp/apikeys-bench}
+SCRIPTS=$(mktemp -d /tmp/apikeys-bench-scripts.XXXXXX)
+trap 'stop_cluster "$CLUSTER"; rm -rf "$SCRIPTS"' EXIT
+
+install_packages
+build_and_install
+stop_cluster "$CLUSTER"
+# fsync stays on: the hand-written verify that writes a row pays for its
+# commits exactly as it would in production.
+start_cluster "$CLUSTER" "shared_preload_libraries = 'apikeys'" "fsync = on" \
+    "shared_buffers = 1GB" "apikeys.max_tracked_keys = $((KEYS + KEYS / 10 + 1000))"
+
+# load DB N: N keys, the first tenth revoked; the same tokens in a
+# hand-written table keyed by SHA-256 (pgcrypto) for the baselines.
+load() {
+    local db=$1 n=$2
+    local revoked=$((n / 10))
+    createdb "$db"
+    psql -X -q -v ON_ERROR_STOP=1 -d "$db" <<SQL
+CREATE EXTENSION apikeys;
+CREATE EXTENSION pgcrypto;
+CREATE SCHEMA bench;
+-- Bulk load without per-row triggers: limits and audit are not measured here.
+SET session_replication_role = replica;
+INSERT INTO apikeys.owners (owner, plan) SELECT 'owner-' || i, 'enterprise' FROM generate_series(0, 999) i;
+CREATE TABLE bench.tokens AS
+    SELECT i AS id, apikeys._new_token('ak_live')::text AS token FROM generate_series(1, $n) i;
+ALTER TABLE bench.tokens ADD PRIMARY KEY (id);
+INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at)
+    SELECT 'owner-' || (id % 1000), 'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
+           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END
+      FROM bench.tokens;
+CREATE TABLE bench.plain_keys (
+    id bigint PRIMARY KEY, owner text, name text, digest bytea UNIQUE, scopes text[],
+    revoked_at timestamptz, expires_at timestamptz, last_used_at timestamptz);
+INSERT INTO bench.plain_keys
+    SELECT id, 'owner-' || (id % 1000), 'key-' || id, digest(token, 'sha256'), '{}',
+           CASE WHEN id <= $revoked THEN now() END, NULL, NULL
+      FROM bench.tokens;
+RESET session_replication_role;
+CREATE FUNCTION bench.plpgsql_verify(p_token text)
+RETURNS TABLE (valid boolean, key_id bigint, owner text) LANGUAGE plpgsql AS \$\$
+DECLARE
+    k bench.plain_keys;
+BEGIN
+    SELECT * INTO k FROM bench.plain_keys p WHERE p.digest = digest(p_token, 'sha256');
+    IF NOT FOUND OR k.revoked_at IS NOT NULL OR (k.expires_at IS NOT NULL AND k.expires_at <= now()) THEN
+        RETURN QUERY SELECT false, k.id, k.owner;
+        RETURN;
+    END IF;
+    UPDATE bench.plain_keys SET last_used_at = now() WHERE id = k.id;
+    RETURN QUERY SELECT true, k.id, k.owner;
+END \$\$;
+VACUUM ANALYZE;
+CHECKPOINT;
+SQL
+}
+
+echo "== loading $KEYS keys (bench_large) and $SMALL keys (bench_small)"
+load bench_large "$KEYS"
+load bench_small "$SMALL"
+
+cat > "$SCRIPTS/a.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT t.token FROM bench.tokens t WHERE t.id = :id;
+SQL
+cat > "$SCRIPTS/b.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT k.id, k.owner, k.name, k.scopes FROM bench.plain_keys k
+ WHERE k.digest = digest((SELECT t.token FROM bench.tokens t WHERE t.id = :id), 'sha256')
+   AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now());
+SQL
+cat > "$SCRIPTS/c.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT * FROM bench.plpgsql_verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
+SQL
+cat > "$SCRIPTS/d.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT * FROM apikeys.verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
+SQL
+cat > "$SCRIPTS/e.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT * FROM apikeys.verify((SELECT overlay(t.token PLACING '!' FROM 20 FOR 1) FROM bench.tokens t WHERE t.id = :id));
+SQL
+cat > "$SCRIPTS/g.sql" <<'SQL'
+\set o random(0, 999)
+SELECT key_id FROM apikeys.create_key('owner-' || :o, 'bench');
+SQL
+
+# run LABEL DB SCRIPT LO HI -> TPS
+run() {
+    local out
+    out=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" \
+        -D lo="$4" -D hi="$5" -f "$SCRIPTS/$3" "$2" 2>&1) || { echo "$out" >&2; exit 1; }
+    echo "$out" | awk '/^tps = / { print $3; exit }'
+}
+
+L_REV=$((KEYS / 10)); S_REV=$((SMALL / 10))
+echo "== running each variant for ${SECONDS_EACH}s with $CLIENTS clients (pgbench -M prepared)"
+A=$(run a bench_large a.sql 1 "$KEYS")
+B=$(run b bench_large b.sql $((L_REV + 1)) "$KEYS")
+C=$(run c bench_large c.sql $((L_REV + 1)) "$KEYS")
+D=$(run d bench_large d.sql $((L_REV + 1)) "$KEYS")
+DS=$(run d bench_small d.sql $((S_REV + 1)) "$SMALL")
+E=$(run e bench_large e.sql 1 "$KEYS")
+F=$(run f bench_large d.sql 1 "$L_REV")
+G=$(run g bench_large g.sql 0 0)
+
+ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'; }
+check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
+
+echo
+echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r); keys: $KEYS (small: $SMALL); ${SECONDS_EACH}s each, $CLIENTS clients"
+printf '%-58s %10s\n' "variant" "TPS"
+printf '%-58s %10.0f\n' "(a) fetch a token by id" "$A"
+printf '%-58s %10.0f\n' "(b) hand-written SHA-256 lookup (pgcrypto)" "$B"
+printf '%-58s %10.0f\n' "(c) hand-written PL/pgSQL verify that updates last_used_at" "$C"
+printf '%-58s %10.0f\n' "(d) apikeys.verify, valid keys, usage tracking on" "$D"
+printf '%-58s %10.0f\n' "(d) at $SMALL keys" "$DS"
+printf '%-58s %10.0f\n' "(e) apikeys.verify, malformed tokens" "$E"
+printf '%-58s %10.0f\n' "(f) apikeys.verify, revoked keys" "$F"
+printf '%-58s %10.0f\n' "(g) apikeys.create_key" "$G"
+echo
+printf '%-40s %8s %8s %8s\n' "ratio" "value" "target" "result"
+R1=$(ratio "$D" "$B"); R2=$(ratio "$D" "$C"); R3=$(ratio "$D" "$DS"); R4=$(ratio "$E" "$D")
+printf '%-40s %8s %8s %8s\n' "(d) / (b)" "$R1" "0.90" "$(check "$R1" 0.9)"
+printf '%-40s %8s %8s %8s\n' "(d) / (c)" "$R2" "10.00" "$(check "$R2" 10)"
+printf '%-40s %8s %8s %8s\n' "(d) at $KEYS / (d) at $SMALL" "$R3" "0.85" "$(check "$R3" 0.85)"
+printf '%-40s %8s %8s %8s\n' "(e) / (d)" "$R4" "1.00" "$(check "$R4" 1)"
