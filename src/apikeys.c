@@ -98,24 +98,6 @@ _PG_init(void)
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
-	DefineCustomIntVariable("apikeys.audit_queue_size",
-							"Distinct audit records shared memory holds between flushes.",
-							NULL,
-							&apikeys_audit_queue_size,
-							1024, 16, 1048576,
-							PGC_POSTMASTER,
-							0,
-							NULL, NULL, NULL);
-
-	DefineCustomIntVariable("apikeys.max_tracked_keys",
-							"Keys whose usage shared memory counts at once, across databases.",
-							NULL,
-							&apikeys_max_tracked_keys,
-							100000, 100, 10000000,
-							PGC_POSTMASTER,
-							0,
-							NULL, NULL, NULL);
-
 	DefineCustomIntVariable("apikeys.alert_requests_per_minute",
 							"Requests in a minute past which a key raises a usage alert (0: off).",
 							NULL,
@@ -124,6 +106,28 @@ _PG_init(void)
 							PGC_SIGHUP,
 							0,
 							NULL, NULL, NULL);
+
+	/* Shared memory is sized at server start: these exist only with the preload. */
+	if (apikeys_preloaded)
+	{
+		DefineCustomIntVariable("apikeys.audit_queue_size",
+								"Distinct audit records shared memory holds between flushes.",
+								NULL,
+								&apikeys_audit_queue_size,
+								1024, 16, 1048576,
+								PGC_POSTMASTER,
+								0,
+								NULL, NULL, NULL);
+
+		DefineCustomIntVariable("apikeys.max_tracked_keys",
+								"Keys whose usage shared memory counts at once, across databases.",
+								NULL,
+								&apikeys_max_tracked_keys,
+								100000, 100, 10000000,
+								PGC_POSTMASTER,
+								0,
+								NULL, NULL, NULL);
+	}
 
 	MarkGUCPrefixReserved("apikeys");
 

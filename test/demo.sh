@@ -4,6 +4,7 @@
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 CLUSTER=${APIKEYS_DEMO_DIR:-/tmp/apikeys-demo}
+PGPORT=${APIKEYS_DEMO_PORT:-54328}
 install_packages
 build_and_install
 stop_cluster "$CLUSTER"

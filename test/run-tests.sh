@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's second command: install what is missing, build, install, and
-# run every test: codec unit tests, pg_regress, isolation specs and TAP tests.
+# run every test: codec unit tests, pg_regress (with and without the
+# preload), isolation specs, TAP tests and a benchmark smoke run.
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 PGXS_DIR=$("$PG_BIN/pg_config" --pkglibdir)/pgxs
@@ -34,6 +35,13 @@ echo "== isolation"
 
 stop_cluster "$CLUSTER"
 
+echo "== pg_regress without the preload"
+start_cluster "$CLUSTER"
+"$PGXS_DIR/src/test/regress/pg_regress" --bindir="$PG_BIN" --inputdir="$REPO/test/nopreload" \
+    --outputdir="$WORK/nopreload" --load-extension=apikeys --dbname=apikeys_nopreload nopreload \
+    || { failures+=("nopreload"); cat "$WORK/nopreload/regression.diffs" 2>/dev/null || true; }
+stop_cluster "$CLUSTER"
+
 echo "== TAP"
 # initdb refuses root, and the clone may sit where postgres cannot read:
 # the TAP tests run as postgres from a copy in a directory it owns.
@@ -45,8 +53,12 @@ chown -R postgres:postgres "$WORK/tap" 2>/dev/null || $SUDO chown -R postgres:po
     PG_CONFIG="$PG_BIN/pg_config" \
     prove -v -I "$PGXS_DIR/src/test/perl" ./*.pl) || failures+=("tap")
 
+echo "== benchmark smoke run (proves test/bench/run.sh works; figures are not judged)"
+APIKEYS_SKIP_BUILD=1 bash "$REPO/test/bench/run.sh" --smoke || failures+=("bench-smoke")
+
+suites=6
+echo "suites: $((suites - ${#failures[@]})) passed, ${#failures[@]} failed"
 if [ ${#failures[@]} -gt 0 ]; then
     echo "FAILED: ${failures[*]}"
     exit 1
 fi
-echo "all test suites passed"
