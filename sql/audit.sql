@@ -1,14 +1,7 @@
 -- The audit log: lifecycle events, append-only, hash chain, purge.
 \set SHOW_CONTEXT never
 
-CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE cmd;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
-        '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
-END $$;
+\i sql/include/try.sql
 
 SELECT coalesce(max(id), 0) AS mark FROM apikeys.audit_log \gset
 

@@ -1,14 +1,7 @@
 -- create_key, revoke and list_keys: arguments, results and errors.
 \set SHOW_CONTEXT never
 
-CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE cmd;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
-        '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
-END $$;
+\i sql/include/try.sql
 
 SELECT apikeys.set_plan('keys-acme', 'pro');
 

@@ -1,14 +1,7 @@
 -- rotate, revoke_all and revoke_token.
 \set SHOW_CONTEXT never
 
-CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE cmd;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
-        '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
-END $$;
+\i sql/include/try.sql
 
 -- Rotation with grace 0: the old key is revoked at once; the new one copies
 -- owner, name, prefix, scopes, metadata, rate limit and expiry.

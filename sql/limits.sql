@@ -1,14 +1,7 @@
 -- Plan limits (53400), set_plan, and what frees a slot.
 \set SHOW_CONTEXT never
 
-CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE cmd;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || regexp_replace(SQLERRM,
-        '[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}', '<uuid>', 'g');
-END $$;
+\i sql/include/try.sql
 
 SELECT name, max_keys FROM apikeys.plans ORDER BY max_keys NULLS LAST;
 

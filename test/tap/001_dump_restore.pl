@@ -235,6 +235,7 @@ sub snapshots
 }
 
 my $has_audit = sql('src', q{SELECT to_regclass('apikeys.audit_log') IS NOT NULL}) eq 't';
+ok($has_audit, 'src: the extension keeps an audit log');
 
 # Audit rows may be appended asynchronously (failed verifications are flushed
 # by a background worker), so the audit log is compared as a prefix: every
@@ -248,12 +249,16 @@ sub audit_rows
 
 my $src_verify = verify_all('src');
 my $src_snap   = snapshots('src');
-my ($src_audit, $src_audit_max);
-if ($has_audit)
-{
-	$src_audit_max = sql('src', q{SELECT coalesce(max(id), 0) FROM apikeys.audit_log});
-	$src_audit = audit_rows('src', $src_audit_max);
-}
+my $src_audit_max = sql('src', q{SELECT coalesce(max(id), 0) FROM apikeys.audit_log});
+my $src_audit     = audit_rows('src', $src_audit_max);
+cmp_ok($src_audit_max, '>', 0, 'src: the scenario left audit rows');
+is(sql('src', qq{SELECT ok, rows_checked >= $src_audit_max FROM apikeys.audit_verify()}),
+	't|t', 'src: audit hash chain verifies before the dump');
+is( sql('src', qq{SELECT count(*) FROM apikeys.keys k
+	               WHERE NOT EXISTS (SELECT FROM apikeys.audit_log a
+	                                  WHERE a.id <= $src_audit_max AND a.key_id = k.id
+	                                    AND a.event = 'key_created')}),
+	'0', 'src: every key has its key_created row in the dumped part of the log');
 
 # Sanity: src is in the state the scenario built.
 my %expect_src = (
@@ -318,13 +323,10 @@ sub check_restored
 	{
 		is($snap->{$what}, $src_snap->{$what}, "$how: $what identical to src");
 	}
-	if ($has_audit)
-	{
-		is(audit_rows($db, $src_audit_max), $src_audit,
-			"$how: audit log rows of src restored unchanged");
-		is(sql($db, q{SELECT ok FROM apikeys.audit_verify()}), 't',
-			"$how: audit hash chain verifies");
-	}
+	is(audit_rows($db, $src_audit_max), $src_audit,
+		"$how: audit log rows of src restored unchanged");
+	is(sql($db, qq{SELECT ok, rows_checked >= $src_audit_max, first_bad_id FROM apikeys.audit_verify()}),
+		't|t|', "$how: restored audit hash chain verifies");
 
 	# Every token: same code and the same verify row.
 	my $v = verify_all($db);
@@ -383,6 +385,16 @@ sub check_restored
 	isnt($r, 0, "$how: duplicate plan refused outside a restore");
 	is(sql($db, q{SELECT max_keys FROM apikeys.plans WHERE name = 'free'}), '2',
 		"$how: free still allows 2");
+
+	# The restored chain goes on: the keys made above are logged after the
+	# restored rows, and the whole log still verifies.
+	is( sql($db, qq{SELECT count(*) FROM apikeys.audit_log
+		             WHERE id > $src_audit_max AND event = 'key_created'
+		               AND key_id IN ('$dave2_id', '$gina_id', '$nid')}),
+		'3', "$how: keys created after the restore are logged after the restored rows");
+	my $rows = sql($db, q{SELECT count(*) FROM apikeys.audit_log});
+	is(sql($db, q{SELECT ok, rows_checked, first_bad_id FROM apikeys.audit_verify()}),
+		"t|$rows|", "$how: audit hash chain still verifies after new rows ($rows)");
 	return;
 }
 

@@ -249,24 +249,27 @@ is( sql('db1', qq{SELECT string_agg(g, ' ' ORDER BY g) FROM (
 cmp_ok(sql('db1', "SELECT count(*) FROM apikeys.audit_log WHERE id > $b_from"), '<=', 6,
 	'(b) 1250 failures added at most 6 audit rows');
 
-# A slow trickle aggregates too: 12 failures of one key, 100 ms apart (about
-# 1.3 s, so one flush interval of 1 s can split them once or twice) must not
-# become a row per failure.
+# A slow trickle aggregates too: 12 failures of one key, 100 ms apart, must
+# not become a row per failure.  A flush interval (1 s) can end while they
+# come in, so they may take one row per interval they span, plus one.
 my ($b_id, $b_tok) = revoked_key('db1', 'trickle', 'trickled key');
 quiesce('(b) trickle');
 avoid_minute_edge();
 my $trickled = 0;
+my $trickle_start = time();
 for (1 .. 12)
 {
 	$trickled += fail_verify('db1', $b_tok, 1, 'API_KEY_REVOKED');
 	usleep(100_000);
 }
-is($trickled, 12, '(b) 12 failures of one key, 100 ms apart');
+my $trickle_time = time() - $trickle_start;
+is($trickled, 12, sprintf('(b) 12 failures of one key, 100 ms apart (%.1f s)', $trickle_time));
 ok( defined wait_until('db1', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 12
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND key_id = '$b_id'}, 10),
 	'(b) ... all counted');
 ($rows, $sum) = split /\|/, failed_rows('db1', "key_id = '$b_id'");
-cmp_ok($rows, '<=', 3, "(b) ... in at most 3 rows, one per flush interval ($rows rows)");
+cmp_ok($rows, '<=', int($trickle_time) + 2,
+	"(b) ... in at most one row per flush interval spanned, plus one ($rows rows)");
 chain_ok('db1', '(b)');
 
 #
@@ -351,28 +354,48 @@ $log_from = -s $node->logfile;
 my ($bg_out, $bg_err) = ('', '');
 my $bg = IPC::Run::start(
 	[ 'psql', '-X', '-q', '-d', $node->connstr('db1'), '-c',
-		qq{DO \$\$ BEGIN FOR i IN 1 .. 100 LOOP
+		qq{DO \$\$ BEGIN FOR i IN 1 .. 200 LOOP
 		     PERFORM apikeys.verify('$d_tok'); PERFORM pg_sleep(0.05);
 		   END LOOP; END \$\$} ],
 	'<', \undef, '>', \$bg_out, '2>', \$bg_err,
 	IPC::Run::timeout($PostgreSQL::Test::Utils::timeout_default));
-my $pid;
-my $deadline = time() + 10;
-while (!$pid && time() < $deadline)
+# The worker may exit between the look-up and the kill (it leaves when its
+# queue is empty): look it up again until a kill makes the postmaster restart.
+my ($pid, $title, $restarted);
+for my $attempt (1 .. 5)
 {
-	$pid = sql('db1', q{SELECT pid FROM pg_stat_activity
-	                     WHERE backend_type = 'apikeys worker' AND datname = 'db1'});
-	usleep(50_000) unless $pid;
+	my $killed;
+	my $deadline = time() + 10;
+	while (!$killed && time() < $deadline)
+	{
+		$pid = sql('db1', q{SELECT pid FROM pg_stat_activity
+		                     WHERE backend_type = 'apikeys worker' AND datname = 'db1' LIMIT 1});
+		if ($pid)
+		{
+			my $t = eval { slurp_file("/proc/$pid/cmdline") };
+			$title = $t if defined $t && $t ne '';
+			$killed = kill('KILL', $pid);
+		}
+		usleep(20_000) unless $killed;
+	}
+	next unless $killed;
+	$deadline = time() + 10;
+	while (!$restarted && time() < $deadline)
+	{
+		$restarted = slurp_file($node->logfile, $log_from)
+		  =~ /all server processes terminated; reinitializing/;
+		usleep(100_000) unless $restarted;
+	}
+	last if $restarted;
+	note("attempt $attempt: pid $pid was gone before the kill");
 }
-ok($pid, "(d) db1's worker is running (pid " . ($pid // 'none') . ')');
+ok($restarted, '(d) a worker of db1 killed with SIGKILL; the postmaster reinitializes');
 SKIP:
 {
-	skip 'no /proc', 1 unless $pid && -r "/proc/$pid/cmdline";
-	like(slurp_file("/proc/$pid/cmdline"), qr/apikeys worker for database $db1_oid/,
-		"(d) its process title names the database's oid");
+	skip 'no /proc', 1 unless defined $title;
+	like($title, qr/apikeys worker for database $db1_oid/,
+		"(d) the worker's process title names the database's oid");
 }
-ok(kill('KILL', $pid), '(d) worker killed with SIGKILL') if $pid;
-$node->wait_for_log(qr/all server processes terminated; reinitializing/, $log_from);
 ok(defined wait_until('postgres', 'SELECT true', 60), '(d) the server accepts connections again');
 eval { $bg->finish; };
 like(slurp_file($node->logfile, $log_from),
@@ -383,9 +406,6 @@ is(fail_authenticate('db1', $d2_tok, 3, 'API_KEY_REVOKED'), 3, '(d) new failures
 ok( defined wait_until('db1', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 3
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND key_id = '$d2_id'}, 10),
 	'(d) ... are written: a worker came back');
-my $pid2 = sql('db1', q{SELECT string_agg(pid::text, ',') FROM pg_stat_activity
-                         WHERE backend_type = 'apikeys worker'});
-isnt($pid2, $pid, '(d) (a new worker process)');
 chain_ok('db1', '(d)');
 
 #

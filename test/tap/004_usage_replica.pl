@@ -171,10 +171,15 @@ $primary->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
 max_connections = 20
+# Few background worker slots (the standby inherits this), so that a
+# standby which used them up would show it.
+max_worker_processes = 4
 });
 $primary->start;
 $primary->safe_psql('postgres', 'CREATE DATABASE app');
 $primary->safe_psql('app', 'CREATE EXTENSION apikeys');
+# A table for parallel queries on the standby.
+$primary->safe_psql('app', 'CREATE TABLE big AS SELECT g FROM generate_series(1, 20000) g; ANALYZE big');
 $primary->safe_psql('app', q{
 	SELECT apikeys.set_plan(o, 'enterprise')
 	  FROM unnest(ARRAY['acme', 'limited', 'alert1', 'alert2', 'ro', 'sb', 'marker']) o});
@@ -198,6 +203,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 #
 # 1. Counters: exact before a flush, after it, and across a clean restart.
 #
+my ($acme_r, $acme_f);
 {
 	my ($n, $m) = (12, 4);
 	is(verify_n($primary, 'app', $u1, $n, '{read}'), codes('VALID', $n),
@@ -216,7 +222,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 		'1: the worker flushed the counts into key_usage');
 	is(p(qq{SELECT count(*) || '|' || bool_and(day = (now() AT TIME ZONE 'UTC')::date)
 	          FROM apikeys.key_usage WHERE key_id = '$u1_id'}),
-		'1|t', '1: one key_usage row, for today (UTC)');
+		'1|true', '1: one key_usage row, for today (UTC)');
 	is(listed($primary, 'app', 'acme', $u1_id), "$n|$m",
 		'1: list_keys unchanged after the flush (nothing counted twice)');
 	is(p(qq{SELECT l.last_used_at = u.last_used_at
@@ -224,38 +230,69 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	         WHERE l.key_id = '$u1_id'}),
 		't', '1: last_used_at in key_usage is the one list_keys showed');
 
-	# The shutdown flush: with a flush interval of an hour, the only flush
-	# that can write the next counts is the one at shutdown.
+	# The shutdown flush.  With a flush interval of an hour, a worker waits
+	# an hour before it writes: the only flush that can write what follows
+	# is the one at shutdown.
+	my $workers = q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'};
+	ok(poll_until($primary, 'app', $workers, '0'), '1: the worker left once idle');
 	p(q{ALTER SYSTEM SET apikeys.flush_interval = 3600});
 	p(q{SELECT pg_reload_conf()});
 	ok(poll_until($primary, 'app', q{SHOW apikeys.flush_interval}, '1h'),
 		'1: flush interval raised to an hour');
-	# A worker that was running wakes on the reload, has nothing to write, and leaves.
-	ok(poll_until($primary, 'app',
-			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'}, '0'),
-		'1: no worker left from before the reload');
+	ok(poll_until($primary, 'app', $workers, '0'), '1: no worker left from before the reload');
 
+	# A lone request: the worker started for it waits the interval (an
+	# hour) before it writes.
+	is(verify_n($primary, 'app', $u1, 1, '{read}'), 'VALID', '1: one more request');
+	my $tot_r = $n + 1;
+	my $tot_f = $m;
+	sleep(1.5);
+	is(usage_row($primary, 'app', $u1_id), "$n|$m",
+		'1: flush_interval = 1h: the request is not written within 1.5 s (the worker waits an interval)');
+
+	# A worker with counts pending when the server shuts down, whatever it
+	# did with the lone request: hold a lock that blocks its next write, so
+	# requests arriving meanwhile are still pending when that write commits.
+	my $blocker = $primary->background_psql('app');
+	$blocker->query_safe(q{BEGIN; LOCK TABLE apikeys.key_usage IN SHARE ROW EXCLUSIVE MODE});
 	my ($n2, $m2) = (7, 2);
 	is(verify_n($primary, 'app', $u1, $n2, '{read}'), codes('VALID', $n2),
 		"1: $n2 more requests VALID");
 	is(verify_n($primary, 'app', $u1, $m2, '{write}'), codes('INSUFFICIENT_SCOPE', $m2),
 		"1: $m2 more refusals");
+	$tot_r += $n2;
+	$tot_f += $m2;
+	my $blocked = poll_until($primary, 'app',
+		q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker' AND wait_event_type = 'Lock'},
+		'1', 5);
+	note($blocked ? 'a worker is blocked in the middle of a flush'
+		  : 'no worker is writing (it waits its interval)');
+	is(listed($primary, 'app', 'acme', $u1_id), "$tot_r|$tot_f",
+		'1: list_keys exact while a flush is in flight or pending');
+	my $n3 = 5;
+	is(verify_n($primary, 'app', $u1, $n3, '{read}'), codes('VALID', $n3),
+		"1: $n3 more requests VALID");
+	$tot_r += $n3;
+	$blocker->query_safe('COMMIT');
+	$blocker->quit;
 	ok(poll_until($primary, 'app',
-			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'}, '1'),
-		'1: a worker runs for the pending counts');
-	is(listed($primary, 'app', 'acme', $u1_id), ($n + $n2) . '|' . ($m + $m2),
-		'1: list_keys adds the pending counts');
-	is(usage_row($primary, 'app', $u1_id), "$n|$m",
-		'1: key_usage does not have them yet');
+			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker' AND wait_event_type IS DISTINCT FROM 'Lock'},
+			'1'),
+		'1: a worker runs, with counts pending');
+	is(listed($primary, 'app', 'acme', $u1_id), "$tot_r|$tot_f",
+		'1: list_keys exact');
+	my ($ur, $uf) = split /\|/, usage_row($primary, 'app', $u1_id);
+	cmp_ok($ur, '<', $tot_r, "1: key_usage does not have all requests yet ($ur < $tot_r)");
 
 	# Back to a 1 s interval after the restart.
 	p(q{ALTER SYSTEM SET apikeys.flush_interval = 1});
 	$primary->restart;    # pg_ctl restart: fast shutdown
 
-	is(usage_row($primary, 'app', $u1_id), ($n + $n2) . '|' . ($m + $m2),
+	is(usage_row($primary, 'app', $u1_id), "$tot_r|$tot_f",
 		'1: after a clean restart key_usage holds the exact totals (shutdown flush)');
-	is(listed($primary, 'app', 'acme', $u1_id), ($n + $n2) . '|' . ($m + $m2),
+	is(listed($primary, 'app', 'acme', $u1_id), "$tot_r|$tot_f",
 		'1: list_keys still exact after the restart');
+	($acme_r, $acme_f) = ($tot_r, $tot_f);
 	is(p(q{SHOW apikeys.flush_interval}), '1s', '1: flush interval back to 1 s');
 }
 
@@ -297,6 +334,20 @@ $primary->wait_for_catchup($standby);
 
 sub sb { return $standby->safe_psql('app', $_[0]); }
 
+# Workers a parallel query on the standby launched (of 2 planned).
+sub standby_parallel_workers
+{
+	my $out = sb(q{
+		SET max_parallel_workers_per_gather = 2;
+		SET parallel_setup_cost = 0;
+		SET parallel_tuple_cost = 0;
+		SET min_parallel_table_scan_size = 0;
+		EXPLAIN (ANALYZE, COSTS OFF, TIMING OFF, SUMMARY OFF) SELECT count(*) FROM big});
+	return $out =~ /Workers Launched: (\d+)/ ? $1 : "none in: $out";
+}
+
+is(standby_parallel_workers(), 2, '6: standby: a parallel query launches its 2 workers (before any verify)');
+
 is(sb(q{SELECT in_recovery AND preloaded AND rate_limits FROM apikeys.status()}), 't',
 	'6: standby: status() says in_recovery');
 is(sb(qq{SELECT code FROM apikeys.verify('$sbv')}), 'VALID', '6: standby: valid key VALID');
@@ -320,7 +371,7 @@ is(sb(qq{SELECT string_agg(code, ',') FROM (VALUES ('$unknown'), ('not-a-token')
 	'API_KEY_INVALID,API_KEY_INVALID,API_KEY_INVALID,API_KEY_INVALID',
 	'6: standby: unknown and malformed tokens API_KEY_INVALID');
 is(sb(qq{SELECT requests_today || '|' || failures_today FROM apikeys.list_keys('acme')}),
-	'19|6', '6: standby: list_keys shows the replicated key_usage');
+	"$acme_r|$acme_f", '6: standby: list_keys shows the replicated key_usage');
 
 #
 # 5 (set-up). A node that tracks at most 100 keys.
@@ -337,15 +388,15 @@ $small->start;
 $small->safe_psql('postgres', 'CREATE DATABASE small');
 $small->safe_psql('small', 'CREATE EXTENSION apikeys');
 sub sm { return $small->safe_psql('small', $_[0]); }
-# 150 keys; every tenth is revoked; key 149 has rate limit 1.
+# 160 keys: 1..150 valid (149 with rate limit 1), 151..160 revoked.
 sm(q{
 	SELECT apikeys.set_plan('bulk', 'enterprise');
 	CREATE TABLE toks AS
 	SELECT i, c.key_id, c.token::text AS token
-	  FROM generate_series(1, 150) i,
+	  FROM generate_series(1, 160) i,
 	       LATERAL apikeys.create_key('bulk', 'bulk ' || i,
 	                                  rate_limit => CASE WHEN i = 149 THEN 1 END) c;
-	SELECT count(apikeys.revoke(key_id, NULL, 'test')) FROM toks WHERE i % 10 = 0;
+	SELECT count(apikeys.revoke(key_id, NULL, 'test')) FROM toks WHERE i > 150;
 });
 is(sm(q{SELECT tracked_keys || '|' || untracked_requests FROM apikeys.status()}), '0|0',
 	'5: nothing tracked yet');
@@ -356,10 +407,10 @@ sub small_batch
 {
 	my ($from, $to) = @_;
 	return sm(qq{
-		SELECT count(*) FILTER (WHERE c = 'VALID' AND i % 10 <> 0) || '|' ||
-		       count(*) FILTER (WHERE c = 'API_KEY_REVOKED' AND i % 10 = 0) || '|' ||
-		       count(*) FILTER (WHERE NOT ((c = 'VALID' AND i % 10 <> 0)
-		                                   OR (c = 'API_KEY_REVOKED' AND i % 10 = 0)))
+		SELECT count(*) FILTER (WHERE c = 'VALID' AND i <= 150) || '|' ||
+		       count(*) FILTER (WHERE c = 'API_KEY_REVOKED' AND i > 150) || '|' ||
+		       count(*) FILTER (WHERE NOT ((c = 'VALID' AND i <= 150)
+		                                   OR (c = 'API_KEY_REVOKED' AND i > 150)))
 		  FROM (SELECT i, (apikeys.verify(token)).code AS c FROM toks
 		         WHERE i BETWEEN $from AND $to ORDER BY i) s});
 }
@@ -420,8 +471,9 @@ is(verify_n($standby, 'app', $sbl, 4), codes('VALID', 3, 'RATE_LIMITED', 1),
 is(verify_n($primary, 'app', $sbl, 4), codes('VALID', 3, 'RATE_LIMITED', 1),
 	'6: primary: the standby used none of its limit');
 
-# 5. 150 distinct keys on the small node: the first 100 are tracked.
-is(small_batch(1, 150), '135|15|0', '5: 150 distinct keys: every answer right');
+# 5. 160 distinct keys on the small node: the first 100 (all VALID, so
+# none is idle this minute) are tracked, the other 60 are not.
+is(small_batch(1, 160), '150|10|0', '5: 160 distinct keys (10 revoked): every answer right');
 is(verify_n($small, 'small', sm(q{SELECT token FROM toks WHERE i = 149}), 3),
 	codes('VALID', 3), '5: an untracked key is not rate limited');
 
@@ -438,10 +490,10 @@ is(listed($primary, 'app', 'limited', $rl_id), '5|3',
 	'2: rate-limited answers count as failures (5 requests, 3 failures)');
 
 # 5.
-is(sm(q{SELECT tracked_keys || '|' || untracked_requests FROM apikeys.status()}), '100|53',
-	'5: status(): 100 keys tracked, 53 untracked requests');
+is(sm(q{SELECT tracked_keys || '|' || untracked_requests FROM apikeys.status()}), '100|63',
+	'5: status(): 100 keys tracked, 63 untracked requests');
 is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('bulk')}),
-	'90|10', '5: list_keys counts only the tracked keys');
+	'100|0', '5: list_keys counts only the tracked keys');
 
 # 3. Both alerts arrive (bounded wait), each once.
 {
@@ -500,6 +552,20 @@ is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.li
 }
 
 #
+# 6. Requests on the standby, more than 10 s apart (a worker that has not
+# started in 10 s is asked for again): nothing can be written on a standby,
+# so verify must not register background workers there, which could not
+# start before promotion and would use up max_worker_processes.
+#
+for my $i (1 .. 3)
+{
+	is(sb(qq{SELECT code FROM apikeys.verify('$sbv')}), 'VALID', "6: standby: request $i of 3, 10.5 s apart");
+	sleep(10.5) if $i < 3;
+}
+is(standby_parallel_workers(), 2,
+	'6: standby: a parallel query still launches its 2 workers (verify used no worker slot)');
+
+#
 # The next minute.
 #
 my $next = wait_for_minute_after($minute);
@@ -516,19 +582,20 @@ is(sb(qq{SELECT code FROM apikeys.verify('$rl')}), 'VALID', '6: standby: next mi
 
 # 5. The first minute's counts were flushed (100 rows); now idle entries
 # make room for the other 50 keys.
-ok(poll_until($small, 'small', q{SELECT count(*) FROM apikeys.key_usage}, '100'),
+ok(poll_until($small, 'small', q{SELECT count(*) || '|' || sum(requests) FROM apikeys.key_usage},
+		'100|100'),
 	'5: the 100 tracked keys were flushed');
-is(small_batch(101, 150), '45|5|0', '5: the 50 other keys: every answer right');
+is(small_batch(101, 160), '50|10|0', '5: the 60 other keys: every answer right');
 is(verify_n($small, 'small', sm(q{SELECT token FROM toks WHERE i = 149}), 1), 'RATE_LIMITED',
 	'5: key 149, now tracked, is rate limited again');
-is(sm(q{SELECT untracked_requests FROM apikeys.status()}), '53',
+is(sm(q{SELECT untracked_requests FROM apikeys.status()}), '63',
 	'5: no new untracked requests: idle entries were evicted');
 ok(poll_until($small, 'small',
 		q{SELECT count(*) || '|' || sum(requests) || '|' || sum(failures) FROM apikeys.key_usage},
-		'150|135|16'),
-	'5: key_usage: 150 keys, 135 requests, 16 failures');
+		'160|150|11'),
+	'5: key_usage: 160 keys, 150 requests, 11 failures');
 is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('bulk')}),
-	'135|16', '5: list_keys agrees');
+	'150|11', '5: list_keys agrees');
 {
 	my @bad = bad_log_lines($small, $small_log_start);
 	is(scalar(@bad), 0, '5: no ERROR in the log of the small node') or diag(join("\n", @bad));
@@ -567,7 +634,9 @@ is(sb(q{SELECT count(*) FROM apikeys.key_usage}), p(q{SELECT count(*) FROM apike
 	is(scalar(@bad), 0, '6: standby log: no unexpected ERROR or FATAL') or diag(join("\n", @bad));
 }
 {
-	my @bad = bad_log_lines($primary, 0);
+	# The logical replication launcher exits with 1 at every shutdown (the restart).
+	my @bad = bad_log_lines($primary, 0,
+		qr/background worker "logical replication launcher" \(PID \d+\) exited with exit code 1/);
 	is(scalar(@bad), 0, 'primary log: no ERROR or FATAL') or diag(join("\n", @bad));
 }
 
