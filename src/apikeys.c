@@ -165,10 +165,11 @@ apikeys_status(PG_FUNCTION_ARGS)
 	}
 	usage_stats(&tracked, &untracked);
 
+	/* A standby enforces rate limits but keeps no counts and records nothing. */
 	values[0] = BoolGetDatum(apikeys_preloaded);
-	values[1] = BoolGetDatum(shared);	/* usage_tracking */
+	values[1] = BoolGetDatum(shared && !RecoveryInProgress());	/* usage_tracking */
 	values[2] = BoolGetDatum(shared);	/* rate_limits */
-	values[3] = BoolGetDatum(shared);	/* failure_audit */
+	values[3] = BoolGetDatum(shared && !RecoveryInProgress());	/* failure_audit */
 	values[4] = CStringGetTextDatum(apikeys_default_prefix);
 	values[5] = Int64GetDatum(apikeys_queued_now());
 	values[6] = Int64GetDatum(queued_total);

@@ -8,6 +8,7 @@
  */
 #include "postgres.h"
 
+#include "access/xlog.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -197,7 +198,8 @@ apikeys_note_pending(void)
 	WorkerSlot *slot;
 	bool		start = false;
 
-	if (sh == NULL || !OidIsValid(MyDatabaseId))
+	/* A standby keeps nothing for a worker, which could not start there anyway. */
+	if (sh == NULL || !OidIsValid(MyDatabaseId) || RecoveryInProgress())
 		return;
 
 	/*

@@ -55,6 +55,7 @@ typedef struct UsageCounters
 {
 	slock_t		mutex;
 	int64		untracked;
+	int64		full_scan_minute;	/* under the usage lock, exclusive */
 } UsageCounters;
 
 static HTAB *usage_table = NULL;
@@ -78,6 +79,7 @@ usage_shmem_init(void)
 	{
 		SpinLockInit(&usage_counters->mutex);
 		usage_counters->untracked = 0;
+		usage_counters->full_scan_minute = 0;
 	}
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(UsageKey);
@@ -110,11 +112,16 @@ entry_idle(UsageEntry *e, int64 minute)
 	return e->requests == 0 && e->failures == 0 && !has_inflight(e) && e->minute != minute;
 }
 
-/* Finds or adds the entry; NULL when there is no room.  Returns with the usage lock held shared. */
+/*
+ * Finds or adds the entry.  Returns it with the usage lock held (shared when
+ * it existed, exclusive when it was just added; the caller releases), or NULL
+ * with no lock held when there is no room.
+ */
 static UsageEntry *
 get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
 {
 	UsageKey	key;
+	uint32		hashvalue;
 	UsageEntry *e;
 	bool		found;
 
@@ -122,19 +129,29 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
 	key.dboid = MyDatabaseId;
 	key.day = day;
 	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
+	hashvalue = get_hash_value(usage_table, &key);
 
 	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
-	e = hash_search(usage_table, &key, HASH_FIND, NULL);
+	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
 		return e;
 	LWLockRelease(apikeys_shared->usage_lock);
 
 	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
-	e = hash_search(usage_table, &key, HASH_FIND, NULL);
-	if (e == NULL && hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys)
+	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+		return e;
+
+	/*
+	 * Full: reuse an idle entry.  A scan that found none is not repeated in
+	 * the same minute until a flush has made entries idle.
+	 */
+	if (hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys &&
+		usage_counters->full_scan_minute != minute)
 	{
 		HASH_SEQ_STATUS status;
 		UsageEntry *victim;
+		bool		evicted = false;
 
 		hash_seq_init(&status, usage_table);
 		while ((victim = hash_seq_search(&status)) != NULL)
@@ -143,14 +160,17 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
 			{
 				hash_seq_term(&status);
 				hash_search(usage_table, &victim->key, HASH_REMOVE, NULL);
+				evicted = true;
 				break;
 			}
 		}
+		if (!evicted)
+			usage_counters->full_scan_minute = minute;
 	}
 	/* A shared hash can outgrow its size into spare shared memory: cap it. */
-	if (e == NULL && hash_get_num_entries(usage_table) < apikeys_max_tracked_keys)
+	if (hash_get_num_entries(usage_table) < apikeys_max_tracked_keys)
 	{
-		e = hash_search(usage_table, &key, HASH_ENTER_NULL, &found);
+		e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_ENTER_NULL, &found);
 		if (e != NULL && !found)
 		{
 			SpinLockInit(&e->mutex);
@@ -166,17 +186,14 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
 			e->alerted_minute = 0;
 		}
 	}
-	LWLockRelease(apikeys_shared->usage_lock);
 	if (e == NULL)
 	{
+		LWLockRelease(apikeys_shared->usage_lock);
 		SpinLockAcquire(&usage_counters->mutex);
 		usage_counters->untracked++;
 		SpinLockRelease(&usage_counters->mutex);
-		return NULL;
 	}
-	/* Entries leave only under the exclusive lock, so e stays valid. */
-	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
-	return hash_search(usage_table, &key, HASH_FIND, NULL);
+	return e;
 }
 
 UsageOutcome
@@ -337,6 +354,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	out = palloc(sizeof(UsageDelta) * max);
 
 	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	usage_counters->full_scan_minute = 0;	/* this pass may leave entries idle */
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
