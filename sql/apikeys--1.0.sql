@@ -647,12 +647,14 @@ CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}',
     OUT valid boolean, OUT code text, OUT key_id uuid, OUT owner text, OUT name text,
     OUT scopes text[], OUT metadata jsonb, OUT expires_at timestamptz)
     AS 'MODULE_PATHNAME', 'apikeys_verify'
-    LANGUAGE C VOLATILE;
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}',
     OUT key_id uuid, OUT owner text, OUT name text, OUT scopes text[], OUT metadata jsonb)
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
-    LANGUAGE C VOLATILE;
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -675,7 +677,7 @@ BEGIN
     SELECT * INTO v_key FROM apikeys.keys k
      WHERE k.id OPERATOR(pg_catalog.=) revoke.key_id
        AND (revoke.owner IS NULL OR k.owner OPERATOR(pg_catalog.=) revoke.owner)
-       FOR UPDATE;
+       FOR NO KEY UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'key % not found', revoke.key_id USING ERRCODE = 'P0002';
     END IF;
@@ -779,7 +781,7 @@ BEGIN
     END IF;
     -- Owner first, then key: the same order as revoke_all, so they cannot deadlock.
     PERFORM apikeys._lock_owner(v_owner);
-    SELECT * INTO v_old FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) p_key_id FOR UPDATE;
+    SELECT * INTO v_old FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) p_key_id FOR NO KEY UPDATE;
 
     -- A rotated key is also revoked (grace 0) or expiring: name the rotation.
     IF v_old.replaced_by IS NOT NULL THEN

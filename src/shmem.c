@@ -303,12 +303,34 @@ apikeys_wake_worker(Oid dboid)
 	pid_t		pid = 0;
 	PGPROC	   *proc;
 
-	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+	{
 		if (apikeys_shared->workers[i].dboid == dboid)
+		{
+			apikeys_shared->workers[i].flush_requested = true;
 			pid = apikeys_shared->workers[i].pid;
+		}
+	}
 	LWLockRelease(apikeys_shared->lock);
 
 	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
 		SetLatch(&proc->procLatch);
+}
+
+bool
+apikeys_take_flush_request(Oid dboid)
+{
+	WorkerSlot *slot;
+	bool		requested = false;
+
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	slot = find_slot(dboid);
+	if (slot != NULL && slot->pid == MyProcPid)
+	{
+		requested = slot->flush_requested;
+		slot->flush_requested = false;
+	}
+	LWLockRelease(apikeys_shared->lock);
+	return requested;
 }

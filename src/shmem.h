@@ -50,6 +50,7 @@ typedef struct WorkerSlot
 	Oid			dboid;
 	pid_t		pid;			/* 0 while starting */
 	TimestampTz requested_at;
+	bool		flush_requested;	/* an alert is waiting: flush before the interval ends */
 } WorkerSlot;
 
 typedef struct ApikeysShared
@@ -103,7 +104,10 @@ extern bool apikeys_retire_if_idle(Oid dboid);
 /* Frees whatever slot the calling worker holds (at exit). */
 extern void apikeys_release_own_slot(void);
 
-/* Wakes this database's worker, if it runs (an alert is waiting). */
+/* Asks this database's worker, if it runs, to flush now (an alert is waiting). */
 extern void apikeys_wake_worker(Oid dboid);
+
+/* In the worker: whether a flush was asked for since the last call. */
+extern bool apikeys_take_flush_request(Oid dboid);
 
 #endif							/* APIKEYS_SHMEM_H */

@@ -157,9 +157,8 @@ copy_attr(TupleTableSlot *slot, AttrNumber attnum, bool *isnull)
 
 /*
  * One probe of the unique digest index, read with the statement's snapshot.
- * The lookup reads the table directly rather than through SQL: it costs no
- * planning and no permission switch, and EXECUTE on verify() is what guards
- * it.  Returns false when no key has the digest.
+ * The lookup reads the table directly rather than through SQL, so it costs no
+ * executor set-up.  Returns false when no key has the digest.
  */
 static bool
 lookup_key(const unsigned char *digest, FoundKey *found)

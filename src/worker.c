@@ -192,6 +192,16 @@ flush_once(Oid dboid)
 			if (batch[i].key.kind == EVENT_USAGE_ALERT)
 				notify_alert(&batch[i]);
 		}
+
+	/* Audit rows commit (and release the chain's lock) before usage takes row locks. */
+	SPI_finish();
+	PopActiveSnapshot();
+	CommitTransactionCommand();
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	SPI_connect();
+	PushActiveSnapshot(GetTransactionSnapshot());
+
 	xid = GetCurrentTransactionId();
 	n = usage_take_pending(dboid, xid, &deltas);
 	for (int i = 0; installed && i < n; i += USAGE_BATCH)
@@ -225,15 +235,24 @@ apikeys_worker_main(Datum main_arg)
 	 */
 	for (;;)
 	{
-		if (!ShutdownRequestPending)
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 apikeys_flush_interval * 1000L, PG_WAIT_EXTENSION);
-		ResetLatch(MyLatch);
-		CHECK_FOR_INTERRUPTS();
-		if (ConfigReloadPending)
+		TimestampTz due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
+													  apikeys_flush_interval * 1000L);
+
+		for (;;)
 		{
-			ConfigReloadPending = false;
-			ProcessConfigFile(PGC_SIGHUP);
+			long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due);
+
+			if (ShutdownRequestPending || ms <= 0 || apikeys_take_flush_request(dboid))
+				break;
+			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+							 ms, PG_WAIT_EXTENSION);
+			ResetLatch(MyLatch);
+			CHECK_FOR_INTERRUPTS();
+			if (ConfigReloadPending)
+			{
+				ConfigReloadPending = false;
+				ProcessConfigFile(PGC_SIGHUP);
+			}
 		}
 		if (RecoveryInProgress())
 			continue;

@@ -7,7 +7,9 @@
 #      equal to the number of failures, within a few flush intervals;
 #  (b) 1000 verifications of unknown well-formed tokens (two prefixes) and
 #      250 of malformed ones add a bounded number of rows (at most two per
-#      prefix, allowing for a minute boundary) whose counts add up;
+#      prefix, allowing for a minute boundary) whose counts add up; a slow
+#      trickle of one key's failures takes a row per flush interval, not a
+#      row per failure;
 #  (c) two databases with the extension each get their own failures and not
 #      the other's; a third database without the extension gets no worker,
 #      no schema, and drops at once;
