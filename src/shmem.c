@@ -286,6 +286,17 @@ apikeys_retire_if_idle(Oid dboid)
 	return idle;
 }
 
+bool
+apikeys_has_pending(Oid dboid)
+{
+	bool		pending;
+
+	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	pending = queue_has_records(dboid) || usage_has_pending(dboid);
+	LWLockRelease(apikeys_shared->lock);
+	return pending;
+}
+
 void
 apikeys_release_own_slot(void)
 {

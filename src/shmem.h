@@ -101,6 +101,9 @@ extern bool apikeys_claim_slot(Oid dboid);
  */
 extern bool apikeys_retire_if_idle(Oid dboid);
 
+/* Whether the database has queued records or usage counts to write. */
+extern bool apikeys_has_pending(Oid dboid);
+
 /* Frees whatever slot the calling worker holds (at exit). */
 extern void apikeys_release_own_slot(void);
 

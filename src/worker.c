@@ -256,7 +256,17 @@ apikeys_worker_main(Datum main_arg)
 		}
 		if (RecoveryInProgress())
 			continue;
-		if (!flush_once(dboid) || ShutdownRequestPending || apikeys_retire_if_idle(dboid))
+		if (!flush_once(dboid))
+			proc_exit(0);
+		if (ShutdownRequestPending)
+		{
+			/* What arrived during that flush goes too (bounded: backends are stopping). */
+			for (int i = 0; i < 10 && apikeys_has_pending(dboid); i++)
+				if (!flush_once(dboid))
+					break;
+			proc_exit(0);
+		}
+		if (apikeys_retire_if_idle(dboid))
 			proc_exit(0);
 	}
 }
