@@ -29,7 +29,7 @@ SELECT col, pg_temp.try(format('UPDATE apikeys.keys SET %s WHERE id = %L', expr,
 -- No deletion, no truncation.
 SELECT pg_temp.try(format('DELETE FROM apikeys.keys WHERE id = %L', :'r')) AS delete_one;
 SELECT pg_temp.try('DELETE FROM apikeys.keys') AS delete_all;
-SELECT pg_temp.try('TRUNCATE apikeys.keys CASCADE') AS truncate;
+SELECT pg_temp.try('TRUNCATE apikeys.keys') AS truncate;
 
 -- Nothing changed.
 SELECT count(*) AS unchanged_rows FROM before b JOIN apikeys.keys k ON row(b.*) IS NOT DISTINCT FROM row(k.*);

@@ -40,7 +40,7 @@ apikeys_shmem_request(void)
 	RequestAddinShmemSpace(MAXALIGN(sizeof(ApikeysShared)));
 	RequestAddinShmemSpace(hash_estimate_size(apikeys_audit_queue_size, sizeof(QueuedEvent)));
 	RequestAddinShmemSpace(usage_shmem_size());
-	RequestNamedLWLockTranche("apikeys", 2);
+	RequestNamedLWLockTranche("apikeys", 1 + APIKEYS_USAGE_PARTITIONS);
 }
 
 static void
@@ -60,7 +60,8 @@ apikeys_shmem_startup(void)
 
 		memset(apikeys_shared, 0, sizeof(ApikeysShared));
 		apikeys_shared->lock = &locks[0].lock;
-		apikeys_shared->usage_lock = &locks[1].lock;
+		for (int i = 0; i < APIKEYS_USAGE_PARTITIONS; i++)
+			apikeys_shared->usage_locks[i] = &locks[1 + i].lock;
 		pg_atomic_init_u64(&apikeys_shared->worker_generation, 0);
 	}
 	memset(&info, 0, sizeof(info));

@@ -16,6 +16,7 @@
 #define APIKEYS_SUBJECT_LEN		208	/* an owner (<= 200 bytes) or a prefix */
 #define APIKEYS_DETAILS_LEN		512
 #define APIKEYS_MAX_DB_WORKERS	64
+#define APIKEYS_USAGE_PARTITIONS 16	/* a power of two */
 
 typedef enum QueuedEventKind
 {
@@ -56,7 +57,7 @@ typedef struct WorkerSlot
 typedef struct ApikeysShared
 {
 	LWLock	   *lock;			/* the queue and the registry */
-	LWLock	   *usage_lock;		/* the usage counters */
+	LWLock	   *usage_locks[APIKEYS_USAGE_PARTITIONS];	/* the usage counters, by hash */
 	int64		queued_total;
 	int64		dropped;
 	/* Bumped whenever a worker may have gone: backends then look again. */

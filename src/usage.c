@@ -1,12 +1,13 @@
 /*
  * usage.c — per-key, per-UTC-day counters in a shared hash.
  *
- * The hot path takes the usage lock in shared mode and the entry's spinlock;
- * only a key's first request of the day takes the lock exclusively, to add
- * its entry.  When the table is full, an idle entry (nothing pending, not
- * used this minute) makes room; if none is idle the request is untracked:
- * it verifies as usual but is neither counted nor rate limited, and
- * status() counts it.
+ * The table is split in APIKEYS_USAGE_PARTITIONS by hash, each with its own
+ * lock, so backends rarely meet.  The hot path takes its partition's lock in
+ * shared mode and the entry's spinlock; only a key's first request of the
+ * day takes the partition exclusively, to add its entry.  When the table is
+ * full, idle entries (nothing pending, not used this minute) make room; if
+ * none is idle the request is untracked: it verifies as usual but is neither
+ * counted nor rate limited, and status() counts it.
  */
 #include "postgres.h"
 
@@ -55,7 +56,7 @@ typedef struct UsageCounters
 {
 	slock_t		mutex;
 	int64		untracked;
-	int64		full_scan_minute;	/* under the usage lock, exclusive */
+	int64		full_scan_minute;	/* under mutex */
 } UsageCounters;
 
 static HTAB *usage_table = NULL;
@@ -84,8 +85,10 @@ usage_shmem_init(void)
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(UsageKey);
 	info.entrysize = sizeof(UsageEntry);
+	info.num_partitions = APIKEYS_USAGE_PARTITIONS;
 	usage_table = ShmemInitHash("apikeys usage", apikeys_max_tracked_keys,
-								apikeys_max_tracked_keys, &info, HASH_ELEM | HASH_BLOBS);
+								apikeys_max_tracked_keys, &info,
+								HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
 }
 
 static void
@@ -112,13 +115,78 @@ entry_idle(UsageEntry *e, int64 minute)
 	return e->requests == 0 && e->failures == 0 && !has_inflight(e) && e->minute != minute;
 }
 
+static inline LWLock *
+partition_lock(uint32 hashvalue)
+{
+	return apikeys_shared->usage_locks[hashvalue % APIKEYS_USAGE_PARTITIONS];
+}
+
+/* For a pass over the whole table: every partition, always in the same order. */
+static void
+lock_all(LWLockMode mode)
+{
+	for (int i = 0; i < APIKEYS_USAGE_PARTITIONS; i++)
+		LWLockAcquire(apikeys_shared->usage_locks[i], mode);
+}
+
+static void
+unlock_all(void)
+{
+	for (int i = APIKEYS_USAGE_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(apikeys_shared->usage_locks[i]);
+}
+
 /*
- * Finds or adds the entry.  Returns it with the usage lock held (shared when
- * it existed, exclusive when it was just added; the caller releases), or NULL
- * with no lock held when there is no room.
+ * Makes room in a full table by forgetting up to 64 idle entries.  A pass
+ * that found none is not repeated in the same minute unless a flush has
+ * happened since.  Call with no usage lock held.
+ */
+static void
+evict_idle(int64 minute)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *e;
+	int			evicted = 0;
+
+	SpinLockAcquire(&usage_counters->mutex);
+	if (usage_counters->full_scan_minute == minute)
+	{
+		SpinLockRelease(&usage_counters->mutex);
+		return;
+	}
+	SpinLockRelease(&usage_counters->mutex);
+
+	lock_all(LW_EXCLUSIVE);
+	hash_seq_init(&status, usage_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		if (entry_idle(e, minute))
+		{
+			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
+			if (++evicted >= 64)
+			{
+				hash_seq_term(&status);
+				break;
+			}
+		}
+	}
+	unlock_all();
+
+	if (evicted == 0)
+	{
+		SpinLockAcquire(&usage_counters->mutex);
+		usage_counters->full_scan_minute = minute;
+		SpinLockRelease(&usage_counters->mutex);
+	}
+}
+
+/*
+ * Finds or adds the entry.  Returns it with its partition's lock held (in
+ * *lock; shared when the entry existed, exclusive when it was just added),
+ * or NULL with no lock held when there is no room.
  */
 static UsageEntry *
-get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
+get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 {
 	UsageKey	key;
 	uint32		hashvalue;
@@ -130,43 +198,21 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
 	key.day = day;
 	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
 	hashvalue = get_hash_value(usage_table, &key);
+	*lock = partition_lock(hashvalue);
 
-	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	LWLockAcquire(*lock, LW_SHARED);
 	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
 		return e;
-	LWLockRelease(apikeys_shared->usage_lock);
+	LWLockRelease(*lock);
 
-	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	if (hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys)
+		evict_idle(minute);
+
+	LWLockAcquire(*lock, LW_EXCLUSIVE);
 	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
 		return e;
-
-	/*
-	 * Full: reuse an idle entry.  A scan that found none is not repeated in
-	 * the same minute until a flush has made entries idle.
-	 */
-	if (hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys &&
-		usage_counters->full_scan_minute != minute)
-	{
-		HASH_SEQ_STATUS status;
-		UsageEntry *victim;
-		bool		evicted = false;
-
-		hash_seq_init(&status, usage_table);
-		while ((victim = hash_seq_search(&status)) != NULL)
-		{
-			if (entry_idle(victim, minute))
-			{
-				hash_seq_term(&status);
-				hash_search(usage_table, &victim->key, HASH_REMOVE, NULL);
-				evicted = true;
-				break;
-			}
-		}
-		if (!evicted)
-			usage_counters->full_scan_minute = minute;
-	}
 	/* A shared hash can outgrow its size into spare shared memory: cap it. */
 	if (hash_get_num_entries(usage_table) < apikeys_max_tracked_keys)
 	{
@@ -188,7 +234,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute)
 	}
 	if (e == NULL)
 	{
-		LWLockRelease(apikeys_shared->usage_lock);
+		LWLockRelease(*lock);
 		SpinLockAcquire(&usage_counters->mutex);
 		usage_counters->untracked++;
 		SpinLockRelease(&usage_counters->mutex);
@@ -203,6 +249,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 	int64		minute;
 	int32		day;
 	UsageEntry *e;
+	LWLock	   *lock;
 	UsageOutcome outcome;
 	bool		standby;
 
@@ -211,7 +258,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 		return USAGE_UNTRACKED;
 
 	now_parts(&now, &minute, &day);
-	e = get_entry(key_id, day, minute);
+	e = get_entry(key_id, day, minute, &lock);
 	if (e == NULL)
 		return USAGE_UNTRACKED;
 
@@ -247,7 +294,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 		}
 	}
 	SpinLockRelease(&e->mutex);
-	LWLockRelease(apikeys_shared->usage_lock);
+	LWLockRelease(lock);
 	return outcome;
 }
 
@@ -258,17 +305,18 @@ usage_count_failure(const pg_uuid_t *key_id)
 	int64		minute;
 	int32		day;
 	UsageEntry *e;
+	LWLock	   *lock;
 
 	if (apikeys_shared == NULL || RecoveryInProgress())
 		return;
 	now_parts(&now, &minute, &day);
-	e = get_entry(key_id, day, minute);
+	e = get_entry(key_id, day, minute, &lock);
 	if (e == NULL)
 		return;
 	SpinLockAcquire(&e->mutex);
 	e->failures++;
 	SpinLockRelease(&e->mutex);
-	LWLockRelease(apikeys_shared->usage_lock);
+	LWLockRelease(lock);
 }
 
 static Snapshot
@@ -282,6 +330,8 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 			  TimestampTz *last_used_at)
 {
 	UsageKey	key;
+	uint32		hashvalue;
+	LWLock	   *lock;
 	UsageEntry *e;
 	TimestampTz now;
 	int64		minute;
@@ -297,8 +347,10 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 	now_parts(&now, &minute, &key.day);
 	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
 
-	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
-	e = hash_search(usage_table, &key, HASH_FIND, NULL);
+	hashvalue = get_hash_value(usage_table, &key);
+	lock = partition_lock(hashvalue);
+	LWLockAcquire(lock, LW_SHARED);
+	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
 	{
 		TransactionId xid;
@@ -329,7 +381,7 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 			*last_used_at = Max(*last_used_at, inflight_last_used_at);
 		}
 	}
-	LWLockRelease(apikeys_shared->usage_lock);
+	LWLockRelease(lock);
 }
 
 int
@@ -353,8 +405,10 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	max = Max(hash_get_num_entries(usage_table), 1) + 64;
 	out = palloc(sizeof(UsageDelta) * max);
 
-	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	lock_all(LW_EXCLUSIVE);
+	SpinLockAcquire(&usage_counters->mutex);
 	usage_counters->full_scan_minute = 0;	/* this pass may leave entries idle */
+	SpinLockRelease(&usage_counters->mutex);
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -401,7 +455,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 		e->last_used_at = 0;
 		n++;
 	}
-	LWLockRelease(apikeys_shared->usage_lock);
+	unlock_all();
 	*result = out;
 	return n;
 }
@@ -412,7 +466,7 @@ usage_flush_done(Oid dboid, TransactionId xid)
 	HASH_SEQ_STATUS status;
 	UsageEntry *e;
 
-	LWLockAcquire(apikeys_shared->usage_lock, LW_EXCLUSIVE);
+	lock_all(LW_EXCLUSIVE);
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -423,7 +477,7 @@ usage_flush_done(Oid dboid, TransactionId xid)
 		e->inflight_last_used_at = 0;
 		e->inflight_xid = InvalidTransactionId;
 	}
-	LWLockRelease(apikeys_shared->usage_lock);
+	unlock_all();
 }
 
 bool
@@ -433,7 +487,7 @@ usage_has_pending(Oid dboid)
 	UsageEntry *e;
 	bool		pending = false;
 
-	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	lock_all(LW_SHARED);
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -451,7 +505,7 @@ usage_has_pending(Oid dboid)
 			break;
 		}
 	}
-	LWLockRelease(apikeys_shared->usage_lock);
+	unlock_all();
 	return pending;
 }
 
@@ -462,9 +516,9 @@ usage_stats(int64 *tracked, int64 *untracked)
 	*untracked = 0;
 	if (apikeys_shared == NULL)
 		return;
-	LWLockAcquire(apikeys_shared->usage_lock, LW_SHARED);
+	lock_all(LW_SHARED);
 	*tracked = hash_get_num_entries(usage_table);
-	LWLockRelease(apikeys_shared->usage_lock);
+	unlock_all();
 	SpinLockAcquire(&usage_counters->mutex);
 	*untracked = usage_counters->untracked;
 	SpinLockRelease(&usage_counters->mutex);

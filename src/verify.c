@@ -10,6 +10,8 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/sysattr.h"
+#include "access/xact.h"
 #include "access/htup_details.h"
 #include "access/relscan.h"
 #include "access/stratnum.h"
@@ -52,6 +54,7 @@ typedef struct FoundKey
 	bool		expires_null;
 	int32		rate_limit;		/* 0: none */
 	bool		revoked;
+	bool		created_here;	/* by this transaction, so it may yet roll back */
 } FoundKey;
 
 /* Column numbers of apikeys.keys, fixed by the install script's CREATE TABLE. */
@@ -203,6 +206,8 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 		found->rate_limit = isnull ? 0 : DatumGetInt32(rate_limit);
 		(void) slot_getattr(slot, KEYS_ATT_REVOKED_AT, &isnull);
 		found->revoked = !isnull;
+		found->created_here = TransactionIdIsCurrentTransactionId(
+			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
 	}
 
 	index_endscan(scan);
@@ -317,7 +322,11 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 	size_t		prefix_len = 0;
 	VerifyCode	code = decide(token, required, key, found_key, &prefix_len);
 
-	if (code == VERIFY_VALID)
+	/*
+	 * A key this transaction created is not counted: it may roll back, and
+	 * counts are only ever written for keys that exist.
+	 */
+	if (code == VERIFY_VALID && !key->created_here)
 	{
 		int64		alert_requests;
 
@@ -330,14 +339,16 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 		else if (code == VERIFY_VALID && apikeys_shared != NULL)
 			apikeys_note_pending();
 	}
-	else if (*found_key)
+	else if (*found_key && !key->created_here && code != VERIFY_VALID)
 		usage_count_failure(DatumGetUUIDP(key->id));
 
+	/* A refusal names its key only if the key will still exist when it is written. */
 	if (code != VERIFY_VALID)
 	{
-		char	   *owner = *found_key ? TextDatumGetCString(key->owner) : NULL;
+		bool		named = *found_key && !key->created_here;
 
-		audit_record_verify_failure(*found_key ? DatumGetUUIDP(key->id) : NULL, owner,
+		audit_record_verify_failure(named ? DatumGetUUIDP(key->id) : NULL,
+									named ? TextDatumGetCString(key->owner) : NULL,
 									prefix_len > 0 ? VARDATA_ANY(token) : NULL, prefix_len,
 									(int) code, verify_code_name(code));
 	}

@@ -118,9 +118,9 @@ notify_alert(const QueuedEvent *ev)
 }
 
 /*
- * Adds counts to apikeys.key_usage, a batch of keys per statement; a key
- * that no longer exists (created in a transaction that rolled back) is
- * skipped.
+ * Adds counts to apikeys.key_usage, a batch of keys per statement.  Every
+ * key counted exists: verify counts no key its own transaction created, and
+ * keys are never deleted.
  */
 static void
 write_usage(const UsageDelta *deltas, int n)
@@ -131,7 +131,6 @@ write_usage(const UsageDelta *deltas, int n)
 	"FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), "
 	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) "
 	"  AS d(key_id, day, requests, failures, last_used_at) "
-	"WHERE EXISTS (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) d.key_id) "
 	"ON CONFLICT (key_id, day) DO UPDATE SET "
 	"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
 	"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
