@@ -2,16 +2,18 @@
 # Verification benchmark: every variant side by side in one run, on one
 # private cluster, reported as TPS and ratios (never asserted in tests).
 #
-#   bash test/bench/run.sh            # full run: 1,000,000 keys, 15 s a variant
+#   bash test/bench/run.sh            # full run: 1,000,000 keys, 3 rounds of 10 s a variant
 #   bash test/bench/run.sh --smoke    # seconds-long run that only proves it works
 #
-# Knobs: BENCH_KEYS, BENCH_SMALL_KEYS, BENCH_SECONDS, BENCH_CLIENTS.
+# Knobs: BENCH_KEYS, BENCH_SMALL_KEYS, BENCH_SECONDS, BENCH_ROUNDS, BENCH_CLIENTS.
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 
 if [ "${1:-}" = "--smoke" ]; then
     KEYS=${BENCH_KEYS:-2000}; SMALL=${BENCH_SMALL_KEYS:-500}; SECONDS_EACH=${BENCH_SECONDS:-2}
+    ROUNDS=${BENCH_ROUNDS:-1}
 else
-    KEYS=${BENCH_KEYS:-1000000}; SMALL=${BENCH_SMALL_KEYS:-10000}; SECONDS_EACH=${BENCH_SECONDS:-15}
+    KEYS=${BENCH_KEYS:-1000000}; SMALL=${BENCH_SMALL_KEYS:-10000}; SECONDS_EACH=${BENCH_SECONDS:-10}
+    ROUNDS=${BENCH_ROUNDS:-3}
 fi
 CLIENTS=${BENCH_CLIENTS:-2}
 PGPORT=${APIKEYS_BENCH_PORT:-54330}
@@ -113,21 +115,30 @@ run() {
 }
 
 L_REV=$((KEYS / 10)); S_REV=$((SMALL / 10))
-echo "== running each variant for ${SECONDS_EACH}s with $CLIENTS clients (pgbench -M prepared)"
-A=$(run a bench_large a.sql 1 "$KEYS")
-B=$(run b bench_large b.sql $((L_REV + 1)) "$KEYS")
-C=$(run c bench_large c.sql $((L_REV + 1)) "$KEYS")
-D=$(run d bench_large d.sql $((L_REV + 1)) "$KEYS")
-DS=$(run d bench_small d.sql $((S_REV + 1)) "$SMALL")
-E=$(run e bench_large e.sql 1 "$KEYS")
-F=$(run f bench_large d.sql 1 "$L_REV")
-G=$(run g bench_large g.sql 0 0)
+declare -A TPS
+# One round runs every variant once, readers first; rounds interleave so a
+# slow spell of the machine hits every variant alike.  Each figure is the
+# median of its rounds.
+echo "== $ROUNDS rounds of every variant, ${SECONDS_EACH}s each, $CLIENTS clients (pgbench -M prepared)"
+for round in $(seq 1 "$ROUNDS"); do
+    TPS[a]+="$(run a bench_large a.sql 1 "$KEYS") "
+    TPS[b]+="$(run b bench_large b.sql $((L_REV + 1)) "$KEYS") "
+    TPS[d]+="$(run d bench_large d.sql $((L_REV + 1)) "$KEYS") "
+    TPS[ds]+="$(run d bench_small d.sql $((S_REV + 1)) "$SMALL") "
+    TPS[e]+="$(run e bench_large e.sql 1 "$KEYS") "
+    TPS[f]+="$(run f bench_large d.sql 1 "$L_REV") "
+    TPS[c]+="$(run c bench_large c.sql $((L_REV + 1)) "$KEYS") "
+    TPS[g]+="$(run g bench_large g.sql 0 0) "
+done
+median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+A=$(median "${TPS[a]}"); B=$(median "${TPS[b]}"); C=$(median "${TPS[c]}"); D=$(median "${TPS[d]}")
+DS=$(median "${TPS[ds]}"); E=$(median "${TPS[e]}"); F=$(median "${TPS[f]}"); G=$(median "${TPS[g]}")
 
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'; }
 check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
 
 echo
-echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r); keys: $KEYS (small: $SMALL); ${SECONDS_EACH}s each, $CLIENTS clients"
+echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r); keys: $KEYS (small: $SMALL); median of $ROUNDS x ${SECONDS_EACH}s, $CLIENTS clients"
 printf '%-58s %10s\n' "variant" "TPS"
 printf '%-58s %10.0f\n' "(a) fetch a token by id" "$A"
 printf '%-58s %10.0f\n' "(b) hand-written SHA-256 lookup (pgcrypto)" "$B"
