@@ -20,8 +20,6 @@
 /* prefix + '_' + secret + check */
 #define TOKEN_MIN_LEN		(TOKEN_PREFIX_MIN + 1 + TOKEN_SECRET_LEN + TOKEN_CHECK_LEN)
 #define TOKEN_MAX_LEN		(TOKEN_PREFIX_MAX + 1 + TOKEN_SECRET_LEN + TOKEN_CHECK_LEN)
-/* "<prefix>_" plus four secret characters */
-#define TOKEN_START_MAX		(TOKEN_PREFIX_MAX + 1 + TOKEN_START_SECRET)
 #define TOKEN_DIGEST_LEN	32
 
 typedef enum TokenError
