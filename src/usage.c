@@ -389,6 +389,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 {
 	UsageDelta *out;
 	long		max;
+	bool		nearly_full;
 	HASH_SEQ_STATUS status;
 	UsageEntry *e;
 	TimestampTz now;
@@ -406,6 +407,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	out = palloc(sizeof(UsageDelta) * max);
 
 	lock_all(LW_EXCLUSIVE);
+	nearly_full = hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys / 10 * 9;
 	SpinLockAcquire(&usage_counters->mutex);
 	usage_counters->full_scan_minute = 0;	/* this pass may leave entries idle */
 	SpinLockRelease(&usage_counters->mutex);
@@ -428,9 +430,13 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 			e->inflight_last_used_at = 0;
 			e->inflight_xid = InvalidTransactionId;
 		}
-		if (entry_idle(e, minute))
+		/*
+		 * Forget idle entries of past days, and of today only when the table
+		 * is nearly full: a key used again today then finds its entry under
+		 * a shared lock instead of adding it again.
+		 */
+		if (entry_idle(e, minute) && (e->key.day != day || nearly_full))
 		{
-			/* Forget keys with nothing to write and no limit to keep. */
 			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
 			continue;
 		}
