@@ -7,10 +7,10 @@
 ------------------------------------------------------------------------------
 DO $roles$
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'apikeys_admin') THEN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'apikeys_admin') THEN
         CREATE ROLE apikeys_admin NOLOGIN;
     END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname = 'apikeys_app') THEN
+    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'apikeys_app') THEN
         CREATE ROLE apikeys_app NOLOGIN;
     END IF;
 END

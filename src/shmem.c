@@ -178,6 +178,13 @@ queue_has_records(Oid dboid)
 	return false;
 }
 
+/* Queued records or usage counts of the database; the caller holds the queue lock. */
+static bool
+has_pending_locked(Oid dboid)
+{
+	return queue_has_records(dboid) || usage_has_pending(dboid);
+}
+
 static WorkerSlot *
 find_slot(Oid dboid)
 {
@@ -275,7 +282,7 @@ apikeys_retire_if_idle(Oid dboid)
 
 	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
 	pg_atomic_fetch_add_u64(&apikeys_shared->worker_generation, 1);
-	idle = !queue_has_records(dboid) && !usage_has_pending(dboid);
+	idle = !has_pending_locked(dboid);
 	if (idle)
 	{
 		WorkerSlot *slot = find_slot(dboid);
@@ -293,7 +300,7 @@ apikeys_has_pending(Oid dboid)
 	bool		pending;
 
 	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
-	pending = queue_has_records(dboid) || usage_has_pending(dboid);
+	pending = has_pending_locked(dboid);
 	LWLockRelease(apikeys_shared->lock);
 	return pending;
 }
