@@ -647,18 +647,28 @@ END
 $$;
 
 -- One row, not a set: no tuplestore on the hot path.
-CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}',
-    OUT valid boolean, OUT code text, OUT key_id uuid, OUT owner text, OUT name text,
-    OUT scopes text[], OUT metadata jsonb, OUT expires_at timestamptz)
-    AS 'MODULE_PATHNAME', 'apikeys_verify'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
+-- The hot path.  Named row types rather than OUT parameters: the executor
+-- takes a row type's descriptor from the type cache, where OUT parameters
+-- are decoded from pg_proc on every execution.  Not SECURITY DEFINER: they
+-- run no SQL and read apikeys.keys through its index without a privilege
+-- check, so EXECUTE alone guards them, and no user switch or search_path
+-- save and restore is paid per call.
+CREATE TYPE apikeys.verify_result AS (
+    valid boolean, code text, key_id uuid, owner text, name text,
+    scopes text[], metadata jsonb, expires_at timestamptz);
 
-CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}',
-    OUT key_id uuid, OUT owner text, OUT name text, OUT scopes text[], OUT metadata jsonb)
+CREATE TYPE apikeys.authenticate_result AS (
+    key_id uuid, owner text, name text, scopes text[], metadata jsonb);
+
+CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
+RETURNS apikeys.verify_result
+    AS 'MODULE_PATHNAME', 'apikeys_verify'
+    LANGUAGE C VOLATILE;
+
+CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
+RETURNS apikeys.authenticate_result
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
-    LANGUAGE C VOLATILE SECURITY DEFINER
-    SET search_path = pg_catalog, pg_temp;
+    LANGUAGE C VOLATILE;
 
 CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -989,10 +999,11 @@ RETURNS TABLE (preloaded boolean, usage_tracking boolean, rate_limits boolean,
 REVOKE ALL ON SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
-REVOKE ALL ON TYPE apikeys.apikey FROM PUBLIC;
+REVOKE ALL ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA apikeys TO apikeys_admin, apikeys_app;
-GRANT USAGE ON TYPE apikeys.apikey TO apikeys_admin, apikeys_app;
+GRANT USAGE ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result
+    TO apikeys_admin, apikeys_app;
 
 GRANT EXECUTE ON FUNCTION
     apikeys.verify(text, text[]),
@@ -1024,6 +1035,8 @@ GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at) ON apikeys.keys TO
 -- Comments.
 ------------------------------------------------------------------------------
 COMMENT ON TYPE apikeys.apikey IS 'A well-formed API key token: <prefix>_<secret><check>.';
+COMMENT ON TYPE apikeys.verify_result IS 'The row verify() returns.';
+COMMENT ON TYPE apikeys.authenticate_result IS 'The row authenticate() returns.';
 COMMENT ON FUNCTION apikeys.apikey_in(cstring) IS 'Input of apikey: checks format and checksum.';
 COMMENT ON FUNCTION apikeys.apikey_out(apikeys.apikey) IS 'Output of apikey.';
 COMMENT ON FUNCTION apikeys.apikey_recv(internal) IS 'Binary input of apikey: checks format and checksum.';

@@ -39,6 +39,7 @@ typedef struct UsageEntry
 {
 	UsageKey	key;
 	slock_t		mutex;
+	bool		row_exists;		/* a committed flush wrote this key's row for the day */
 	int64		requests;		/* pending: not yet written */
 	int64		failures;		/* pending */
 	TimestampTz last_used_at;	/* pending, 0 if none */
@@ -230,6 +231,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 			e->minute = 0;
 			e->minute_count = 0;
 			e->alerted_minute = 0;
+			e->row_exists = false;
 		}
 	}
 	if (e == NULL)
@@ -388,7 +390,9 @@ int
 usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 {
 	UsageDelta *out;
-	long		max;
+	UsageKey   *idle;
+	int			idle_max = 64;
+	int			n_idle = 0;
 	bool		nearly_full;
 	HASH_SEQ_STATUS status;
 	UsageEntry *e;
@@ -401,25 +405,37 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	if (apikeys_shared == NULL)
 		return 0;
 	now_parts(&now, &minute, &day);
+	idle = palloc(sizeof(UsageKey) * idle_max);
 
-	/* Sized for every entry before the lock, so nothing allocates under it. */
-	max = Max(hash_get_num_entries(usage_table), 1) + 64;
-	out = palloc(sizeof(UsageDelta) * max);
-
-	lock_all(LW_EXCLUSIVE);
+	/*
+	 * Shared locks: verify keeps counting (under each entry's spinlock) while
+	 * this pass runs; only adding or removing entries waits.
+	 */
+	lock_all(LW_SHARED);
+	/* No entry comes or goes while every partition is locked. */
+	out = palloc(sizeof(UsageDelta) * Max(hash_get_num_entries(usage_table), 1));
 	nearly_full = hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys / 10 * 9;
-	SpinLockAcquire(&usage_counters->mutex);
-	usage_counters->full_scan_minute = 0;	/* this pass may leave entries idle */
-	SpinLockRelease(&usage_counters->mutex);
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
-		if (e->key.dboid != dboid || e->inflight_xid == xid)
+		TransactionId earlier;
+		bool		earlier_committed = false;
+		bool		forget;
+
+		if (e->key.dboid != dboid)
 			continue;
-		/* Counts an earlier flush took but never committed are written again. */
-		if (has_inflight(e))
+		/* Only this database's worker writes the inflight fields. */
+		earlier = e->inflight_xid;
+		if (TransactionIdIsValid(earlier))
+			earlier_committed = TransactionIdDidCommit(earlier);
+
+		SpinLockAcquire(&e->mutex);
+		if (TransactionIdIsValid(earlier))
 		{
-			if (!TransactionIdDidCommit(e->inflight_xid))
+			/* Counts an earlier flush took but never committed are written again. */
+			if (earlier_committed)
+				e->row_exists = true;
+			else
 			{
 				e->requests += e->inflight_requests;
 				e->failures += e->inflight_failures;
@@ -430,60 +446,97 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 			e->inflight_last_used_at = 0;
 			e->inflight_xid = InvalidTransactionId;
 		}
+
 		/*
 		 * Forget idle entries of past days, and of today only when the table
 		 * is nearly full: a key used again today then finds its entry under
 		 * a shared lock instead of adding it again.
 		 */
-		if (entry_idle(e, minute) && (e->key.day != day || nearly_full))
+		forget = entry_idle(e, minute) && (e->key.day != day || nearly_full);
+		if (!forget && (e->requests != 0 || e->failures != 0))
 		{
-			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
-			continue;
+			memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
+			out[n].day = e->key.day;
+			out[n].requests = e->requests;
+			out[n].failures = e->failures;
+			out[n].last_used_at = e->last_used_at;
+			out[n].row_exists = e->row_exists;
+			e->inflight_requests = e->requests;
+			e->inflight_failures = e->failures;
+			e->inflight_last_used_at = e->last_used_at;
+			e->inflight_xid = xid;
+			e->requests = 0;
+			e->failures = 0;
+			e->last_used_at = 0;
+			n++;
 		}
-		if (e->requests == 0 && e->failures == 0)
-			continue;
-		if (n >= max)
+		SpinLockRelease(&e->mutex);
+
+		if (forget)
 		{
-			hash_seq_term(&status);
-			break;
+			if (n_idle == idle_max)
+			{
+				idle_max *= 2;
+				idle = repalloc(idle, sizeof(UsageKey) * idle_max);
+			}
+			idle[n_idle++] = e->key;
 		}
-		memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
-		out[n].day = e->key.day;
-		out[n].requests = e->requests;
-		out[n].failures = e->failures;
-		out[n].last_used_at = e->last_used_at;
-		e->inflight_requests = e->requests;
-		e->inflight_failures = e->failures;
-		e->inflight_last_used_at = e->last_used_at;
-		e->inflight_xid = xid;
-		e->requests = 0;
-		e->failures = 0;
-		e->last_used_at = 0;
-		n++;
 	}
 	unlock_all();
+
+	/* A key used since the pass above stays. */
+	for (int i = 0; i < n_idle; i++)
+	{
+		uint32		hashvalue = get_hash_value(usage_table, &idle[i]);
+		LWLock	   *lock = partition_lock(hashvalue);
+
+		LWLockAcquire(lock, LW_EXCLUSIVE);
+		e = hash_search_with_hash_value(usage_table, &idle[i], hashvalue, HASH_FIND, NULL);
+		if (e != NULL && entry_idle(e, minute))
+			hash_search_with_hash_value(usage_table, &idle[i], hashvalue, HASH_REMOVE, NULL);
+		LWLockRelease(lock);
+	}
+	pfree(idle);
 	*result = out;
 	return n;
 }
 
 void
-usage_flush_done(Oid dboid, TransactionId xid)
+usage_flush_done(Oid dboid, TransactionId xid, const UsageDelta *deltas, int n)
 {
-	HASH_SEQ_STATUS status;
-	UsageEntry *e;
-
-	lock_all(LW_EXCLUSIVE);
-	hash_seq_init(&status, usage_table);
-	while ((e = hash_seq_search(&status)) != NULL)
+	for (int i = 0; i < n; i++)
 	{
-		if (e->key.dboid != dboid || e->inflight_xid != xid)
-			continue;
-		e->inflight_requests = 0;
-		e->inflight_failures = 0;
-		e->inflight_last_used_at = 0;
-		e->inflight_xid = InvalidTransactionId;
+		UsageKey	key;
+		uint32		hashvalue;
+		LWLock	   *lock;
+		UsageEntry *e;
+
+		memset(&key, 0, sizeof(key));
+		key.dboid = dboid;
+		key.day = deltas[i].day;
+		memcpy(&key.key_id, &deltas[i].key_id, sizeof(pg_uuid_t));
+		hashvalue = get_hash_value(usage_table, &key);
+		lock = partition_lock(hashvalue);
+
+		LWLockAcquire(lock, LW_SHARED);
+		e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
+		if (e != NULL && e->inflight_xid == xid)
+		{
+			SpinLockAcquire(&e->mutex);
+			e->row_exists = true;
+			e->inflight_requests = 0;
+			e->inflight_failures = 0;
+			e->inflight_last_used_at = 0;
+			e->inflight_xid = InvalidTransactionId;
+			SpinLockRelease(&e->mutex);
+		}
+		LWLockRelease(lock);
 	}
-	unlock_all();
+
+	/* Entries just written may be idle now: a full table can look again. */
+	SpinLockAcquire(&usage_counters->mutex);
+	usage_counters->full_scan_minute = 0;
+	SpinLockRelease(&usage_counters->mutex);
 }
 
 bool

@@ -30,6 +30,7 @@ typedef struct UsageDelta
 	int64		requests;
 	int64		failures;
 	TimestampTz last_used_at;	/* 0 when no request */
+	bool		row_exists;		/* an earlier flush wrote the key's row for the day */
 } UsageDelta;
 
 extern Size usage_shmem_size(void);
@@ -54,12 +55,12 @@ extern void usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failu
  * Takes every pending delta of a database for the flush transaction xid (in
  * one pass, into a palloc'd array) and forgets idle keys; returns how many.
  * Until usage_flush_done(), readers add the taken counts unless they see
- * xid committed.
+ * xid committed.  Only the database's worker calls it.
  */
 extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **out);
 
-/* After the flush transaction xid committed: forget what it took. */
-extern void usage_flush_done(Oid dboid, TransactionId xid);
+/* After the flush transaction xid committed: forget the deltas it took. */
+extern void usage_flush_done(Oid dboid, TransactionId xid, const UsageDelta *deltas, int n);
 
 /* Whether the database has counts waiting to be written.  Caller may hold no lock. */
 extern bool usage_has_pending(Oid dboid);

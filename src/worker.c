@@ -23,6 +23,8 @@
 #include "tcop/tcopprot.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/memutils.h"
+#include "utils/resowner.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
@@ -117,21 +119,26 @@ notify_alert(const QueuedEvent *ev)
 		elog(ERROR, "apikeys worker could not send an alert");
 }
 
+/* Adds rows to apikeys.key_usage; write_usage() may append ON CONFLICT. */
+#define USAGE_INSERT \
+	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) " \
+	"SELECT d.key_id, DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day, d.requests, d.failures, d.last_used_at " \
+	"FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), " \
+	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) " \
+	"  AS d(key_id, day, requests, failures, last_used_at)"
+
 /*
  * Adds counts to apikeys.key_usage, a batch of keys per statement.  Every
  * key counted exists: verify counts no key its own transaction created, and
- * keys are never deleted.
+ * keys are never deleted.  A plain INSERT skips ON CONFLICT's extra index
+ * probe, for keys whose row for the day no flush has written yet.
  */
 static void
-write_usage(const UsageDelta *deltas, int n)
+write_usage(const UsageDelta *deltas, int n, bool upsert)
 {
-	static const char *sql =
-	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) "
-	"SELECT d.key_id, DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day, d.requests, d.failures, d.last_used_at "
-	"FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), "
-	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) "
-	"  AS d(key_id, day, requests, failures, last_used_at) "
-	"ON CONFLICT (key_id, day) DO UPDATE SET "
+	static const char *insert_sql = USAGE_INSERT;
+	static const char *upsert_sql = USAGE_INSERT
+	" ON CONFLICT (key_id, day) DO UPDATE SET "
 	"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
 	"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
 	"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)";
@@ -161,9 +168,71 @@ write_usage(const UsageDelta *deltas, int n)
 	values[3] = PointerGetDatum(construct_array(failures, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[4] = PointerGetDatum(construct_md_array(last_used, last_used_null, 1, dims, lbs,
 												   TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	if (SPI_execute_with_args(sql, 5, types, values, NULL, false, 0) != SPI_OK_INSERT)
+	if (SPI_execute_with_args(upsert ? upsert_sql : insert_sql, 5, types, values, NULL,
+							  false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "apikeys worker could not write usage counts");
 }
+
+/*
+ * Writes counts for keys with no row today as far as this server knows.  A
+ * row can exist anyway (written before a restart, or by hand): then the
+ * batch is rolled back to its savepoint and upserted.  Returns false then,
+ * and the caller upserts the rest of the flush too.
+ */
+static bool
+insert_usage(const UsageDelta *deltas, int n)
+{
+	volatile bool inserted = true;
+	MemoryContext cxt = CurrentMemoryContext;
+	ResourceOwner owner = CurrentResourceOwner;
+
+	BeginInternalSubTransaction(NULL);
+	MemoryContextSwitchTo(cxt);
+	PG_TRY();
+	{
+		write_usage(deltas, n, false);
+		ReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+	}
+	PG_CATCH();
+	{
+		ErrorData  *edata;
+
+		MemoryContextSwitchTo(cxt);
+		edata = CopyErrorData();
+		FlushErrorState();
+		RollbackAndReleaseCurrentSubTransaction();
+		MemoryContextSwitchTo(cxt);
+		CurrentResourceOwner = owner;
+		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+			ReThrowError(edata);
+		FreeErrorData(edata);
+		write_usage(deltas, n, true);
+		inserted = false;
+	}
+	PG_END_TRY();
+	return inserted;
+}
+
+/* Rows to update first, then by key: batches walk the primary key in order. */
+static int
+delta_cmp(const void *a, const void *b)
+{
+	const UsageDelta *x = a;
+	const UsageDelta *y = b;
+	int			c;
+
+	if (x->row_exists != y->row_exists)
+		return x->row_exists ? -1 : 1;
+	c = memcmp(&x->key_id, &y->key_id, sizeof(pg_uuid_t));
+	if (c != 0)
+		return c;
+	return (x->day > y->day) - (x->day < y->day);
+}
+
+/* Holds one flush's usage deltas. */
+static MemoryContext deltas_cxt = NULL;
 
 /* One flush; false when the extension is no longer installed here. */
 static bool
@@ -173,6 +242,8 @@ flush_once(Oid dboid)
 	UsageDelta *deltas;
 	TransactionId xid;
 	bool		installed;
+	bool		upsert_all;
+	MemoryContext oldcxt;
 	int			n;
 
 	SetCurrentStatementStartTimestamp();
@@ -202,14 +273,36 @@ flush_once(Oid dboid)
 	PushActiveSnapshot(GetTransactionSnapshot());
 
 	xid = GetCurrentTransactionId();
+	/* The deltas outlive the transaction: usage_flush_done() needs them after commit. */
+	oldcxt = MemoryContextSwitchTo(deltas_cxt);
 	n = usage_take_pending(dboid, xid, &deltas);
-	for (int i = 0; installed && i < n; i += USAGE_BATCH)
-		write_usage(deltas + i, Min(USAGE_BATCH, n - i));
+	MemoryContextSwitchTo(oldcxt);
+	qsort(deltas, n, sizeof(UsageDelta), delta_cmp);
+	upsert_all = false;
+	for (int i = 0; installed && i < n;)
+	{
+		int			batch = Min(USAGE_BATCH, n - i);
+		bool		existing = deltas[i].row_exists;
+
+		/* A batch is all updates or all new rows. */
+		for (int j = 1; j < batch; j++)
+			if (deltas[i + j].row_exists != existing)
+			{
+				batch = j;
+				break;
+			}
+		if (existing || upsert_all)
+			write_usage(deltas + i, batch, true);
+		else
+			upsert_all = !insert_usage(deltas + i, batch);
+		i += batch;
+	}
 
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
-	usage_flush_done(dboid, xid);
+	usage_flush_done(dboid, xid, deltas, n);
+	MemoryContextReset(deltas_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;
 }
@@ -226,6 +319,8 @@ apikeys_worker_main(Datum main_arg)
 
 	if (apikeys_shared == NULL || !apikeys_claim_slot(dboid))
 		proc_exit(0);
+	deltas_cxt = AllocSetContextCreate(TopMemoryContext, "apikeys usage deltas",
+									   ALLOCSET_DEFAULT_SIZES);
 	before_shmem_exit(release_slot_at_exit, (Datum) 0);
 
 	/*

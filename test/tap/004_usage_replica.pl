@@ -191,7 +191,7 @@ $primary->safe_psql('app', 'CREATE EXTENSION apikeys');
 $primary->safe_psql('app', 'CREATE TABLE big AS SELECT g FROM generate_series(1, 20000) g; ANALYZE big');
 $primary->safe_psql('app', q{
 	SELECT apikeys.set_plan(o, 'enterprise')
-	  FROM unnest(ARRAY['acme', 'limited', 'alert1', 'alert2', 'ro', 'sb', 'marker']) o});
+	  FROM unnest(ARRAY['acme', 'limited', 'alert1', 'alert2', 'ro', 'sb', 'marker', 'restart']) o});
 
 sub p { return $primary->safe_psql('app', $_[0]); }
 
@@ -330,6 +330,27 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	is(listed($primary, 'app', 'acme', $u1_id), "$tot_r|$tot_f",
 		'1: list_keys still exact after that restart');
 	is(p(q{SHOW apikeys.flush_interval}), '1s', '1: flush interval still 1 s');
+
+	# After a restart the server no longer knows which keys have a row today.
+	# A flush inserts rows it believes new; a batch that meets an existing row
+	# is written again as an upsert, new keys in the same batch included.  A
+	# row deleted by hand is written again.
+	my ($w1_id, $w1) = new_key($primary, 'app', q{'restart', 'written before the restart'});
+	is(verify_n($primary, 'app', $w1, 2), codes('VALID', 2), '1: w1: 2 requests');
+	ok(poll_until($primary, 'app', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$w1_id'}, '2'),
+		'1: w1: its row is written');
+	$primary->restart;
+	my ($w2_id, $w2) = new_key($primary, 'app', q{'restart', 'new after the restart'});
+	is(verify_n($primary, 'app', $w1, 3), codes('VALID', 3), '1: w1: 3 requests after the restart');
+	is(verify_n($primary, 'app', $w2, 1), 'VALID', '1: w2: 1 request');
+	ok(poll_until($primary, 'app',
+			qq{SELECT string_agg(requests::text, ',' ORDER BY key_id = '$w1_id')
+			     FROM apikeys.key_usage WHERE key_id IN ('$w1_id', '$w2_id')}, '1,5'),
+		'1: after the restart: w1 added to its existing row (5), w2 inserted (1), one row each');
+	p(qq{DELETE FROM apikeys.key_usage WHERE key_id = '$w1_id'});
+	is(verify_n($primary, 'app', $w1, 1), 'VALID', '1: w1: 1 request after its row was deleted');
+	ok(poll_until($primary, 'app', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$w1_id'}, '1'),
+		'1: a row deleted by hand is written again');
 }
 
 #
