@@ -649,10 +649,7 @@ $$;
 -- One row, not a set: no tuplestore on the hot path.
 -- The hot path.  Named row types rather than OUT parameters: the executor
 -- takes a row type's descriptor from the type cache, where OUT parameters
--- are decoded from pg_proc on every execution.  Not SECURITY DEFINER: they
--- run no SQL and read apikeys.keys through its index without a privilege
--- check, so EXECUTE alone guards them, and no user switch or search_path
--- save and restore is paid per call.
+-- are decoded from pg_proc on every execution.
 CREATE TYPE apikeys.verify_result AS (
     valid boolean, code text, key_id uuid, owner text, name text,
     scopes text[], metadata jsonb, expires_at timestamptz);
@@ -663,12 +660,14 @@ CREATE TYPE apikeys.authenticate_result AS (
 CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
 RETURNS apikeys.verify_result
     AS 'MODULE_PATHNAME', 'apikeys_verify'
-    LANGUAGE C VOLATILE;
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
 RETURNS apikeys.authenticate_result
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
-    LANGUAGE C VOLATILE;
+    LANGUAGE C VOLATILE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
 
 CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS timestamptz

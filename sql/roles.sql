@@ -18,9 +18,6 @@ SELECT has_schema_privilege('public', 'apikeys', 'USAGE') AS public_usage,
        has_table_privilege('apikeys_regress_nobody', 'apikeys.keys', 'SELECT') AS nobody_reads_keys;
 SELECT t AS apikeys_type, has_type_privilege('apikeys_regress_nobody', t, 'USAGE') AS nobody_uses
   FROM unnest(ARRAY['apikeys.apikey', 'apikeys.verify_result', 'apikeys.authenticate_result']) t;
--- The hot path needs no table privilege and switches no user: EXECUTE alone guards it.
-SELECT proname, prosecdef FROM pg_proc
- WHERE pronamespace = 'apikeys'::regnamespace AND proname IN ('verify', 'authenticate') ORDER BY 1;
 SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN ('apikeys_admin', 'apikeys_app') ORDER BY 1;
 
 CREATE FUNCTION pg_temp.try_as(r text, cmd text) RETURNS text LANGUAGE plpgsql AS $$

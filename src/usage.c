@@ -455,6 +455,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 		forget = entry_idle(e, minute) && (e->key.day != day || nearly_full);
 		if (!forget && (e->requests != 0 || e->failures != 0))
 		{
+			out[n].entry = e;
 			memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
 			out[n].day = e->key.day;
 			out[n].requests = e->requests;
@@ -501,36 +502,27 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	return n;
 }
 
+/*
+ * No lookup: an entry with counts in flight is never idle, so nothing
+ * removes it (or reuses its memory) before this clears them.
+ */
 void
-usage_flush_done(Oid dboid, TransactionId xid, const UsageDelta *deltas, int n)
+usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n)
 {
 	for (int i = 0; i < n; i++)
 	{
-		UsageKey	key;
-		uint32		hashvalue;
-		LWLock	   *lock;
-		UsageEntry *e;
+		UsageEntry *e = deltas[i].entry;
 
-		memset(&key, 0, sizeof(key));
-		key.dboid = dboid;
-		key.day = deltas[i].day;
-		memcpy(&key.key_id, &deltas[i].key_id, sizeof(pg_uuid_t));
-		hashvalue = get_hash_value(usage_table, &key);
-		lock = partition_lock(hashvalue);
-
-		LWLockAcquire(lock, LW_SHARED);
-		e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
-		if (e != NULL && e->inflight_xid == xid)
+		SpinLockAcquire(&e->mutex);
+		if (e->inflight_xid == xid)
 		{
-			SpinLockAcquire(&e->mutex);
 			e->row_exists = true;
 			e->inflight_requests = 0;
 			e->inflight_failures = 0;
 			e->inflight_last_used_at = 0;
 			e->inflight_xid = InvalidTransactionId;
-			SpinLockRelease(&e->mutex);
 		}
-		LWLockRelease(lock);
+		SpinLockRelease(&e->mutex);
 	}
 
 	/* Entries just written may be idle now: a full table can look again. */

@@ -22,9 +22,12 @@ typedef enum UsageOutcome
 	USAGE_UNTRACKED				/* no room: neither counted nor limited */
 } UsageOutcome;
 
+struct UsageEntry;
+
 /* What one database's worker moves to apikeys.key_usage. */
 typedef struct UsageDelta
 {
+	struct UsageEntry *entry;	/* taken from; stays put while its counts are in flight */
 	pg_uuid_t	key_id;
 	int32		day;			/* days since 1970-01-01, UTC */
 	int64		requests;
@@ -60,7 +63,7 @@ extern void usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failu
 extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **out);
 
 /* After the flush transaction xid committed: forget the deltas it took. */
-extern void usage_flush_done(Oid dboid, TransactionId xid, const UsageDelta *deltas, int n);
+extern void usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n);
 
 /* Whether the database has counts waiting to be written.  Caller may hold no lock. */
 extern bool usage_has_pending(Oid dboid);

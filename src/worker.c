@@ -119,29 +119,49 @@ notify_alert(const QueuedEvent *ev)
 		elog(ERROR, "apikeys worker could not send an alert");
 }
 
-/* Adds rows to apikeys.key_usage; write_usage() may append ON CONFLICT. */
+/* One batch of counts, as rows d(key_id, day, requests, failures, last_used_at). */
+#define USAGE_ROWS \
+	"ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), " \
+	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) " \
+	"  AS d(key_id, day, requests, failures, last_used_at)"
 #define USAGE_INSERT \
 	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) " \
 	"SELECT d.key_id, DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day, d.requests, d.failures, d.last_used_at " \
-	"FROM ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), " \
-	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) " \
-	"  AS d(key_id, day, requests, failures, last_used_at)"
+	"FROM " USAGE_ROWS
+
+typedef enum UsageWrite
+{
+	USAGE_WRITE_INSERT,			/* rows known to be new */
+	USAGE_WRITE_UPDATE,			/* rows known to exist */
+	USAGE_WRITE_UPSERT			/* either */
+} UsageWrite;
 
 /*
- * Adds counts to apikeys.key_usage, a batch of keys per statement.  Every
- * key counted exists: verify counts no key its own transaction created, and
- * keys are never deleted.  A plain INSERT skips ON CONFLICT's extra index
- * probe, for keys whose row for the day no flush has written yet.
+ * Adds counts to apikeys.key_usage, a batch of keys per statement; returns
+ * the rows written.  Every key counted exists: verify counts no key its own
+ * transaction created, and keys are never deleted.  INSERT and UPDATE skip
+ * what ON CONFLICT costs (a second index probe, a row lock) when the worker
+ * knows whether a key's row for the day exists.
  */
-static void
-write_usage(const UsageDelta *deltas, int n, bool upsert)
+static uint64
+write_usage(const UsageDelta *deltas, int n, UsageWrite how)
 {
-	static const char *insert_sql = USAGE_INSERT;
-	static const char *upsert_sql = USAGE_INSERT
-	" ON CONFLICT (key_id, day) DO UPDATE SET "
-	"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
-	"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
-	"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)";
+	static const char *const sql[] = {
+		[USAGE_WRITE_INSERT] = USAGE_INSERT,
+		[USAGE_WRITE_UPDATE] =
+		"UPDATE apikeys.key_usage AS u SET "
+		"requests = u.requests OPERATOR(pg_catalog.+) d.requests, "
+		"failures = u.failures OPERATOR(pg_catalog.+) d.failures, "
+		"last_used_at = GREATEST(u.last_used_at, d.last_used_at) "
+		"FROM " USAGE_ROWS " "
+		"WHERE u.key_id OPERATOR(pg_catalog.=) d.key_id "
+		"AND u.day OPERATOR(pg_catalog.=) (DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day)",
+		[USAGE_WRITE_UPSERT] = USAGE_INSERT
+		" ON CONFLICT (key_id, day) DO UPDATE SET "
+		"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
+		"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
+		"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)",
+	};
 	Oid			types[5] = {UUIDARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *days = palloc(sizeof(Datum) * n);
@@ -152,6 +172,7 @@ write_usage(const UsageDelta *deltas, int n, bool upsert)
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
 	Datum		values[5];
+	int			ret;
 
 	for (int i = 0; i < n; i++)
 	{
@@ -168,21 +189,22 @@ write_usage(const UsageDelta *deltas, int n, bool upsert)
 	values[3] = PointerGetDatum(construct_array(failures, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[4] = PointerGetDatum(construct_md_array(last_used, last_used_null, 1, dims, lbs,
 												   TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	if (SPI_execute_with_args(upsert ? upsert_sql : insert_sql, 5, types, values, NULL,
-							  false, 0) != SPI_OK_INSERT)
+	ret = SPI_execute_with_args(sql[how], 5, types, values, NULL, false, 0);
+	if (ret != (how == USAGE_WRITE_UPDATE ? SPI_OK_UPDATE : SPI_OK_INSERT))
 		elog(ERROR, "apikeys worker could not write usage counts");
+	return SPI_processed;
 }
 
 /*
- * Writes counts for keys with no row today as far as this server knows.  A
- * row can exist anyway (written before a restart, or by hand): then the
- * batch is rolled back to its savepoint and upserted.  Returns false then,
- * and the caller upserts the rest of the flush too.
+ * Writes a batch the cheap way, as INSERT (no row today as far as this
+ * server knows) or UPDATE (a flush wrote the row).  The worker can be wrong:
+ * a row written before a restart, or added or deleted by hand.  Then the
+ * batch is rolled back to its savepoint and upserted, and false returned.
  */
 static bool
-insert_usage(const UsageDelta *deltas, int n)
+write_usage_fast(const UsageDelta *deltas, int n, bool rows_exist)
 {
-	volatile bool inserted = true;
+	volatile bool written = false;
 	MemoryContext cxt = CurrentMemoryContext;
 	ResourceOwner owner = CurrentResourceOwner;
 
@@ -190,10 +212,7 @@ insert_usage(const UsageDelta *deltas, int n)
 	MemoryContextSwitchTo(cxt);
 	PG_TRY();
 	{
-		write_usage(deltas, n, false);
-		ReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
+		written = write_usage(deltas, n, rows_exist ? USAGE_WRITE_UPDATE : USAGE_WRITE_INSERT) == (uint64) n;
 	}
 	PG_CATCH();
 	{
@@ -202,17 +221,26 @@ insert_usage(const UsageDelta *deltas, int n)
 		MemoryContextSwitchTo(cxt);
 		edata = CopyErrorData();
 		FlushErrorState();
-		RollbackAndReleaseCurrentSubTransaction();
-		MemoryContextSwitchTo(cxt);
-		CurrentResourceOwner = owner;
 		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+		{
+			RollbackAndReleaseCurrentSubTransaction();
+			MemoryContextSwitchTo(cxt);
+			CurrentResourceOwner = owner;
 			ReThrowError(edata);
+		}
 		FreeErrorData(edata);
-		write_usage(deltas, n, true);
-		inserted = false;
 	}
 	PG_END_TRY();
-	return inserted;
+
+	if (written)
+		ReleaseCurrentSubTransaction();
+	else
+		RollbackAndReleaseCurrentSubTransaction();
+	MemoryContextSwitchTo(cxt);
+	CurrentResourceOwner = owner;
+	if (!written)
+		write_usage(deltas, n, USAGE_WRITE_UPSERT);
+	return written;
 }
 
 /* Rows to update first, then by key: batches walk the primary key in order. */
@@ -291,17 +319,17 @@ flush_once(Oid dboid)
 				batch = j;
 				break;
 			}
-		if (existing || upsert_all)
-			write_usage(deltas + i, batch, true);
+		if (upsert_all)
+			write_usage(deltas + i, batch, USAGE_WRITE_UPSERT);
 		else
-			upsert_all = !insert_usage(deltas + i, batch);
+			upsert_all = !write_usage_fast(deltas + i, batch, existing);
 		i += batch;
 	}
 
 	SPI_finish();
 	PopActiveSnapshot();
 	CommitTransactionCommand();
-	usage_flush_done(dboid, xid, deltas, n);
+	usage_flush_done(xid, deltas, n);
 	MemoryContextReset(deltas_cxt);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;

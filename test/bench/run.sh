@@ -5,15 +5,15 @@
 #   bash test/bench/run.sh            # full run: 1,000,000 keys, 3 rounds of 10 s a variant
 #   bash test/bench/run.sh --smoke    # seconds-long run that only proves it works
 #
-# Knobs: BENCH_KEYS, BENCH_SMALL_KEYS, BENCH_SECONDS, BENCH_ROUNDS, BENCH_CLIENTS.
+# Knobs: BENCH_KEYS, BENCH_SMALL_KEYS, BENCH_SECONDS, BENCH_WARMUP, BENCH_ROUNDS, BENCH_CLIENTS.
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 
 if [ "${1:-}" = "--smoke" ]; then
     KEYS=${BENCH_KEYS:-2000}; SMALL=${BENCH_SMALL_KEYS:-500}; SECONDS_EACH=${BENCH_SECONDS:-2}
-    ROUNDS=${BENCH_ROUNDS:-1}
+    WARMUP=${BENCH_WARMUP:-1}; ROUNDS=${BENCH_ROUNDS:-1}
 else
     KEYS=${BENCH_KEYS:-1000000}; SMALL=${BENCH_SMALL_KEYS:-10000}; SECONDS_EACH=${BENCH_SECONDS:-10}
-    ROUNDS=${BENCH_ROUNDS:-3}
+    WARMUP=${BENCH_WARMUP:-12}; ROUNDS=${BENCH_ROUNDS:-3}
 fi
 CLIENTS=${BENCH_CLIENTS:-2}
 PGPORT=${APIKEYS_BENCH_PORT:-54330}
@@ -106,11 +106,33 @@ cat > "$SCRIPTS/g.sql" <<'SQL'
 SELECT key_id FROM apikeys.create_key('owner-' || :o, 'bench');
 SQL
 
+# Waits (at most a minute) until no apikeys worker runs: the previous
+# variant's remaining counts are written and its worker has retired.
+quiesce() {
+    local i
+    for i in $(seq 1 120); do
+        [ "$(psql -XAtq -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'")" = 0 ] && return 0
+        sleep 0.5
+    done
+    echo "warning: an apikeys worker still runs after 60 s" >&2
+}
+
 # run LABEL DB SCRIPT LO HI -> TPS
+# A checkpoint first, so that none falls inside a measured run.  An
+# unmeasured warm-up longer than the flush interval: the worker started by
+# the run makes its first flush (the one that pays full-page images after
+# the checkpoint) in the warm-up, and the measured run contains its next
+# flush, of a full interval's counts, as on a server under steady load.
+# Afterwards the counts left are written before the next variant starts,
+# so that no variant pays for another's writes.
 run() {
     local out
+    psql -X -q -d "$2" -c CHECKPOINT
+    pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$WARMUP" \
+        -D lo="$4" -D hi="$5" -f "$SCRIPTS/$3" "$2" >/dev/null 2>&1
     out=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" \
         -D lo="$4" -D hi="$5" -f "$SCRIPTS/$3" "$2" 2>&1) || { echo "$out" >&2; exit 1; }
+    quiesce
     echo "$out" | awk '/^tps = / { print $3; exit }'
 }
 
@@ -130,6 +152,8 @@ for round in $(seq 1 "$ROUNDS"); do
     TPS[c]+="$(run c bench_large c.sql $((L_REV + 1)) "$KEYS") "
     TPS[g]+="$(run g bench_large g.sql 0 0) "
 done
+# The rounds' figures, in the order they ran.
+rounds() { tr ' ' '\n' <<<"$1" | grep . | awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }'; }
 median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 A=$(median "${TPS[a]}"); B=$(median "${TPS[b]}"); C=$(median "${TPS[c]}"); D=$(median "${TPS[d]}")
 DS=$(median "${TPS[ds]}"); E=$(median "${TPS[e]}"); F=$(median "${TPS[f]}"); G=$(median "${TPS[g]}")
@@ -138,16 +162,16 @@ ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'
 check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
 
 echo
-echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r); keys: $KEYS (small: $SMALL); median of $ROUNDS x ${SECONDS_EACH}s, $CLIENTS clients"
-printf '%-58s %10s\n' "variant" "TPS"
-printf '%-58s %10.0f\n' "(a) fetch a token by id" "$A"
-printf '%-58s %10.0f\n' "(b) hand-written SHA-256 lookup (pgcrypto)" "$B"
-printf '%-58s %10.0f\n' "(c) hand-written PL/pgSQL verify that updates last_used_at" "$C"
-printf '%-58s %10.0f\n' "(d) apikeys.verify, valid keys, usage tracking on" "$D"
-printf '%-58s %10.0f\n' "(d) at $SMALL keys" "$DS"
-printf '%-58s %10.0f\n' "(e) apikeys.verify, malformed tokens" "$E"
-printf '%-58s %10.0f\n' "(f) apikeys.verify, revoked keys" "$F"
-printf '%-58s %10.0f\n' "(g) apikeys.create_key" "$G"
+echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r); keys: $KEYS (small: $SMALL); median of $ROUNDS x ${SECONDS_EACH}s (after ${WARMUP}s warm-up), $CLIENTS clients"
+printf '%-58s %10s   %s\n' "variant" "TPS" "each round"
+printf '%-58s %10.0f   %s\n' "(a) fetch a token by id" "$A" "$(rounds "${TPS[a]}")"
+printf '%-58s %10.0f   %s\n' "(b) hand-written SHA-256 lookup (pgcrypto)" "$B" "$(rounds "${TPS[b]}")"
+printf '%-58s %10.0f   %s\n' "(c) hand-written PL/pgSQL verify that updates last_used_at" "$C" "$(rounds "${TPS[c]}")"
+printf '%-58s %10.0f   %s\n' "(d) apikeys.verify, valid keys, usage tracking on" "$D" "$(rounds "${TPS[d]}")"
+printf '%-58s %10.0f   %s\n' "(d) at $SMALL keys" "$DS" "$(rounds "${TPS[ds]}")"
+printf '%-58s %10.0f   %s\n' "(e) apikeys.verify, malformed tokens" "$E" "$(rounds "${TPS[e]}")"
+printf '%-58s %10.0f   %s\n' "(f) apikeys.verify, revoked keys" "$F" "$(rounds "${TPS[f]}")"
+printf '%-58s %10.0f   %s\n' "(g) apikeys.create_key" "$G" "$(rounds "${TPS[g]}")"
 echo
 printf '%-40s %8s %8s %8s\n' "ratio" "value" "target" "result"
 R1=$(ratio "$D" "$B"); R2=$(ratio "$D" "$C"); R3=$(ratio "$D" "$DS"); R4=$(ratio "$E" "$D")
