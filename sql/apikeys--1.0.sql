@@ -646,10 +646,9 @@ BEGIN
 END
 $$;
 
--- One row, not a set: no tuplestore on the hot path.
--- The hot path.  Named row types rather than OUT parameters: the executor
--- takes a row type's descriptor from the type cache, where OUT parameters
--- are decoded from pg_proc on every execution.
+-- The hot path returns one row, not a set, of a named row type rather than
+-- OUT parameters: the executor takes a row type's descriptor from the type
+-- cache, where OUT parameters are decoded from pg_proc on every execution.
 CREATE TYPE apikeys.verify_result AS (
     valid boolean, code text, key_id uuid, owner text, name text,
     scopes text[], metadata jsonb, expires_at timestamptz);
