@@ -357,11 +357,12 @@ apikeys_worker_main(Datum main_arg)
 	 */
 	for (;;)
 	{
-		TimestampTz due = TimestampTzPlusMilliseconds(GetCurrentTimestamp(),
-													  apikeys_flush_interval * 1000L);
+		TimestampTz since = GetCurrentTimestamp();
 
 		for (;;)
 		{
+			/* Recomputed each time: a reload may have shortened the interval. */
+			TimestampTz due = TimestampTzPlusMilliseconds(since, apikeys_flush_interval * 1000L);
 			long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due);
 
 			if (ShutdownRequestPending || ms <= 0 || apikeys_take_flush_request(dboid))

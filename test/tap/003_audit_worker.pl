@@ -18,7 +18,8 @@
 #  (d) the worker killed with SIGKILL: the server restarts, and new failures
 #      are recorded again (a worker comes back);
 #  (e) clean shutdown flushes: with flush_interval = 1h, failures are not
-#      written until a fast shutdown, and are there after the restart;
+#      written until a fast shutdown, and are there after the restart; a
+#      worker asleep for 1h writes within seconds of a reload to 1 s;
 #  (f) DROP EXTENSION stops its database's worker, with no error in the
 #      server log, and DROP DATABASE of a database that had failures succeeds
 #      once its queue drained;
@@ -436,10 +437,18 @@ is(failed_rows('db2', "details->>'prefix' = 'shutdn'"), '1|6', '(e) ... and db2 
 chain_ok('db1', '(e)');
 chain_ok('db2', '(e)');
 no_log_errors($node, $log_from, '(e)', $auth_errors);
+# A worker that went to sleep for 1h writes soon after a reload shortens the interval.
+my ($e2_id, $e2_tok) = revoked_key('db1', 'frank', 'reload key');
+is(fail_authenticate('db1', $e2_tok, 2, 'API_KEY_REVOKED'), 2, '(e) 2 failures with the 1h interval');
+usleep(1_500_000);
+is(failed_rows('db1', "key_id = '$e2_id'"), '0|0', '(e) ... not written while the interval is 1h');
 sql('postgres', q{ALTER SYSTEM RESET apikeys.flush_interval});
 sql('postgres', q{SELECT pg_reload_conf()});
 ok(defined wait_until('db1', q{SELECT current_setting('apikeys.flush_interval') = '1s'}, 10),
 	'(e) flush_interval back to 1s');
+ok(defined wait_until('db1', qq{SELECT count(*) = 1 FROM apikeys.audit_log
+	WHERE event = 'verify_failed' AND key_id = '$e2_id'}, 10),
+	'(e) ... and the sleeping worker writes the 2 failures at once');
 
 #
 # (f) DROP EXTENSION stops the worker; DROP DATABASE after failures works.
