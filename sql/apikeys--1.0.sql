@@ -3,16 +3,70 @@
 \echo Use "CREATE EXTENSION apikeys" to load this file. \quit
 
 ------------------------------------------------------------------------------
--- Roles: created if absent; DBAs grant them to login roles.
+-- The schema: CREATE EXTENSION made it, or it was made for us.  Refuse one
+-- that a role other than a superuser owns, or that anything already sits
+-- in: its owner could add objects beside ours (a verify(varchar) that
+-- captures tokens) or drop them all.
+------------------------------------------------------------------------------
+DO $schema$
+DECLARE
+    v_owner name;
+    v_super boolean;
+    v_grantee name;
+BEGIN
+    SELECT r.rolname, r.rolsuper INTO v_owner, v_super
+      FROM pg_catalog.pg_namespace n
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+     WHERE n.nspname OPERATOR(pg_catalog.=) 'apikeys';
+    IF NOT v_super THEN
+        RAISE EXCEPTION 'schema "apikeys" is owned by role "%"', v_owner
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'apikeys installs only into a schema that a superuser owns, that holds nothing and that no other role may create objects in.',
+                  HINT = 'Drop the schema, or make a superuser its owner after checking what it holds, then run CREATE EXTENSION again.';
+    END IF;
+    SELECT r.rolname INTO v_grantee
+      FROM pg_catalog.pg_namespace n,
+           LATERAL pg_catalog.aclexplode(n.nspacl) a
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) a.grantee
+     WHERE n.nspname OPERATOR(pg_catalog.=) 'apikeys'
+       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+       AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'schema "apikeys" lets role "%" create objects in it', COALESCE(v_grantee, 'public')
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'apikeys installs only into a schema that a superuser owns, that holds nothing and that no other role may create objects in.',
+                  HINT = 'Revoke CREATE on the schema from every role but its owner, then run CREATE EXTENSION again.';
+    END IF;
+    -- Every object in a schema depends on it; so does this extension itself.
+    IF EXISTS (SELECT FROM pg_catalog.pg_depend d
+                WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                  AND d.refobjid OPERATOR(pg_catalog.=) 'apikeys'::pg_catalog.regnamespace
+                  AND NOT (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                           AND d.objid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e
+                                                               WHERE e.extname OPERATOR(pg_catalog.=) 'apikeys'))) THEN
+        RAISE EXCEPTION 'schema "apikeys" is not empty'
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'apikeys installs only into a schema that a superuser owns, that holds nothing and that no other role may create objects in.',
+                  HINT = 'Move or drop what the schema holds, then run CREATE EXTENSION again.';
+    END IF;
+END
+$schema$;
+
+------------------------------------------------------------------------------
+-- Roles: created if absent; DBAs grant the first two to login roles.
+-- apikeys_worker is the role the background workers write as: no one logs
+-- in as it, and it holds only what writing queued records needs.
 ------------------------------------------------------------------------------
 DO $roles$
+DECLARE
+    v_role text;
 BEGIN
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'apikeys_admin') THEN
-        CREATE ROLE apikeys_admin NOLOGIN;
-    END IF;
-    IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) 'apikeys_app') THEN
-        CREATE ROLE apikeys_app NOLOGIN;
-    END IF;
+    FOREACH v_role IN ARRAY ARRAY['apikeys_admin', 'apikeys_app', 'apikeys_worker'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) v_role) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', v_role);
+        END IF;
+    END LOOP;
 END
 $roles$;
 
@@ -84,34 +138,41 @@ AS $$
     SELECT pg_catalog.pg_has_role(apikeys._caller(), 'apikeys_admin', 'MEMBER')
 $$;
 
--- apikeys.actor when the application sets it, else the calling role.
+-- apikeys.actor when the application sets it (its first 200 characters),
+-- else the calling role.
 CREATE FUNCTION apikeys._actor() RETURNS text
     LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT COALESCE(NULLIF(pg_catalog.current_setting('apikeys.actor', true), ''),
+    SELECT COALESCE(pg_catalog.left(NULLIF(pg_catalog.current_setting('apikeys.actor', true), ''), 200),
                     apikeys._caller()::text)
 $$;
 
--- True while pg_restore (or a pg_dump script) replays data: every dump sets
--- check_function_bodies off, and only a superuser can restore an extension.
--- Rows then arrive as they were, so limits are not re-judged.
-CREATE FUNCTION apikeys._restoring() RETURNS boolean
-    LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT pg_catalog.current_setting('check_function_bodies') OPERATOR(pg_catalog.=) 'off'
-       AND COALESCE((SELECT r.rolsuper FROM pg_catalog.pg_roles r
-                      WHERE r.rolname OPERATOR(pg_catalog.=) session_user), false)
-$$;
+-- Whether the row a trigger sees arrives from a restore: a superuser's
+-- COPY ... FROM into that very table, named with its schema, as pg_restore
+-- and pg_dump's scripts write it.  Such rows are kept as they were dumped:
+-- limits are not re-judged and no audit row is added.  No setting anyone
+-- can give a session makes another write look like one.
+CREATE FUNCTION apikeys._restoring(regclass) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'apikeys_restoring' LANGUAGE C STABLE STRICT;
+
+-- The library's superuser-only settings, read through the library: calling
+-- it loads it, and loading it refuses a value that an unprivileged session
+-- gave such a setting while it was still an unknown placeholder.
+CREATE FUNCTION apikeys._audit_context() RETURNS text
+    AS 'MODULE_PATHNAME', 'apikeys_audit_context_setting' LANGUAGE C STABLE;
+CREATE FUNCTION apikeys._max_rotation_grace() RETURNS interval
+    AS 'MODULE_PATHNAME', 'apikeys_max_rotation_grace_setting' LANGUAGE C STABLE;
+CREATE FUNCTION apikeys._audit_retention_min() RETURNS interval
+    AS 'MODULE_PATHNAME', 'apikeys_audit_retention_min_setting' LANGUAGE C STABLE;
 
 ------------------------------------------------------------------------------
 -- Tables.
 ------------------------------------------------------------------------------
 CREATE TABLE apikeys.plans (
-    name        text PRIMARY KEY CHECK (name OPERATOR(pg_catalog.<>) ''),
+    name        text PRIMARY KEY CHECK (pg_catalog.length(name) OPERATOR(pg_catalog.<=) 63),
     max_keys    integer CHECK (max_keys IS NULL OR max_keys OPERATOR(pg_catalog.>=) 0),
-    description text
+    description text CHECK (pg_catalog.length(description) OPERATOR(pg_catalog.<=) 1000)
 );
 
 INSERT INTO apikeys.plans (name, max_keys, description) VALUES
@@ -121,7 +182,7 @@ INSERT INTO apikeys.plans (name, max_keys, description) VALUES
     ('enterprise', NULL, 'Unlimited active keys.');
 
 CREATE TABLE apikeys.owners (
-    owner       text PRIMARY KEY,
+    owner       text PRIMARY KEY CHECK (pg_catalog.length(owner) OPERATOR(pg_catalog.<=) 200),
     plan        text NOT NULL REFERENCES apikeys.plans (name) ON UPDATE CASCADE,
     created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
     updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
@@ -145,7 +206,7 @@ CREATE TABLE apikeys.keys (
     expires_at    timestamptz,
     revoked_at    timestamptz,
     revoked_by    text,
-    revoke_reason text,
+    revoke_reason text CHECK (pg_catalog.length(revoke_reason) OPERATOR(pg_catalog.<=) 1000),
     rotated_from  uuid,
     replaced_by   uuid
 );
@@ -268,8 +329,7 @@ BEGIN
                AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now())
              LIMIT v_max) live;
     IF v_live OPERATOR(pg_catalog.>=) v_max THEN
-        PERFORM apikeys._record_event('limit_exceeded', p_owner, NULL,
-            pg_catalog.jsonb_build_object('plan', v_plan, 'max_keys', v_max));
+        PERFORM apikeys._record_limit_exceeded(p_owner, v_plan, v_max);
         RAISE EXCEPTION 'key limit reached: plan "%" allows % active key%',
                         v_plan, v_max, CASE WHEN v_max OPERATOR(pg_catalog.=) 1 THEN '' ELSE 's' END
             USING ERRCODE = '53400',
@@ -287,10 +347,10 @@ CREATE FUNCTION apikeys._keys_before_insert() RETURNS trigger
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF apikeys._restoring() THEN
-        PERFORM apikeys._ensure_owner(NEW.owner);
+    IF apikeys._restoring(TG_RELID) THEN
         RETURN NEW;
     END IF;
+    PERFORM apikeys._require_key_fields(NEW);
     -- A rotation's new key takes the place of the key it replaces, which no
     -- longer counts: the owner's count does not grow, even above a lowered limit.
     IF apikeys._counts(NEW) AND NOT EXISTS (
@@ -347,6 +407,25 @@ BEGIN
                   DETAIL = 'The key that replaced a rotated key is fixed.';
     END IF;
 
+    -- A rotated key's grace may end sooner, never later: it is capped by
+    -- apikeys.max_rotation_grace when rotate() sets it.
+    IF OLD.replaced_by IS NOT NULL AND OLD.expires_at IS NOT NULL
+       AND (NEW.expires_at IS NULL OR NEW.expires_at OPERATOR(pg_catalog.>) OLD.expires_at) THEN
+        RAISE EXCEPTION 'the grace of rotated key % cannot be extended', OLD.id
+            USING ERRCODE = '55000',
+                  DETAIL = 'A rotated key stays valid at most until the end of the grace its rotation gave it.';
+    END IF;
+
+    IF NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason
+       AND pg_catalog.length(NEW.revoke_reason) OPERATOR(pg_catalog.>) 1000 THEN
+        RAISE EXCEPTION 'reason is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF NEW.name IS DISTINCT FROM OLD.name OR NEW.scopes IS DISTINCT FROM OLD.scopes
+       OR NEW.metadata IS DISTINCT FROM OLD.metadata OR NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN
+        PERFORM apikeys._require_key_fields(NEW);
+    END IF;
+
     IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
         NEW.revoked_by := apikeys._actor();
     END IF;
@@ -380,25 +459,36 @@ CREATE TRIGGER keys_refuse_delete BEFORE DELETE ON apikeys.keys
 CREATE TRIGGER keys_refuse_truncate BEFORE TRUNCATE ON apikeys.keys
     FOR EACH STATEMENT EXECUTE FUNCTION apikeys._keys_refuse_delete();
 
--- A restore replays plans over the seeded rows the extension script just
--- wrote: the dumped row (perhaps an edited limit) replaces the seed.
-CREATE FUNCTION apikeys._plans_before_insert() RETURNS trigger
-    LANGUAGE plpgsql
+-- Checks what admins write to plans.  A restore replays plans over the
+-- seeded rows the extension script just wrote: the dumped row (perhaps an
+-- edited limit) replaces the seed.
+CREATE FUNCTION apikeys._plans_before_write() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF apikeys._restoring()
-       AND EXISTS (SELECT FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) NEW.name) THEN
-        UPDATE apikeys.plans p SET max_keys = NEW.max_keys, description = NEW.description
-         WHERE p.name OPERATOR(pg_catalog.=) NEW.name;
-        RETURN NULL;
+    IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' AND apikeys._restoring(TG_RELID) THEN
+        IF EXISTS (SELECT FROM apikeys.plans p WHERE p.name OPERATOR(pg_catalog.=) NEW.name) THEN
+            UPDATE apikeys.plans p SET max_keys = NEW.max_keys, description = NEW.description
+             WHERE p.name OPERATOR(pg_catalog.=) NEW.name;
+            RETURN NULL;
+        END IF;
+        RETURN NEW;
+    END IF;
+    PERFORM apikeys._require_text(NEW.name, 'plan name', 63);
+    IF NEW.max_keys OPERATOR(pg_catalog.<) 0 THEN
+        RAISE EXCEPTION 'max_keys must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means unlimited.';
+    END IF;
+    IF pg_catalog.length(NEW.description) OPERATOR(pg_catalog.>) 1000 THEN
+        RAISE EXCEPTION 'description is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     RETURN NEW;
 END
 $$;
 
-CREATE TRIGGER plans_before_insert BEFORE INSERT ON apikeys.plans
-    FOR EACH ROW EXECUTE FUNCTION apikeys._plans_before_insert();
+CREATE TRIGGER plans_before_write BEFORE INSERT OR UPDATE ON apikeys.plans
+    FOR EACH ROW EXECUTE FUNCTION apikeys._plans_before_write();
 
 ------------------------------------------------------------------------------
 -- Audit log: append-only, hash-chained.
@@ -420,6 +510,16 @@ CREATE INDEX audit_log_key_idx ON apikeys.audit_log (key_id);
 CREATE INDEX audit_log_owner_at_idx ON apikeys.audit_log (owner, at);
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 
+-- The audit chain's lock: a writer locks this one row until it commits, so
+-- rows chain one at a time.  Locking a row takes UPDATE on its table, which
+-- no role but the extension's owner holds; an advisory lock, which any role
+-- that can connect may take and keep, would let that role stop every key
+-- change.  Not dumped: the install script writes the row.
+CREATE TABLE apikeys._audit_chain_lock (
+    id integer PRIMARY KEY CHECK (id OPERATOR(pg_catalog.=) 1)
+);
+INSERT INTO apikeys._audit_chain_lock VALUES (1);
+
 CREATE FUNCTION apikeys._audit_hash(prev bytea, payload text) RETURNS bytea
     AS 'MODULE_PATHNAME', 'apikeys_audit_hash' LANGUAGE C IMMUTABLE STRICT;
 
@@ -440,9 +540,10 @@ AS $$
         a.event, a.key_id, a.owner, a.actor, a.db_user, a.client_addr, a.details)::text
 $$;
 
--- Chains every new row: one writer at a time (a transaction-scoped advisory
--- lock, key 1634757995 = 'apik', 1), ids without gaps, hash over the
--- previous hash and this row.  A restore keeps rows exactly as dumped.
+-- Chains every new row: one writer at a time (the lock on the row of
+-- apikeys._audit_chain_lock, held until commit), ids without gaps, hash
+-- over the previous hash and this row.  A restore keeps rows exactly as
+-- dumped.
 CREATE FUNCTION apikeys._audit_before_insert() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -450,10 +551,10 @@ AS $$
 DECLARE
     v_tail record;
 BEGIN
-    IF apikeys._restoring() THEN
+    IF apikeys._restoring(TG_RELID) THEN
         RETURN NEW;
     END IF;
-    PERFORM pg_catalog.pg_advisory_xact_lock(1634757995, 1);
+    PERFORM FROM apikeys._audit_chain_lock l FOR UPDATE;
     SELECT * INTO v_tail FROM apikeys._audit_tail();
     NEW.id := COALESCE(v_tail.last_id, 0) OPERATOR(pg_catalog.+) 1;
     NEW.prev_hash := COALESCE(v_tail.last_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
@@ -497,16 +598,16 @@ $$;
 
 -- Lifecycle events, in the transaction of the change, whoever writes it.
 -- Functions name their context (revoke_all, revoke_token) in the
--- superuser-only setting apikeys.audit_context.
+-- superuser-only setting apikeys.audit_context, read through the library.
 CREATE FUNCTION apikeys._keys_audit() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_context text := COALESCE(pg_catalog.current_setting('apikeys.audit_context', true), '');
+    v_context text := apikeys._audit_context();
     v_changed text[];
 BEGIN
-    IF apikeys._restoring() THEN
+    IF apikeys._restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
@@ -548,7 +649,7 @@ CREATE FUNCTION apikeys._owners_audit() RETURNS trigger
     SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF apikeys._restoring() THEN
+    IF apikeys._restoring(TG_RELID) THEN
         RETURN NULL;
     END IF;
     IF TG_OP OPERATOR(pg_catalog.=) 'INSERT' THEN
@@ -567,11 +668,50 @@ CREATE TRIGGER keys_audit AFTER INSERT OR UPDATE ON apikeys.keys
 CREATE TRIGGER owners_audit AFTER INSERT OR UPDATE ON apikeys.owners
     FOR EACH ROW EXECUTE FUNCTION apikeys._owners_audit();
 
+-- The bounds on an owner, for every writer (functions and SQL alike).
+CREATE FUNCTION apikeys._owners_before_write() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT apikeys._restoring(TG_RELID) THEN
+        PERFORM apikeys._require_text(NEW.owner, 'owner', 200);
+    END IF;
+    RETURN NEW;
+END
+$$;
+
+CREATE TRIGGER owners_before_write BEFORE INSERT OR UPDATE OF owner ON apikeys.owners
+    FOR EACH ROW EXECUTE FUNCTION apikeys._owners_before_write();
+
+-- Every change an admin makes to a plan, with the row before and after.
+CREATE FUNCTION apikeys._plans_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring(TG_RELID)
+       OR (TG_OP OPERATOR(pg_catalog.=) 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO apikeys.audit_log (event, details)
+    VALUES ('plan_updated', pg_catalog.jsonb_build_object(
+        'plan', CASE TG_OP WHEN 'DELETE' THEN OLD.name ELSE NEW.name END,
+        'change', pg_catalog.lower(TG_OP),
+        'old', CASE TG_OP WHEN 'INSERT' THEN NULL ELSE pg_catalog.to_jsonb(OLD) END,
+        'new', CASE TG_OP WHEN 'DELETE' THEN NULL ELSE pg_catalog.to_jsonb(NEW) END));
+    RETURN NULL;
+END
+$$;
+
+CREATE TRIGGER plans_audit AFTER INSERT OR UPDATE OR DELETE ON apikeys.plans
+    FOR EACH ROW EXECUTE FUNCTION apikeys._plans_audit();
+
 -- Records that must survive the caller's rollback go to shared memory, from
 -- where a background worker writes them (no-op without the preload).
-CREATE FUNCTION apikeys._record_event(event text, owner text, key_id uuid, details jsonb)
+CREATE FUNCTION apikeys._record_limit_exceeded(owner text, plan text, max_keys integer)
 RETURNS void
-    AS 'MODULE_PATHNAME', 'apikeys_record_event' LANGUAGE C VOLATILE;
+    AS 'MODULE_PATHNAME', 'apikeys_record_limit_exceeded' LANGUAGE C VOLATILE;
 
 ------------------------------------------------------------------------------
 -- Argument checks shared by the public functions.
@@ -582,11 +722,70 @@ CREATE FUNCTION apikeys._require_text(p_value text, p_what text, p_max integer) 
 AS $$
 BEGIN
     IF p_value IS NULL THEN
-        RAISE EXCEPTION '% must not be null', p_what USING ERRCODE = '22023';
+        RAISE EXCEPTION '% must not be null', p_what USING ERRCODE = 'invalid_parameter_value';
     ELSIF p_value OPERATOR(pg_catalog.=) '' THEN
-        RAISE EXCEPTION '% must not be empty', p_what USING ERRCODE = '22023';
+        RAISE EXCEPTION '% must not be empty', p_what USING ERRCODE = 'invalid_parameter_value';
     ELSIF pg_catalog.length(p_value) OPERATOR(pg_catalog.>) p_max THEN
-        RAISE EXCEPTION '% is longer than % characters', p_what, p_max USING ERRCODE = '22023';
+        RAISE EXCEPTION '% is longer than % characters', p_what, p_max USING ERRCODE = 'invalid_parameter_value';
+    ELSIF pg_catalog.btrim(p_value) OPERATOR(pg_catalog.=) '' THEN
+        RAISE EXCEPTION '% must not be blank', p_what USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_value OPERATOR(pg_catalog.~) E'[\\x01-\\x1f\\x7f-\\x9f]' THEN
+        RAISE EXCEPTION '% must not contain control characters', p_what USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- 22023 unless scopes is a one-dimensional array of at most 64 scopes, each
+-- 1 to 128 characters, not blank, free of control characters.
+CREATE FUNCTION apikeys._require_scopes(p_scopes text[]) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_scope text;
+BEGIN
+    IF p_scopes IS NULL THEN
+        RAISE EXCEPTION 'scopes must not be null' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass an empty array for a key without scopes.';
+    ELSIF pg_catalog.array_ndims(p_scopes) OPERATOR(pg_catalog.>) 1 THEN
+        RAISE EXCEPTION 'scopes must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF pg_catalog.cardinality(p_scopes) OPERATOR(pg_catalog.>) 64 THEN
+        RAISE EXCEPTION 'a key holds at most 64 scopes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_scope IN ARRAY p_scopes LOOP
+        IF v_scope IS NULL THEN
+            RAISE EXCEPTION 'scopes must not contain null elements' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        PERFORM apikeys._require_text(v_scope, 'a scope', 128);
+    END LOOP;
+END
+$$;
+
+-- 22023 unless metadata is a JSON object of at most 8192 bytes as text.
+CREATE FUNCTION apikeys._require_metadata(p_metadata jsonb) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_metadata IS NULL OR pg_catalog.jsonb_typeof(p_metadata) OPERATOR(pg_catalog.<>) 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF pg_catalog.octet_length(p_metadata::text) OPERATOR(pg_catalog.>) 8192 THEN
+        RAISE EXCEPTION 'metadata is larger than 8192 bytes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+-- The bounds on what a key holds, for every writer (functions and SQL alike).
+CREATE FUNCTION apikeys._require_key_fields(k apikeys.keys) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM apikeys._require_text(k.name, 'name', 200);
+    PERFORM apikeys._require_scopes(k.scopes);
+    PERFORM apikeys._require_metadata(k.metadata);
+    IF k.rate_limit OPERATOR(pg_catalog.<=) 0 THEN
+        RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
 END
 $$;
@@ -612,26 +811,10 @@ DECLARE
     v_id    uuid;
     v_at    timestamptz;
 BEGIN
+    -- Name, scopes, metadata and rate limit are checked by the insert's trigger.
     PERFORM apikeys._require_text(create_key.owner, 'owner', 200);
-    PERFORM apikeys._require_text(create_key.name, 'name', 200);
-    IF create_key.scopes IS NULL THEN
-        RAISE EXCEPTION 'scopes must not be null' USING ERRCODE = '22023',
-            HINT = 'Pass an empty array for a key without scopes.';
-    END IF;
-    IF EXISTS (SELECT FROM pg_catalog.unnest(create_key.scopes) s(scope)
-                WHERE s.scope IS NULL OR s.scope OPERATOR(pg_catalog.=) '') THEN
-        RAISE EXCEPTION 'scopes must not contain null or empty elements' USING ERRCODE = '22023';
-    END IF;
-    IF create_key.expires_at IS NOT NULL
-       AND create_key.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
+    IF create_key.expires_at OPERATOR(pg_catalog.<=) pg_catalog.now() THEN
         RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = '22023';
-    END IF;
-    IF create_key.metadata IS NULL
-       OR pg_catalog.jsonb_typeof(create_key.metadata) OPERATOR(pg_catalog.<>) 'object' THEN
-        RAISE EXCEPTION 'metadata must be a JSON object' USING ERRCODE = '22023';
-    END IF;
-    IF create_key.rate_limit IS NOT NULL AND create_key.rate_limit OPERATOR(pg_catalog.<=) 0 THEN
-        RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = '22023';
     END IF;
 
     v_token := apikeys._new_token(create_key.prefix);
@@ -726,8 +909,7 @@ BEGIN
        SET revoked_at = pg_catalog.now(), revoked_by = apikeys._actor(),
            revoke_reason = revoke_all.reason
      WHERE k.owner OPERATOR(pg_catalog.=) revoke_all.owner
-       AND k.revoked_at IS NULL
-       AND (k.expires_at IS NULL OR k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now());
+       AND k.revoked_at IS NULL;
     GET DIAGNOSTICS v_count = ROW_COUNT;
     PERFORM pg_catalog.set_config('apikeys.audit_context', '', true);
     RETURN v_count;
@@ -779,6 +961,12 @@ BEGIN
     IF grace IS NULL OR grace OPERATOR(pg_catalog.<) '0'::interval THEN
         RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = '22023';
     END IF;
+    IF grace OPERATOR(pg_catalog.>) apikeys._max_rotation_grace() THEN
+        RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = pg_catalog.format('The longest grace is %s.', apikeys._max_rotation_grace()),
+                  HINT = 'A superuser can raise apikeys.max_rotation_grace.';
+    END IF;
     IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
         RAISE EXCEPTION 'permission denied to rotate a key without naming its owner'
             USING ERRCODE = '42501',
@@ -806,6 +994,13 @@ BEGIN
         RAISE EXCEPTION 'key % has expired', p_key_id USING ERRCODE = '55000',
             DETAIL = 'Only active keys can be rotated.';
     END IF;
+
+    -- A chain holds at most two valid keys: the grace of the key this one
+    -- replaced, if it is still rotating, ends now.
+    UPDATE apikeys.keys k SET expires_at = pg_catalog.now()
+     WHERE k.id OPERATOR(pg_catalog.=) v_old.rotated_from
+       AND k.revoked_at IS NULL
+       AND k.expires_at OPERATOR(pg_catalog.>) pg_catalog.now();
 
     -- Retire the old key before inserting the new one, so an owner at its
     -- plan limit can rotate: a rotating key no longer counts.
@@ -959,8 +1154,14 @@ BEGIN
     IF purge_audit.before IS NULL THEN
         RAISE EXCEPTION 'before must not be null' USING ERRCODE = '22023';
     END IF;
+    IF purge_audit.before OPERATOR(pg_catalog.>) (pg_catalog.now() OPERATOR(pg_catalog.-) apikeys._audit_retention_min()) THEN
+        RAISE EXCEPTION 'audit rows younger than apikeys.audit_retention_min are kept'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = pg_catalog.format('purge_audit() removes only rows older than %s.', apikeys._audit_retention_min()),
+                  HINT = 'A superuser can lower apikeys.audit_retention_min.';
+    END IF;
     -- Only a prefix of the chain can go, so the rest still verifies.
-    PERFORM pg_catalog.pg_advisory_xact_lock(1634757995, 1);
+    PERFORM FROM apikeys._audit_chain_lock l FOR UPDATE;
     SELECT * INTO v_through FROM apikeys.audit_log a
      WHERE a.id OPERATOR(pg_catalog.=) (SELECT pg_catalog.max(b.id) FROM apikeys.audit_log b
                                          WHERE b.at OPERATOR(pg_catalog.<) purge_audit.before);
@@ -999,7 +1200,7 @@ REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result FROM PUBLIC;
 
-GRANT USAGE ON SCHEMA apikeys TO apikeys_admin, apikeys_app;
+GRANT USAGE ON SCHEMA apikeys TO apikeys_admin, apikeys_app, apikeys_worker;
 GRANT USAGE ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result
     TO apikeys_admin, apikeys_app;
 
@@ -1026,7 +1227,11 @@ GRANT EXECUTE ON FUNCTION
 TO apikeys_admin;
 
 GRANT SELECT ON ALL TABLES IN SCHEMA apikeys TO apikeys_admin;
+REVOKE SELECT ON apikeys._audit_chain_lock FROM apikeys_admin;
 GRANT INSERT, UPDATE, DELETE ON apikeys.plans TO apikeys_admin;
+-- The background workers: queued records into the audit log, counts into key_usage.
+GRANT INSERT ON apikeys.audit_log TO apikeys_worker;
+GRANT SELECT, INSERT, UPDATE ON apikeys.key_usage TO apikeys_worker;
 GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at) ON apikeys.keys TO apikeys_admin;
 
 ------------------------------------------------------------------------------
@@ -1048,7 +1253,16 @@ COMMENT ON FUNCTION apikeys._default_plan() IS 'Internal: the apikeys.default_pl
 COMMENT ON FUNCTION apikeys._caller() IS 'Internal: the role that called into apikeys (SET ROLE role, else session user).';
 COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin.';
 COMMENT ON FUNCTION apikeys._actor() IS 'Internal: apikeys.actor if set, else the calling role.';
-COMMENT ON FUNCTION apikeys._restoring() IS 'Internal: whether a superuser session is replaying a dump.';
+COMMENT ON FUNCTION apikeys._restoring(regclass) IS 'Internal: whether the row a trigger sees comes from a superuser''s COPY into its table (a restore).';
+COMMENT ON FUNCTION apikeys._audit_context() IS 'Internal: which apikeys function is making a change, read through the library.';
+COMMENT ON FUNCTION apikeys._max_rotation_grace() IS 'Internal: apikeys.max_rotation_grace, read through the library.';
+COMMENT ON FUNCTION apikeys._audit_retention_min() IS 'Internal: apikeys.audit_retention_min, read through the library.';
+COMMENT ON FUNCTION apikeys._require_scopes(text[]) IS 'Internal: 22023 unless scopes are within their bounds.';
+COMMENT ON FUNCTION apikeys._require_metadata(jsonb) IS 'Internal: 22023 unless metadata is a JSON object within its bound.';
+COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata and rate limit.';
+COMMENT ON FUNCTION apikeys._owners_before_write() IS 'Internal: the bounds on an owner, for every writer.';
+COMMENT ON FUNCTION apikeys._plans_audit() IS 'Internal: audit rows for changes to plans.';
+COMMENT ON TABLE apikeys._audit_chain_lock IS 'Internal: one row whose lock serialises writers of the audit chain.';
 COMMENT ON FUNCTION apikeys._counts(apikeys.keys) IS 'Internal: whether a key counts toward its owner''s plan limit.';
 COMMENT ON FUNCTION apikeys._ensure_owner(text) IS 'Internal: creates the owner''s row on the default plan if missing; returns its plan.';
 COMMENT ON FUNCTION apikeys._lock_owner(text) IS 'Internal: serialises changes to one owner''s keys.';
@@ -1056,8 +1270,8 @@ COMMENT ON FUNCTION apikeys._enforce_plan_limit(text) IS 'Internal: raises 53400
 COMMENT ON FUNCTION apikeys._keys_before_insert() IS 'Internal: plan limit on new keys.';
 COMMENT ON FUNCTION apikeys._keys_before_update() IS 'Internal: immutable columns, no reactivation, plan limit on revived keys.';
 COMMENT ON FUNCTION apikeys._keys_refuse_delete() IS 'Internal: keys are never deleted or truncated.';
-COMMENT ON FUNCTION apikeys._plans_before_insert() IS 'Internal: a restored plan row replaces the seeded one.';
-COMMENT ON FUNCTION apikeys._require_text(text, text, integer) IS 'Internal: 22023 for a NULL, empty or over-long argument.';
+COMMENT ON FUNCTION apikeys._plans_before_write() IS 'Internal: bounds on plans; a restored plan row replaces the seeded one.';
+COMMENT ON FUNCTION apikeys._require_text(text, text, integer) IS 'Internal: 22023 for a NULL, empty, blank, over-long or control-character argument.';
 
 COMMENT ON TABLE apikeys.plans IS 'Plans and how many active keys each allows (NULL: unlimited).';
 COMMENT ON TABLE apikeys.owners IS 'Owners (the application''s users, accounts or tenants) and their plans.';
@@ -1092,5 +1306,5 @@ COMMENT ON FUNCTION apikeys._audit_refuse_change() IS 'Internal: the audit log i
 COMMENT ON FUNCTION apikeys._audit(text, uuid, text, jsonb) IS 'Internal: appends one audit row.';
 COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows for key changes.';
 COMMENT ON FUNCTION apikeys._owners_audit() IS 'Internal: audit rows for owner and plan changes.';
-COMMENT ON FUNCTION apikeys._record_event(text, text, uuid, jsonb) IS 'Internal: queues a record that survives rollback (preload only).';
+COMMENT ON FUNCTION apikeys._record_limit_exceeded(text, text, integer) IS 'Internal: queues a limit_exceeded record that survives rollback (preload only).';
 COMMENT ON FUNCTION apikeys._pending_usage(uuid) IS 'Internal: today''s usage counts not yet written to apikeys.key_usage.';

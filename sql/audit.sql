@@ -92,7 +92,21 @@ SELECT ok, first_bad_id = :t2_id AS names_rehashed_row FROM apikeys.audit_verify
 ROLLBACK;
 SELECT ok FROM apikeys.audit_verify();
 
--- Retention: purge_audit removes a prefix of the chain and records it.
+-- Retention has a floor: nothing younger than apikeys.audit_retention_min
+-- (90 days by default) is purged, not even by 'infinity' (22023).
+SHOW apikeys.audit_retention_min;
+SELECT count(*) AS rows_before FROM apikeys.audit_log \gset
+SELECT pg_temp.try($$SELECT apikeys.purge_audit('infinity')$$) AS purge_everything;
+SELECT pg_temp.try($$SELECT apikeys.purge_audit(now() - interval '89 days')$$) AS purge_89_days;
+SELECT pg_temp.try($$SELECT apikeys.purge_audit(now() - interval '90 days 1 second')$$) AS purge_past_floor;
+SET ROLE apikeys_admin;
+SELECT pg_temp.try($$SET apikeys.audit_retention_min = 0$$) AS admin_lowers_floor;
+RESET ROLE;
+SELECT count(*) = :rows_before AS nothing_purged FROM apikeys.audit_log;
+
+-- Retention: purge_audit removes a prefix of the chain and records it (a
+-- superuser lowers the floor for this test).
+SET apikeys.audit_retention_min = 0;
 SELECT id AS cut_id, at AS cut_at FROM apikeys.audit_log WHERE owner = 'audit-a' AND event = 'key_revoked' \gset
 SELECT apikeys.purge_audit(:'cut_at'::timestamptz + interval '1 microsecond') > 0 AS purged_some;
 SELECT min(id) > :cut_id AS prefix_gone FROM apikeys.audit_log;
@@ -106,3 +120,23 @@ SELECT pg_temp.try('SELECT apikeys.purge_audit(NULL)') AS null_before;
 -- The log keeps chaining after a purge.
 SELECT count(*) FROM apikeys.create_key('audit-b', 'after purge');
 SELECT ok FROM apikeys.audit_verify();
+RESET apikeys.audit_retention_min;
+
+-- Changes to plans are audited (plan_updated), with the row before and after.
+SELECT count(*) AS plan_rows_before FROM apikeys.audit_log WHERE event = 'plan_updated' \gset
+SET ROLE apikeys_admin;
+INSERT INTO apikeys.plans (name, max_keys, description) VALUES ('audit-plan', 3, 'Three keys.');
+UPDATE apikeys.plans SET max_keys = 2 WHERE name = 'audit-plan';
+UPDATE apikeys.plans SET max_keys = NULL WHERE name = 'audit-plan';
+UPDATE apikeys.plans SET max_keys = NULL WHERE name = 'audit-plan';
+DELETE FROM apikeys.plans WHERE name = 'audit-plan';
+RESET ROLE;
+SELECT event, owner, actor, details->>'plan' AS plan, details->>'change' AS change,
+       details->'old'->'max_keys' AS old_max, details->'new'->'max_keys' AS new_max
+  FROM apikeys.audit_log WHERE event = 'plan_updated' ORDER BY id OFFSET :plan_rows_before;
+SELECT ok FROM apikeys.audit_verify();
+-- Bounds on plans: 22023.
+SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, max_keys) VALUES (repeat('p', 64), 1)$$) AS long_plan_name;
+SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, max_keys) VALUES ('', 1)$$) AS empty_plan_name;
+SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, max_keys) VALUES ('neg', -1)$$) AS negative_limit;
+SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, description) VALUES ('wordy', repeat('d', 1001))$$) AS long_description;

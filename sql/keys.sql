@@ -40,10 +40,37 @@ SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', prefix => '')$$
 SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', metadata => NULL)$$) AS null_metadata;
 SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', metadata => '[1]')$$) AS array_metadata;
 SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', rate_limit => 0)$$) AS zero_rate_limit;
+-- Bounds: blank or control characters in owner and name; 64 scopes of at
+-- most 128 characters, one-dimensional; metadata of at most 8192 bytes.
+SELECT pg_temp.try($$SELECT apikeys.create_key('   ', 'n')$$) AS blank_owner;
+SELECT pg_temp.try($$SELECT apikeys.create_key(E'keys-\nacme', 'n')$$) AS newline_in_owner;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', E'\t')$$) AS tab_name;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', E'n\u0085')$$) AS c1_control_in_name;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY[' '])$$) AS blank_scope;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY[E'a\x01'])$$) AS control_in_scope;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY[repeat('s', 129)])$$) AS long_scope;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY(SELECT 's' || i FROM generate_series(1, 65) i))$$) AS scopes_65;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY(SELECT 's' || i FROM generate_series(1, 100000) i))$$) AS scopes_100000;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY[repeat('s', 1000000)])$$) AS scope_1mb;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', ARRAY[['a', 'b'], ['c', 'd']])$$) AS scopes_2d;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', metadata => jsonb_build_object('x', repeat('m', 8190)))$$) AS metadata_over_8k;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'n', metadata => jsonb_build_object('x', repeat('m', 1000000)))$$) AS metadata_1mb;
 SELECT count(*) = :keys_before AS nothing_created FROM apikeys.keys WHERE owner LIKE 'keys-%';
 
--- Names of exactly 200 characters are fine.
+-- Names of exactly 200 characters, 64 scopes of 128 characters, and
+-- metadata of exactly 8192 bytes are fine; a multibyte name counts characters.
 SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', repeat('n', 200))$$) AS name_200;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', repeat(U&'\+01F600', 200))$$) AS name_200_4byte_chars;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'wide', ARRAY(SELECT lpad(i::text, 128, 's') FROM generate_series(1, 64) i))$$) AS scopes_64x128;
+SELECT pg_temp.try($$SELECT apikeys.create_key('keys-acme', 'meta', metadata => jsonb_build_object('x', repeat('m', 8183)))$$) AS metadata_8192;
+SELECT octet_length(metadata::text) AS metadata_bytes FROM apikeys.keys WHERE owner = 'keys-acme' AND name = 'meta';
+
+-- The same bounds hold for an admin's hand-written UPDATE, with the same SQLSTATE.
+SELECT key_id AS kb FROM apikeys.create_key('keys-acme', 'bounded') \gset
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET scopes = ARRAY(SELECT 's' || i FROM generate_series(1, 65) i) WHERE id = %L$$, :'kb')) AS admin_scopes_65;
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET name = E'a\nb' WHERE id = %L$$, :'kb')) AS admin_newline_name;
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET metadata = jsonb_build_object('x', repeat('m', 9000)) WHERE id = %L$$, :'kb')) AS admin_big_metadata;
+SELECT name, scopes, metadata FROM apikeys.keys WHERE id = :'kb';
 
 -- revoke: returns revoked_at; again returns the same timestamp.
 SELECT apikeys.revoke(:'key_id', 'keys-acme', 'rotating staff') AS first_revoke \gset
@@ -52,6 +79,14 @@ SELECT apikeys.revoke(:'key_id', 'keys-acme', 'again') = :'first_revoke'::timest
 SELECT apikeys.revoke(:'key_id') = :'first_revoke'::timestamptz AS same_without_owner;
 SELECT revoked_at = :'first_revoke'::timestamptz AS kept, revoke_reason, revoked_by
   FROM apikeys.keys WHERE id = :'key_id';
+
+-- A reason is at most 1000 characters (22023), and an owner row obeys the
+-- owner's bounds whoever writes it.
+SELECT key_id AS kr FROM apikeys.create_key('keys-acme', 'reasoned') \gset
+SELECT pg_temp.try(format('SELECT apikeys.revoke(%L, %L, %L)', :'kr', 'keys-acme', repeat('r', 1001))) AS long_reason;
+SELECT revoked_at IS NULL AS still_active FROM apikeys.keys WHERE id = :'kr';
+SELECT pg_temp.try($$INSERT INTO apikeys.owners (owner, plan) VALUES (E'bad\nowner', 'free')$$) AS hand_written_owner;
+SELECT pg_temp.try($$INSERT INTO apikeys.owners (owner, plan) VALUES (repeat('o', 201), 'free')$$) AS hand_written_long_owner;
 
 -- revoke errors: unknown key and another owner's key are P0002; NULL id 22023.
 SELECT pg_temp.try($$SELECT apikeys.revoke('00000000-0000-0000-0000-000000000000')$$) AS unknown_key;

@@ -48,6 +48,12 @@ SELECT count(*) FROM apikeys.rotate(:'r_old', 'rot-a', '1 hour');
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'r_old', 'rot-a', '1 hour')) AS rotate_rotated;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '-1 second')) AS negative_grace;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, NULL)', :'new_id', 'rot-a')) AS null_grace;
+-- Grace is capped by apikeys.max_rotation_grace (7 days by default): 22023.
+SHOW apikeys.max_rotation_grace;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '7 days 1 second')) AS grace_over_cap;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '1000 years')) AS grace_1000_years;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '1 month')) AS grace_month;
+SELECT status FROM apikeys.list_keys('rot-a') WHERE key_id = :'new_id';
 SELECT pg_temp.try($$SELECT apikeys.rotate('00000000-0000-0000-0000-000000000000')$$) AS unknown_key;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'new_id', 'rot-b')) AS other_owner;
 SELECT pg_temp.try($$SELECT apikeys.rotate(NULL)$$) AS null_key;
@@ -58,18 +64,45 @@ SELECT pg_temp.try($$SELECT apikeys.create_key('rot-full', 'second')$$) AS at_li
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'full_id', 'rot-full', '1 hour')) AS rotate_at_limit;
 SELECT status, count(*) FROM apikeys.list_keys('rot-full') GROUP BY status ORDER BY status;
 
+-- A rotation chain never holds more than two valid keys: rotating the new
+-- key ends the grace of the key it replaced, however the app role retries.
+SELECT apikeys.set_plan('rot-chain', 'free');
+SELECT key_id AS c0, token AS c0_token FROM apikeys.create_key('rot-chain', 'svc') \gset
+SET ROLE apikeys_app;
+SELECT key_id AS c1, token AS c1_token FROM apikeys.rotate(:'c0', 'rot-chain', '7 days') \gset
+SELECT key_id AS c2, token AS c2_token FROM apikeys.rotate(:'c1', 'rot-chain', '7 days') \gset
+SELECT count(*) FROM generate_series(1, 8) i, LATERAL (
+    SELECT apikeys.rotate((SELECT k.key_id FROM apikeys.list_keys('rot-chain') k WHERE k.status = 'active'),
+                          'rot-chain', '7 days')) r;
+RESET ROLE;
+SELECT (apikeys.verify(:'c0_token')).code AS first, (apikeys.verify(:'c1_token')).code AS second,
+       (apikeys.verify(:'c2_token')).code AS third;
+SELECT count(*) FILTER (WHERE v.valid) AS valid_keys, count(*) AS keys
+  FROM apikeys.keys k, LATERAL (SELECT k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now()) AS valid) v
+ WHERE k.owner = 'rot-chain';
+SELECT event, details->'changed' AS changed FROM apikeys.audit_log
+ WHERE key_id = :'c0' AND event = 'key_updated';
+-- A rotated key's grace can end sooner by hand, never later.
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET expires_at = expires_at + interval '1 day' WHERE id = %L$$, :'c2')) AS extend_grace;
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET expires_at = NULL WHERE id = %L$$, :'c2')) AS clear_grace;
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET expires_at = now() + interval '1 minute' WHERE id = %L$$, :'c2')) AS shorten_grace;
+
 -- revoke_all: every active and rotating key; a second call revokes none.
 SELECT apikeys.set_plan('rot-all', 'pro');
 SELECT count(*) FROM generate_series(1, 3) i, apikeys.create_key('rot-all', 'k' || i);
 SELECT key_id AS ra_rot FROM apikeys.create_key('rot-all', 'rotating') \gset
 SELECT count(*) FROM apikeys.rotate(:'ra_rot', 'rot-all', '1 day');
-SELECT key_id AS ra_exp FROM apikeys.create_key('rot-all', 'expired', expires_at => now() + interval '1 hour') \gset
+SELECT key_id AS ra_exp, token AS ra_exp_token FROM apikeys.create_key('rot-all', 'expired', expires_at => now() + interval '1 hour') \gset
 UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'ra_exp';
 SELECT status, count(*) FROM apikeys.list_keys('rot-all') GROUP BY status ORDER BY status;
 SELECT apikeys.revoke_all('rot-all', 'breach') AS revoked;
 SELECT apikeys.revoke_all('rot-all', 'breach') AS revoked_again;
 SELECT status, count(*) FROM apikeys.list_keys('rot-all') GROUP BY status ORDER BY status;
 SELECT DISTINCT revoke_reason FROM apikeys.keys WHERE owner = 'rot-all' AND revoked_at IS NOT NULL;
+-- revoke_all also revoked the expired key, so clearing its expiry revives nothing.
+UPDATE apikeys.keys SET expires_at = NULL WHERE id = :'ra_exp';
+SELECT revoked_at IS NOT NULL AS revoked, revoke_reason FROM apikeys.keys WHERE id = :'ra_exp';
+SELECT (apikeys.verify(:'ra_exp_token')).code AS cleared_expiry_code;
 SELECT apikeys.revoke_all('rot-nobody') AS unknown_owner;
 SELECT pg_temp.try($$SELECT apikeys.revoke_all(NULL)$$) AS null_owner;
 

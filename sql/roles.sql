@@ -72,7 +72,9 @@ INSERT INTO calls VALUES
     (25, 'select audit_log',         'SELECT count(*) FROM apikeys.audit_log'),
     (26, 'update audit_log',         'UPDATE apikeys.audit_log SET actor = actor'),
     (27, 'purge_audit',              'SELECT apikeys.purge_audit(''-infinity'')'),
-    (28, 'revoke_all',               'SELECT apikeys.revoke_all(%1$L)');
+    (28, 'revoke_all',               'SELECT apikeys.revoke_all(%1$L)'),
+    (29, 'insert a plan by SQL',     'INSERT INTO apikeys.plans (name, max_keys) VALUES (''plan-'' || %1$L, 1)'),
+    (30, 'lock the audit chain',     'SELECT FROM apikeys._audit_chain_lock FOR UPDATE');
 
 CREATE TEMP TABLE matrix (seq int, call text, role text, result text);
 DO $$
@@ -118,3 +120,11 @@ SELECT apikeys.revoke(:'actor_key', 'role-apikeys_app') IS NOT NULL;
 RESET apikeys.actor;
 RESET ROLE;
 SELECT created_by, revoked_by FROM apikeys.keys WHERE id = :'actor_key';
+-- An actor is recorded up to its first 200 characters.
+SELECT set_config('apikeys.actor', repeat(U&'\+01F600', 300), false) IS NOT NULL AS long_actor_set;
+SELECT key_id AS long_actor_key FROM apikeys.create_key('role-apikeys_app', 'by a long actor') \gset
+RESET apikeys.actor;
+SELECT length(created_by) AS created_by_chars, created_by = repeat(U&'\+01F600', 200) AS first_200
+  FROM apikeys.keys WHERE id = :'long_actor_key';
+SELECT length(actor) AS audit_actor_chars FROM apikeys.audit_log
+ WHERE key_id = :'long_actor_key' AND event = 'key_created';

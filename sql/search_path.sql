@@ -43,10 +43,16 @@ UPDATE apikeys.keys SET revoked_at = NULL WHERE owner OPERATOR(pg_catalog.=) 'pa
 
 RESET search_path;
 
--- Every SECURITY DEFINER function pins its search_path.
+-- Every SECURITY DEFINER function pins its search_path, and so does every
+-- SQL and PL/pgSQL function: a search_path the database or a role sets
+-- reaches no function body.
 SELECT count(*) AS definer_functions_without_pinned_path
   FROM pg_proc p
  WHERE p.pronamespace = 'apikeys'::regnamespace AND p.prosecdef
+   AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false);
+SELECT count(*) AS sql_functions_without_pinned_path
+  FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+ WHERE p.pronamespace = 'apikeys'::regnamespace AND l.lanname IN ('sql', 'plpgsql')
    AND NOT coalesce('search_path=pg_catalog, pg_temp' = ANY (p.proconfig), false);
 
 DROP OPERATOR public.= (uuid, uuid);

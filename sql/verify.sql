@@ -22,6 +22,20 @@ SELECT s AS required, (apikeys.verify(:'t_valid', s)).code
                (ARRAY['users:read', 'users:write'])) v(s);
 SELECT (apikeys.verify(:'t_star', ARRAY['anything', 'billing:write'])).code AS star_grants_all;
 SELECT (apikeys.verify(:'t_valid', NULL)).code AS null_scopes_mean_none;
+-- required_scopes is bounded: 64 scopes at most, one dimension, no NULL (22023).
+\set VERBOSITY terse
+SELECT (apikeys.verify(:'t_valid', ARRAY(SELECT 'orders:' || i FROM generate_series(1, 64) i))).code AS required_64;
+SELECT (apikeys.verify(:'t_valid', ARRAY(SELECT 'orders:' || i FROM generate_series(1, 65) i))).code AS required_65;
+\echo :LAST_ERROR_SQLSTATE
+SELECT (apikeys.verify(:'t_valid', ARRAY(SELECT 'x' FROM generate_series(1, 100000)))).code AS required_100000;
+\echo :LAST_ERROR_SQLSTATE
+SELECT (apikeys.verify(:'t_valid', ARRAY[['orders:a'], ['users:read']])).code AS required_2d;
+\echo :LAST_ERROR_SQLSTATE
+SELECT (apikeys.verify(:'t_valid', ARRAY['users:read', NULL])).code AS required_null;
+\echo :LAST_ERROR_SQLSTATE
+SELECT * FROM apikeys.authenticate(:'t_valid', ARRAY[NULL]::text[]);
+\echo :LAST_ERROR_SQLSTATE
+\set VERBOSITY default
 
 -- Refusals name the key; unknown and malformed tokens do not.
 SELECT valid, code, key_id = :'k_revoked' AS right_key FROM apikeys.verify(:'t_revoked');

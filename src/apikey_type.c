@@ -13,6 +13,7 @@
 
 #include "apikey_type.h"
 #include "apikeys.h"
+#include "loghook.h"
 #include "token.h"
 
 size_t
@@ -22,15 +23,16 @@ apikey_check_input(const char *str, size_t len)
 	TokenError	err = token_parse(str, len, &prefix_len);
 
 	/*
-	 * errhidestmt: the statement text may hold the token, and a near-miss is
-	 * still a secret worth keeping out of the server log.
+	 * The statement text, or a caller's in the context, may hold the token,
+	 * and a near-miss is still a secret worth keeping out of the server log.
 	 */
 	if (err != TOKEN_OK)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_TEXT_REPRESENTATION),
-				 errmsg("invalid input syntax for type apikey"),
+				 errmsg(APIKEY_INPUT_ERROR_MESSAGE),
 				 errdetail("%s", token_error_detail(err)),
-				 errhidestmt(true)));
+				 errhidestmt(true),
+				 errhidecontext(true)));
 	return prefix_len;
 }
 

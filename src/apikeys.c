@@ -5,15 +5,21 @@
 
 #include "access/htup_details.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "nodes/parsenodes.h"
+#include "nodes/plannodes.h"
+#include "tcop/pquery.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
+#include "utils/timestamp.h"
 
 #include <sodium.h>
 
 #include "apikeys.h"
+#include "loghook.h"
 #include "shmem.h"
 #include "token.h"
 #include "usage.h"
@@ -27,6 +33,8 @@ bool		apikeys_preloaded = false;
 static char *apikeys_default_plan = NULL;
 static char *apikeys_actor = NULL;
 static char *apikeys_audit_context = NULL;
+static int	apikeys_max_rotation_grace = 7 * SECS_PER_DAY;
+static int	apikeys_audit_retention_min = 90 * SECS_PER_DAY;
 
 void		_PG_init(void);
 
@@ -89,6 +97,24 @@ _PG_init(void)
 							   GUC_NO_SHOW_ALL | GUC_NOT_IN_SAMPLE | GUC_NO_RESET_ALL,
 							   NULL, NULL, NULL);
 
+	DefineCustomIntVariable("apikeys.max_rotation_grace",
+							"Longest grace period rotate() gives the key it replaces.",
+							NULL,
+							&apikeys_max_rotation_grace,
+							7 * SECS_PER_DAY, 0, INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
+	DefineCustomIntVariable("apikeys.audit_retention_min",
+							"Age below which purge_audit() removes no audit row.",
+							NULL,
+							&apikeys_audit_retention_min,
+							90 * SECS_PER_DAY, 0, INT_MAX,
+							PGC_SUSET,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	DefineCustomIntVariable("apikeys.flush_interval",
 							"How often background workers write queued records.",
 							NULL,
@@ -132,7 +158,10 @@ _PG_init(void)
 	MarkGUCPrefixReserved("apikeys");
 
 	if (apikeys_preloaded)
+	{
 		apikeys_shmem_init_hooks();
+		loghook_init();
+	}
 }
 
 PG_FUNCTION_INFO_V1(apikeys_status);
@@ -192,4 +221,79 @@ Datum
 apikeys_default_plan_name(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(apikeys_default_plan));
+}
+
+/*
+ * The library's settings are read through these functions rather than
+ * current_setting(): calling into the library loads it, and loading it
+ * refuses any value an unprivileged session gave a superuser-only setting
+ * while it was still an unknown placeholder.
+ */
+
+/* An interval of whole seconds, as days and time. */
+static Interval *
+seconds_interval(int seconds)
+{
+	Interval   *result = palloc0(sizeof(Interval));
+
+	result->day = seconds / SECS_PER_DAY;
+	result->time = (int64) (seconds % SECS_PER_DAY) * USECS_PER_SEC;
+	return result;
+}
+
+PG_FUNCTION_INFO_V1(apikeys_max_rotation_grace_setting);
+
+/* _max_rotation_grace(): apikeys.max_rotation_grace as an interval. */
+Datum
+apikeys_max_rotation_grace_setting(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INTERVAL_P(seconds_interval(apikeys_max_rotation_grace));
+}
+
+PG_FUNCTION_INFO_V1(apikeys_audit_retention_min_setting);
+
+/* _audit_retention_min(): apikeys.audit_retention_min as an interval. */
+Datum
+apikeys_audit_retention_min_setting(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_INTERVAL_P(seconds_interval(apikeys_audit_retention_min));
+}
+
+PG_FUNCTION_INFO_V1(apikeys_audit_context_setting);
+
+/* _audit_context(): which apikeys function is making the change ('' if none). */
+Datum
+apikeys_audit_context_setting(PG_FUNCTION_ARGS)
+{
+	PG_RETURN_TEXT_P(cstring_to_text(apikeys_audit_context ? apikeys_audit_context : ""));
+}
+
+PG_FUNCTION_INFO_V1(apikeys_restoring);
+
+/*
+ * _restoring(table): whether the row being written arrives from a restore,
+ * so it is kept as it was dumped.  A restore is a superuser's COPY ... FROM
+ * into this very table, named with its schema, as pg_restore and pg_dump's
+ * scripts write it.  No setting a database owner or a role can give a
+ * session makes any other write look like one.
+ */
+Datum
+apikeys_restoring(PG_FUNCTION_ARGS)
+{
+	Oid			relid = PG_GETARG_OID(0);
+	PlannedStmt *planned;
+	CopyStmt   *copy;
+
+	if (ActivePortal == NULL || list_length(ActivePortal->stmts) != 1)
+		PG_RETURN_BOOL(false);
+	planned = linitial_node(PlannedStmt, ActivePortal->stmts);
+	if (planned->commandType != CMD_UTILITY || !IsA(planned->utilityStmt, CopyStmt))
+		PG_RETURN_BOOL(false);
+	copy = (CopyStmt *) planned->utilityStmt;
+	if (!copy->is_from || copy->relation == NULL || copy->relation->schemaname == NULL)
+		PG_RETURN_BOOL(false);
+	/* The role that ran the COPY: SECURITY DEFINER changes only the current user. */
+	if (!superuser_arg(GetOuterUserId()))
+		PG_RETURN_BOOL(false);
+	PG_RETURN_BOOL(RangeVarGetRelid(copy->relation, NoLock, true) == relid);
 }

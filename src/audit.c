@@ -5,25 +5,20 @@
  */
 #include "postgres.h"
 
-#include <time.h>
-
 #include "access/htup_details.h"
 #include "access/xlog.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
-#include "utils/json.h"
-#include "utils/jsonb.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
 #include "audit.h"
 #include "shmem.h"
-#include "usage.h"
-#include "worker.h"
 
 PG_FUNCTION_INFO_V1(apikeys_audit_tail);
 
@@ -63,134 +58,104 @@ apikeys_audit_tail(PG_FUNCTION_ARGS)
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
 
-/* The calling role as the session sees it: SET ROLE's role, else the login role. */
+/*
+ * Fills the record's actor and db_user: the calling role as the session
+ * sees it (SET ROLE's role, else the login role), and apikeys.actor when
+ * the application set it, cut to APIKEYS_TEXT_MAX_CHARS characters.
+ */
 static void
-caller_names(char *db_user, size_t db_user_len, char *actor, size_t actor_len)
+caller_names(QueuedEvent *ev)
 {
 	Oid			role = OidIsValid(GetCurrentRoleId()) ? GetCurrentRoleId() : GetSessionUserId();
 	char	   *name = GetUserNameFromId(role, true);
 	const char *setting = GetConfigOption("apikeys.actor", true, false);
+	const char *actor = (setting && setting[0]) ? setting : (name ? name : "");
+	int			len = pg_mbcharcliplen(actor, (int) strlen(actor), APIKEYS_TEXT_MAX_CHARS);
 
-	strlcpy(db_user, name ? name : "", db_user_len);
-	strlcpy(actor, (setting && setting[0]) ? setting : db_user, actor_len);
+	strlcpy(ev->db_user, name ? name : "", sizeof(ev->db_user));
+	len = Min(len, (int) sizeof(ev->actor) - 1);
+	memcpy(ev->actor, actor, len);
+	ev->actor[len] = '\0';
 }
 
+/* Queues one occurrence for the worker; a no-op on a standby. */
 static void
-queue_record(QueuedEventKey *key, const char *owner, const char *details)
+queue_record(QueuedEvent *ev)
 {
-	char		db_user[NAMEDATALEN];
-	char		actor[APIKEYS_SUBJECT_LEN];
-
 	if (apikeys_shared == NULL || RecoveryInProgress())
 		return;
-	key->dboid = MyDatabaseId;
-	key->minute = (int64) (time(NULL) / 60);
-	caller_names(db_user, sizeof(db_user), actor, sizeof(actor));
-	if (apikeys_enqueue(key, owner, actor, db_user, details))
+	ev->count = 1;
+	caller_names(ev);
+	if (apikeys_enqueue(ev))
 		apikeys_note_pending();
 }
 
 void
 audit_record_verify_failure(const pg_uuid_t *key_id, const char *owner,
-							const char *prefix, size_t prefix_len,
-							int reason_code, const char *reason)
+							const char *prefix, size_t prefix_len, int reason_code)
 {
-	QueuedEventKey key;
-	char		details[APIKEYS_DETAILS_LEN];
+	QueuedEvent ev;
 
 	if (apikeys_shared == NULL)
 		return;
 
-	memset(&key, 0, sizeof(key));	/* the key is compared as bytes */
-	key.kind = EVENT_VERIFY_FAILED;
-	key.reason = reason_code;
+	memset(&ev, 0, sizeof(ev));
+	queue_key_init(&ev.key, EVENT_VERIFY_FAILED);
+	ev.key.reason = reason_code;
 	if (key_id != NULL)
-		memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
+	{
+		memcpy(&ev.key.key_id, key_id, sizeof(pg_uuid_t));
+		queue_copy_text(ev.key.owner, sizeof(ev.key.owner), owner);
+	}
 	else if (prefix != NULL)
-		memcpy(key.subject, prefix, Min(prefix_len, sizeof(key.subject) - 1));
-
-	/* Prefixes are [a-z0-9_] and reasons are codes: nothing to escape. */
-	if (key_id == NULL && prefix != NULL)
-		snprintf(details, sizeof(details), "{\"reason\": \"%s\", \"prefix\": \"%s\"}",
-				 reason, key.subject);
-	else if (key_id == NULL)
-		snprintf(details, sizeof(details), "{\"reason\": \"%s\", \"malformed\": true}", reason);
-	else
-		snprintf(details, sizeof(details), "{\"reason\": \"%s\"}", reason);
-
-	queue_record(&key, owner, details);
+	{
+		/* A parsed prefix is 2-24 of [a-z0-9_]. */
+		Assert(prefix_len < sizeof(ev.key.prefix));
+		memcpy(ev.key.prefix, prefix, prefix_len);
+	}
+	queue_record(&ev);
 }
 
 void
 audit_record_usage_alert(const pg_uuid_t *key_id, const char *owner,
-						 const char *start, int64 requests)
+						 const char *start, int64 requests, int32 threshold)
 {
-	QueuedEventKey key;
-	StringInfoData details;
-	char	   *key_text;
+	QueuedEvent ev;
 
 	if (apikeys_shared == NULL)
 		return;
 
-	memset(&key, 0, sizeof(key));
-	key.kind = EVENT_USAGE_ALERT;
-	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
-
-	key_text = DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(key_id)));
-	initStringInfo(&details);
-	appendStringInfo(&details, "{\"key_id\": \"%s\", \"owner\": ", key_text);
-	escape_json(&details, owner);
-	appendStringInfoString(&details, ", \"start\": ");
-	escape_json(&details, start);
-	appendStringInfo(&details, ", \"requests\": " INT64_FORMAT ", \"threshold\": %d}",
-					 requests, apikeys_alert_requests_per_minute);
-
-	queue_record(&key, owner, details.len < APIKEYS_DETAILS_LEN ? details.data : "{}");
+	memset(&ev, 0, sizeof(ev));
+	queue_key_init(&ev.key, EVENT_USAGE_ALERT);
+	memcpy(&ev.key.key_id, key_id, sizeof(pg_uuid_t));
+	queue_copy_text(ev.key.owner, sizeof(ev.key.owner), owner);
+	queue_copy_text(ev.start, sizeof(ev.start), start);
+	ev.requests = requests;
+	ev.threshold = threshold;
+	queue_record(&ev);
 	apikeys_wake_worker(MyDatabaseId);
 }
 
-PG_FUNCTION_INFO_V1(apikeys_record_event);
+PG_FUNCTION_INFO_V1(apikeys_record_limit_exceeded);
 
 /*
- * _record_event(event, owner, key_id, details): queue a record that survives
- * rollback; only limit_exceeded comes from SQL.  Details that do not fit the
- * queue's slot are replaced by a note saying so.
+ * _record_limit_exceeded(owner, plan, max_keys): queue a limit_exceeded
+ * record, which survives the caller's rollback.  Records merge per owner,
+ * plan, limit and minute.  A no-op without the preload.
  */
 Datum
-apikeys_record_event(PG_FUNCTION_ARGS)
+apikeys_record_limit_exceeded(PG_FUNCTION_ARGS)
 {
-	QueuedEventKey key;
-	char	   *event;
-	char	   *owner = NULL;
-	char	   *details = "{}";
+	QueuedEvent ev;
 
-	if (apikeys_shared == NULL || PG_ARGISNULL(0))
+	if (apikeys_shared == NULL || PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		PG_RETURN_VOID();
 
-	event = text_to_cstring(PG_GETARG_TEXT_PP(0));
-	if (strcmp(event, "limit_exceeded") != 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
-				 errmsg("unknown queued audit event \"%s\"", event)));
-
-	memset(&key, 0, sizeof(key));
-	key.kind = EVENT_LIMIT_EXCEEDED;
-	if (!PG_ARGISNULL(1))
-	{
-		owner = text_to_cstring(PG_GETARG_TEXT_PP(1));
-		strlcpy(key.subject, owner, sizeof(key.subject));
-	}
-	if (!PG_ARGISNULL(2))
-		memcpy(&key.key_id, PG_GETARG_UUID_P(2), sizeof(pg_uuid_t));
-	if (!PG_ARGISNULL(3))
-	{
-		Jsonb	   *jb = PG_GETARG_JSONB_P(3);
-
-		details = JsonbToCString(NULL, &jb->root, VARSIZE(jb));
-		if (strlen(details) >= APIKEYS_DETAILS_LEN)
-			details = "{\"details_truncated\": true}";
-	}
-
-	queue_record(&key, owner, details);
+	memset(&ev, 0, sizeof(ev));
+	queue_key_init(&ev.key, EVENT_LIMIT_EXCEEDED);
+	queue_copy_text(ev.key.owner, sizeof(ev.key.owner), text_to_cstring(PG_GETARG_TEXT_PP(0)));
+	queue_copy_text(ev.key.plan, sizeof(ev.key.plan), text_to_cstring(PG_GETARG_TEXT_PP(1)));
+	ev.key.max_keys = PG_GETARG_INT32(2);
+	queue_record(&ev);
 	PG_RETURN_VOID();
 }

@@ -15,13 +15,13 @@
  */
 extern void audit_record_verify_failure(const pg_uuid_t *key_id, const char *owner,
 										const char *prefix, size_t prefix_len,
-										int reason_code, const char *reason);
+										int reason_code);
 
 /*
  * Queues a usage_alert (audit row and NOTIFY apikeys_alert) for a key that
  * passed apikeys.alert_requests_per_minute, and wakes the worker.
  */
 extern void audit_record_usage_alert(const pg_uuid_t *key_id, const char *owner,
-									 const char *start, int64 requests);
+									 const char *start, int64 requests, int32 threshold);
 
 #endif							/* APIKEYS_AUDIT_H */

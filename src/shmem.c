@@ -2,13 +2,22 @@
  * shmem.c — the shared-memory queue of audit records and the worker registry.
  *
  * The queue is a fixed-size shared hash keyed by what records merge on, so a
- * flood of identical failures costs one entry; when it is full, new kinds of
- * record are counted as dropped rather than waited for.  The lock is held
- * only for a hash probe or to copy entries out, never across I/O.
+ * flood of identical failures costs one entry.  Records that name no key or
+ * owner (unknown and malformed tokens, which anyone can mint) may use half
+ * of it, and each database starts at most
+ * APIKEYS_ANONYMOUS_PREFIXES_PER_MINUTE of them a minute; past that they are
+ * counted in one overflow record, so a flood neither crowds out records
+ * that name a key or owner nor grows the audit log without bound.  When the
+ * queue is full, new records are counted as dropped rather than waited
+ * for.  The lock is held only for a hash probe or to copy entries, never
+ * across I/O.
  */
 #include "postgres.h"
 
+#include <time.h>
+
 #include "access/xlog.h"
+#include "common/hashfn.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
 #include "storage/latch.h"
@@ -32,6 +41,8 @@ static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 /* A slot whose worker has not reported in this long is started again. */
 #define WORKER_START_TIMEOUT_MS 10000
 
+
+/* Reserves the queue, the registry and the usage table (postmaster, preload only). */
 static void
 apikeys_shmem_request(void)
 {
@@ -43,6 +54,32 @@ apikeys_shmem_request(void)
 	RequestNamedLWLockTranche("apikeys", 1 + APIKEYS_USAGE_PARTITIONS);
 }
 
+/* Hashes a queue key: its fixed part as bytes, its strings up to their NUL. */
+static uint32
+queue_key_hash(const void *key, Size keysize)
+{
+	const QueuedEventKey *k = key;
+	uint32		h = hash_bytes((const unsigned char *) k, offsetof(QueuedEventKey, prefix));
+
+	h = hash_combine(h, string_hash(k->prefix, sizeof(k->prefix)));
+	h = hash_combine(h, string_hash(k->owner, sizeof(k->owner)));
+	return hash_combine(h, string_hash(k->plan, sizeof(k->plan)));
+}
+
+/* Compares two queue keys as queue_key_hash() reads them; 0 when equal. */
+static int
+queue_key_match(const void *key1, const void *key2, Size keysize)
+{
+	const QueuedEventKey *a = key1;
+	const QueuedEventKey *b = key2;
+
+	if (memcmp(a, b, offsetof(QueuedEventKey, prefix)) != 0)
+		return 1;
+	return strcmp(a->prefix, b->prefix) != 0 || strcmp(a->owner, b->owner) != 0 ||
+		strcmp(a->plan, b->plan) != 0;
+}
+
+/* Attaches to (or creates) the queue, the registry and the usage table. */
 static void
 apikeys_shmem_startup(void)
 {
@@ -67,13 +104,16 @@ apikeys_shmem_startup(void)
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(QueuedEventKey);
 	info.entrysize = sizeof(QueuedEvent);
+	info.hash = queue_key_hash;
+	info.match = queue_key_match;
 	event_queue = ShmemInitHash("apikeys event queue",
 								apikeys_audit_queue_size, apikeys_audit_queue_size,
-								&info, HASH_ELEM | HASH_BLOBS);
+								&info, HASH_ELEM | HASH_FUNCTION | HASH_COMPARE);
 	usage_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
+/* Installs the shared-memory hooks (from _PG_init, preload only). */
 void
 apikeys_shmem_init_hooks(void)
 {
@@ -83,39 +123,157 @@ apikeys_shmem_init_hooks(void)
 	shmem_startup_hook = apikeys_shmem_startup;
 }
 
-bool
-apikeys_enqueue(const QueuedEventKey *key, const char *owner,
-				const char *actor, const char *db_user, const char *details)
+void
+queue_key_init(QueuedEventKey *key, QueuedEventKind kind)
+{
+	/* Padding included: the fixed part is hashed and compared as bytes. */
+	memset(key, 0, sizeof(QueuedEventKey));
+	key->kind = kind;
+	key->dboid = MyDatabaseId;
+	key->minute = (int64) (time(NULL) / 60);
+}
+
+void
+queue_copy_text(char *dst, size_t size, const char *src)
+{
+	int			len = src ? (int) strlen(src) : 0;
+
+	if (len >= (int) size)
+		len = pg_mbcliplen(src, len, (int) size - 1);
+	if (len > 0)
+		memcpy(dst, src, len);
+	dst[len] = '\0';
+}
+
+/* A record that names neither a key nor an owner: an unknown or malformed token. */
+static inline bool
+is_anonymous(const QueuedEventKey *key)
+{
+	static const pg_uuid_t no_key;
+
+	return key->kind == EVENT_VERIFY_FAILED &&
+		memcmp(&key->key_id, &no_key, sizeof(pg_uuid_t)) == 0;
+}
+
+/*
+ * Whether the database may start one more anonymous record this minute.
+ * Caller holds the queue lock exclusively.
+ */
+static bool
+take_anonymous_budget(Oid dboid, int64 minute)
+{
+	AnonymousBudget *free_slot = NULL;
+
+	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+	{
+		AnonymousBudget *b = &apikeys_shared->budgets[i];
+
+		if (b->dboid == dboid)
+		{
+			if (b->minute != minute)
+			{
+				b->minute = minute;
+				b->used = 0;
+			}
+			if (b->used >= APIKEYS_ANONYMOUS_PREFIXES_PER_MINUTE)
+				return false;
+			b->used++;
+			return true;
+		}
+		if (free_slot == NULL && (b->dboid == InvalidOid || b->minute != minute))
+			free_slot = b;
+	}
+	if (free_slot == NULL)
+		return false;			/* more databases refusing tokens this minute than slots */
+	free_slot->dboid = dboid;
+	free_slot->minute = minute;
+	free_slot->used = 1;
+	return true;
+}
+
+/*
+ * Enters a record for a key not in the queue, its payload copied from
+ * payload with a count of zero; NULL when the queue, or the share of it
+ * that records naming no key or owner may use, is full.
+ */
+static QueuedEvent *
+enter_record(const QueuedEventKey *key, const QueuedEvent *payload, int anonymous_room)
 {
 	QueuedEvent *entry;
+	bool		anonymous = is_anonymous(key);
 	bool		found;
+
+	/* A shared hash can outgrow its size into spare shared memory: cap it. */
+	if (hash_get_num_entries(event_queue) >= apikeys_audit_queue_size)
+		return NULL;
+	if (anonymous && apikeys_shared->anonymous_entries >= anonymous_room)
+		return NULL;
+	entry = hash_search(event_queue, key, HASH_ENTER_NULL, &found);
+	if (entry == NULL)
+		return NULL;
+	Assert(!found);
+	memcpy((char *) entry + offsetof(QueuedEvent, count),
+		   (const char *) payload + offsetof(QueuedEvent, count),
+		   sizeof(QueuedEvent) - offsetof(QueuedEvent, count));
+	entry->count = 0;
+	if (anonymous)
+		apikeys_shared->anonymous_entries++;
+	return entry;
+}
+
+/* Caller holds the queue lock exclusively. */
+static bool
+enqueue_locked(const QueuedEvent *ev)
+{
+	QueuedEvent *entry;
+	/* A flood's prefix records leave an eighth of their half for overflow records. */
+	int			anonymous_half = apikeys_audit_queue_size / 2;
+
+	entry = hash_search(event_queue, &ev->key, HASH_FIND, NULL);
+	if (entry == NULL && is_anonymous(&ev->key) && !ev->key.overflow)
+	{
+		if (take_anonymous_budget(ev->key.dboid, ev->key.minute))
+			entry = enter_record(&ev->key, ev, anonymous_half - anonymous_half / 8);
+		if (entry == NULL)
+		{
+			/* Past the cap: counted in the database's overflow record for the minute. */
+			QueuedEventKey overflow;
+
+			queue_key_init(&overflow, EVENT_VERIFY_FAILED);
+			overflow.dboid = ev->key.dboid;
+			overflow.minute = ev->key.minute;
+			overflow.reason = ev->key.reason;
+			overflow.overflow = true;
+			entry = hash_search(event_queue, &overflow, HASH_FIND, NULL);
+			if (entry == NULL)
+				entry = enter_record(&overflow, ev, anonymous_half);
+		}
+	}
+	else if (entry == NULL)
+		entry = enter_record(&ev->key, ev, anonymous_half);
+
+	if (entry == NULL)
+	{
+		apikeys_shared->dropped += ev->count;
+		return false;
+	}
+	entry->count += ev->count;
+	apikeys_shared->queued_total += ev->count;
+	return true;
+}
+
+bool
+apikeys_enqueue(const QueuedEvent *ev)
+{
+	bool		queued;
 
 	if (apikeys_shared == NULL || event_queue == NULL)
 		return false;
 
 	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	entry = hash_search(event_queue, key, HASH_FIND, &found);
-	/* A shared hash can outgrow its size into spare shared memory: cap it. */
-	if (entry == NULL && hash_get_num_entries(event_queue) < apikeys_audit_queue_size)
-		entry = hash_search(event_queue, key, HASH_ENTER_NULL, &found);
-	if (entry == NULL)
-	{
-		apikeys_shared->dropped++;
-		LWLockRelease(apikeys_shared->lock);
-		return false;
-	}
-	if (!found)
-	{
-		entry->count = 0;
-		strlcpy(entry->owner, owner ? owner : "", sizeof(entry->owner));
-		strlcpy(entry->actor, actor ? actor : "", sizeof(entry->actor));
-		strlcpy(entry->db_user, db_user ? db_user : "", sizeof(entry->db_user));
-		strlcpy(entry->details, details ? details : "{}", sizeof(entry->details));
-	}
-	entry->count++;
-	apikeys_shared->queued_total++;
+	queued = enqueue_locked(ev);
 	LWLockRelease(apikeys_shared->lock);
-	return true;
+	return queued;
 }
 
 int
@@ -140,6 +298,8 @@ apikeys_dequeue(Oid dboid, QueuedEvent *out, int max)
 			break;
 		}
 		out[n++] = *entry;
+		if (is_anonymous(&entry->key))
+			apikeys_shared->anonymous_entries--;
 		/* Removing the element just returned is allowed during a scan. */
 		hash_search(event_queue, &entry->key, HASH_REMOVE, NULL);
 	}
@@ -147,6 +307,42 @@ apikeys_dequeue(Oid dboid, QueuedEvent *out, int max)
 	return n;
 }
 
+void
+apikeys_requeue(const QueuedEvent *events, int n)
+{
+	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	for (int i = 0; i < n; i++)
+	{
+		QueuedEvent *entry = hash_search(event_queue, &events[i].key, HASH_FIND, NULL);
+
+		/* Admitted once already: no cap applies, only the queue's size. */
+		if (entry == NULL)
+			entry = enter_record(&events[i].key, &events[i], apikeys_audit_queue_size);
+		if (entry == NULL)
+			apikeys_shared->dropped += events[i].count;
+		else
+			entry->count += events[i].count;
+	}
+	LWLockRelease(apikeys_shared->lock);
+}
+
+int
+apikeys_queued_for(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	QueuedEvent *entry;
+	int			n = 0;
+
+	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	hash_seq_init(&status, event_queue);
+	while ((entry = hash_seq_search(&status)) != NULL)
+		if (entry->key.dboid == dboid)
+			n++;
+	LWLockRelease(apikeys_shared->lock);
+	return n;
+}
+
+/* Records queued now, across databases (status()). */
 int64
 apikeys_queued_now(void)
 {

@@ -8,15 +8,32 @@
 
 #include "postgres.h"
 
+#include "mb/pg_wchar.h"
 #include "port/atomics.h"
 #include "storage/lwlock.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
-#define APIKEYS_SUBJECT_LEN		208	/* an owner (<= 200 bytes) or a prefix */
-#define APIKEYS_DETAILS_LEN		512
+/* Owners, names and recorded actors are at most this many characters. */
+#define APIKEYS_TEXT_MAX_CHARS	200
+/* Plan names are at most this many characters. */
+#define APIKEYS_PLAN_MAX_CHARS	63
+
+/* Bytes that hold such text whole in any server encoding, with its NUL. */
+#define QUEUE_TEXT_LEN		(APIKEYS_TEXT_MAX_CHARS * MAX_MULTIBYTE_CHAR_LEN + 1)
+#define QUEUE_PLAN_LEN		(APIKEYS_PLAN_MAX_CHARS * MAX_MULTIBYTE_CHAR_LEN + 1)
+#define QUEUE_PREFIX_LEN	25	/* a token prefix (<= 24) and its NUL */
+#define QUEUE_START_LEN		30	/* a token's start (<= 29) and its NUL */
+
 #define APIKEYS_MAX_DB_WORKERS	64
 #define APIKEYS_USAGE_PARTITIONS 16	/* a power of two */
+
+/*
+ * Refusals of unknown or malformed tokens name no key: per database and
+ * minute, at most this many distinct prefixes get a record of their own;
+ * the rest are counted in one overflow record.
+ */
+#define APIKEYS_ANONYMOUS_PREFIXES_PER_MINUTE 100
 
 typedef enum QueuedEventKind
 {
@@ -25,25 +42,34 @@ typedef enum QueuedEventKind
 	EVENT_USAGE_ALERT
 } QueuedEventKind;
 
-/* What records merge on: one row per key (or subject), reason and minute. */
+/*
+ * What records merge on: one row per kind, key (or prefix, or owner and
+ * plan), reason and minute.  Built by queue_key_init(): the fixed part is
+ * compared as bytes and the strings up to their NUL.
+ */
 typedef struct QueuedEventKey
 {
 	Oid			dboid;
 	int32		kind;
-	int32		reason;
+	int32		reason;			/* verify_failed: the verify code */
 	int64		minute;			/* Unix time / 60 */
 	pg_uuid_t	key_id;			/* all zero when no key is known */
-	char		subject[APIKEYS_SUBJECT_LEN];
+	int32		max_keys;		/* limit_exceeded: the plan's limit */
+	bool		overflow;		/* refusals past the per-minute prefix cap */
+	char		prefix[QUEUE_PREFIX_LEN];	/* unknown token's prefix; "" if malformed */
+	char		owner[QUEUE_TEXT_LEN];
+	char		plan[QUEUE_PLAN_LEN];
 } QueuedEventKey;
 
 typedef struct QueuedEvent
 {
 	QueuedEventKey key;
 	int64		count;
-	char		owner[APIKEYS_SUBJECT_LEN];
-	char		actor[APIKEYS_SUBJECT_LEN];
+	int64		requests;		/* usage_alert: requests this minute */
+	int32		threshold;		/* usage_alert: the threshold passed */
+	char		start[QUEUE_START_LEN];	/* usage_alert: the key's start */
+	char		actor[QUEUE_TEXT_LEN];
 	char		db_user[NAMEDATALEN];
-	char		details[APIKEYS_DETAILS_LEN];	/* JSON object text */
 } QueuedEvent;
 
 typedef struct WorkerSlot
@@ -54,12 +80,22 @@ typedef struct WorkerSlot
 	bool		flush_requested;	/* an alert is waiting: flush before the interval ends */
 } WorkerSlot;
 
+/* How many anonymous records one database has started in one minute. */
+typedef struct AnonymousBudget
+{
+	Oid			dboid;
+	int64		minute;
+	int32		used;
+} AnonymousBudget;
+
 typedef struct ApikeysShared
 {
 	LWLock	   *lock;			/* the queue and the registry */
 	LWLock	   *usage_locks[APIKEYS_USAGE_PARTITIONS];	/* the usage counters, by hash */
 	int64		queued_total;
 	int64		dropped;
+	int32		anonymous_entries;	/* queue entries that name no key or owner */
+	AnonymousBudget budgets[APIKEYS_MAX_DB_WORKERS];
 	/* Bumped whenever a worker may have gone: backends then look again. */
 	pg_atomic_uint64 worker_generation;
 	WorkerSlot	workers[APIKEYS_MAX_DB_WORKERS];
@@ -73,16 +109,29 @@ extern int	apikeys_audit_queue_size;
 
 extern void apikeys_shmem_init_hooks(void);
 
+/* Zeroes a key and sets what every record has. */
+extern void queue_key_init(QueuedEventKey *key, QueuedEventKind kind);
+
+/* Copies text into a queue field of size bytes, cut at a character boundary. */
+extern void queue_copy_text(char *dst, size_t size, const char *src);
+
 /*
- * Adds one occurrence to the queue, merging with a record of the same key.
- * Never raises; a full queue counts a drop.  Returns false when dropped.
+ * Adds one occurrence (ev->count of them) to the queue, merging with a
+ * record of the same key.  Never raises.  Records that name no key or
+ * owner use at most half the queue, and past the per-minute prefix cap
+ * fold into one overflow record; a full queue counts a drop.  Returns
+ * false when dropped.
  */
-extern bool apikeys_enqueue(const QueuedEventKey *key, const char *owner,
-							const char *actor, const char *db_user,
-							const char *details);
+extern bool apikeys_enqueue(const QueuedEvent *ev);
 
 /* Moves up to max records of one database out of the queue; returns how many. */
 extern int	apikeys_dequeue(Oid dboid, QueuedEvent *out, int max);
+
+/* Puts records a failed write had taken back into the queue. */
+extern void apikeys_requeue(const QueuedEvent *events, int n);
+
+/* Records of the database queued now. */
+extern int	apikeys_queued_for(Oid dboid);
 
 /* Records queued now, across databases. */
 extern int64 apikeys_queued_now(void);

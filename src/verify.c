@@ -22,6 +22,7 @@
 #include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
+#include "miscadmin.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
@@ -254,6 +255,7 @@ scope_grants(text *held, text *wanted)
 	return false;
 }
 
+/* Whether the key's scopes grant every required one. */
 static bool
 scopes_satisfied(Datum held_scopes, ArrayType *required)
 {
@@ -271,12 +273,40 @@ scopes_satisfied(Datum held_scopes, ArrayType *required)
 	{
 		bool		granted = false;
 
+		CHECK_FOR_INTERRUPTS();
 		for (int j = 0; j < nheld && !granted; j++)
 			granted = scope_grants(held[j], wanted[i]);
 		if (!granted)
 			return false;
 	}
 	return true;
+}
+
+/*
+ * Raises 22023 unless required_scopes is NULL or a one-dimensional array of
+ * at most APIKEYS_MAX_SCOPES non-NULL elements.  The statement and its
+ * context are kept out of the log: they may hold the token.
+ */
+static void
+check_required_scopes(ArrayType *required)
+{
+	const char *problem = NULL;
+
+	if (required == NULL)
+		return;
+	if (ARR_NDIM(required) > 1)
+		problem = "required_scopes must be a one-dimensional array";
+	else if (ArrayGetNItems(ARR_NDIM(required), ARR_DIMS(required)) > APIKEYS_MAX_SCOPES)
+		problem = "required_scopes holds more than " CppAsString2(APIKEYS_MAX_SCOPES) " scopes";
+	else if (array_contains_nulls(required))
+		problem = "required_scopes must not contain null elements";
+	if (problem != NULL)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("%s", problem),
+				 errdetail("A call names at most %d scopes, each a non-null text.", APIKEYS_MAX_SCOPES),
+				 errhidestmt(true),
+				 errhidecontext(true)));
 }
 
 static VerifyCode
@@ -335,7 +365,8 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 			code = VERIFY_RATE_LIMITED;
 		if (alert_requests > 0)
 			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
-									 TextDatumGetCString(key->start), alert_requests);
+									 TextDatumGetCString(key->start), alert_requests,
+									 apikeys_alert_requests_per_minute);
 		else if (code == VERIFY_VALID && apikeys_shared != NULL)
 			apikeys_note_pending();
 	}
@@ -350,7 +381,7 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 		audit_record_verify_failure(named ? DatumGetUUIDP(key->id) : NULL,
 									named ? TextDatumGetCString(key->owner) : NULL,
 									prefix_len > 0 ? VARDATA_ANY(token) : NULL, prefix_len,
-									(int) code, verify_code_name(code));
+									(int) code);
 	}
 	return code;
 }
@@ -375,6 +406,7 @@ apikeys_verify(PG_FUNCTION_ARGS)
 	bool		nulls[8] = {false};
 
 	tupdesc = result_tupdesc(fcinfo);
+	check_required_scopes(required);
 	code = verify_token(token, required, &key, &found);
 
 	values[0] = BoolGetDatum(code == VERIFY_VALID);
@@ -416,15 +448,17 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 	bool		nulls[5] = {false};
 
 	tupdesc = result_tupdesc(fcinfo);
+	check_required_scopes(required);
 	code = verify_token(token, required, &key, &found);
 
-	/* errhidestmt: the failing statement's text may hold the token. */
+	/* The failing statement's text, or a caller's in the context, may hold the token. */
 	if (code != VERIFY_VALID)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION),
 				 errmsg("%s", verify_code_name(code)),
 				 errdetail("The API key was not accepted."),
-				 errhidestmt(true)));
+				 errhidestmt(true),
+				 errhidecontext(true)));
 
 	values[0] = key.id;
 	values[1] = key.owner;

@@ -12,6 +12,8 @@
 #include "access/xact.h"
 #include "access/xlog.h"
 #include "catalog/pg_type.h"
+#include "commands/async.h"
+#include "commands/extension.h"
 #include "executor/spi.h"
 #include "miscadmin.h"
 #include "pgstat.h"
@@ -21,8 +23,12 @@
 #include "storage/latch.h"
 #include "storage/proc.h"
 #include "tcop/tcopprot.h"
+#include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
+#include "utils/date.h"
+#include "utils/guc.h"
+#include "utils/json.h"
 #include "utils/memutils.h"
 #include "utils/resowner.h"
 #include "utils/snapmgr.h"
@@ -30,11 +36,13 @@
 
 #include "shmem.h"
 #include "usage.h"
+#include "verify.h"
 #include "worker.h"
 
 int			apikeys_flush_interval = 10;
 
-#define FLUSH_BATCH 64
+/* Audit records one transaction writes: it holds the chain's lock meanwhile. */
+#define AUDIT_BATCH 100
 /* Keys whose counts one statement writes. */
 #define USAGE_BATCH 1000
 
@@ -56,12 +64,79 @@ apikeys_start_worker(void)
 	return RegisterDynamicBackgroundWorker(&worker, NULL);
 }
 
+/* Frees the worker's registry slot when it exits, however it exits. */
 static void
 release_slot_at_exit(int code, Datum arg)
 {
 	apikeys_release_own_slot();
 }
 
+/*
+ * Settings every transaction of the worker runs with, whatever the
+ * database, its owner or the configuration file set: names resolve in
+ * pg_catalog first, and no timeout, isolation level, read-only default or
+ * PL/pgSQL check a database owner can set makes every flush fail.
+ */
+static void
+pin_settings(void)
+{
+	static const char *const pinned[][2] = {
+		{"search_path", "pg_catalog, pg_temp"},
+		{"statement_timeout", "0"},
+		{"lock_timeout", "0"},
+		{"idle_in_transaction_session_timeout", "0"},
+		{"default_transaction_isolation", "read committed"},
+		{"default_transaction_read_only", "off"},
+		{"session_replication_role", "origin"},
+		{"plpgsql.extra_errors", "none"},
+	};
+
+	for (size_t i = 0; i < lengthof(pinned); i++)
+		SetConfigOption(pinned[i][0], pinned[i][1], PGC_SUSET, PGC_S_OVERRIDE);
+}
+
+/* The user and security context a flush transaction restores before it commits. */
+static Oid	saved_userid;
+static int	saved_sec_context;
+
+/*
+ * Starts a transaction whose statements run as apikeys_worker, the role
+ * with just the privileges the worker needs, in a security-restricted
+ * operation.  Returns false, with no transaction open, when the extension
+ * is no longer installed in the database.
+ */
+static bool
+begin_flush_xact(void)
+{
+	Oid			role;
+
+	SetCurrentStatementStartTimestamp();
+	StartTransactionCommand();
+	if (!OidIsValid(get_extension_oid("apikeys", true)))
+	{
+		CommitTransactionCommand();
+		return false;
+	}
+	role = get_role_oid("apikeys_worker", false);
+	GetUserIdAndSecContext(&saved_userid, &saved_sec_context);
+	SetUserIdAndSecContext(role, saved_sec_context | SECURITY_LOCAL_USERID_CHANGE |
+						   SECURITY_RESTRICTED_OPERATION);
+	PushActiveSnapshot(GetTransactionSnapshot());
+	SPI_connect();
+	return true;
+}
+
+/* Commits what begin_flush_xact() started. */
+static void
+commit_flush_xact(void)
+{
+	SPI_finish();
+	PopActiveSnapshot();
+	SetUserIdAndSecContext(saved_userid, saved_sec_context);
+	CommitTransactionCommand();
+}
+
+/* The audit event a queued record becomes. */
 static const char *
 event_name(int32 kind)
 {
@@ -77,56 +152,161 @@ event_name(int32 kind)
 	return "unknown";
 }
 
+/* The alert's JSON object: the NOTIFY payload, and the audit row's details but for the count. */
+static void
+append_alert_json(StringInfo out, const QueuedEvent *ev)
+{
+	appendStringInfo(out, "{\"key_id\": \"%s\", \"owner\": ",
+					 DatumGetCString(DirectFunctionCall1(uuid_out, UUIDPGetDatum(&ev->key.key_id))));
+	escape_json(out, ev->key.owner);
+	appendStringInfoString(out, ", \"start\": ");
+	escape_json(out, ev->start);
+	appendStringInfo(out, ", \"requests\": " INT64_FORMAT ", \"threshold\": %d}",
+					 ev->requests, ev->threshold);
+}
+
+/* The details of the record's audit row, as JSON text. */
+static char *
+record_details(const QueuedEvent *ev)
+{
+	StringInfoData out;
+
+	initStringInfo(&out);
+	switch (ev->key.kind)
+	{
+		case EVENT_VERIFY_FAILED:
+			appendStringInfo(&out, "{\"reason\": \"%s\"", verify_code_name(ev->key.reason));
+			if (ev->key.overflow)
+				appendStringInfoString(&out, ", \"overflow\": true");
+			else if (ev->key.prefix[0] != '\0')
+				appendStringInfo(&out, ", \"prefix\": \"%s\"", ev->key.prefix);	/* [a-z0-9_] */
+			else if (ev->key.owner[0] == '\0')
+				appendStringInfoString(&out, ", \"malformed\": true");
+			break;
+		case EVENT_LIMIT_EXCEEDED:
+			appendStringInfoString(&out, "{\"plan\": ");
+			escape_json(&out, ev->key.plan);
+			appendStringInfo(&out, ", \"max_keys\": %d", ev->key.max_keys);
+			break;
+		case EVENT_USAGE_ALERT:
+			append_alert_json(&out, ev);
+			out.data[--out.len] = '\0';	/* reopen the object for the count */
+			break;
+	}
+	appendStringInfo(&out, ", \"count\": " INT64_FORMAT "}", ev->count);
+	return out.data;
+}
+
+/* Writes one queued record as an audit row (an alert also notifies at commit). */
 static void
 insert_record(const QueuedEvent *ev)
 {
-	static const char *sql =
-	"INSERT INTO apikeys.audit_log (at, event, key_id, owner, actor, db_user, details) "
-	"VALUES (pg_catalog.to_timestamp($1::float8 * 60), $2, $3, NULLIF($4, ''), NULLIF($5, ''), "
-	"NULLIF($6, '')::name, $7::jsonb OPERATOR(pg_catalog.||) "
-	"pg_catalog.jsonb_build_object('count', $8::bigint))";
-	Oid			types[8] = {INT8OID, TEXTOID, UUIDOID, TEXTOID, TEXTOID, TEXTOID, TEXTOID, INT8OID};
-	Datum		values[8];
-	char		nulls[8] = {' ', ' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	static SPIPlanPtr plan = NULL;
 	static const pg_uuid_t no_key;
+	Datum		values[7];
+	char		nulls[7] = {' ', ' ', ' ', ' ', ' ', ' ', ' '};
+	/* The minute a record merges on, as a timestamp: its first second. */
+	int64		unix_seconds = ev->key.minute * 60;
 
-	values[0] = Int64GetDatum(ev->key.minute);
+	if (plan == NULL)
+	{
+		Oid			types[7] = {TIMESTAMPTZOID, TEXTOID, UUIDOID, TEXTOID, TEXTOID, NAMEOID, JSONBOID};
+
+		plan = SPI_prepare("INSERT INTO apikeys.audit_log (at, event, key_id, owner, actor, db_user, details) "
+						   "VALUES ($1, $2, $3, $4, $5, $6, $7)", 7, types);
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "apikeys worker could not prepare its audit insert");
+	}
+
+	values[0] = TimestampTzGetDatum((unix_seconds -
+									 (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY) * USECS_PER_SEC);
 	values[1] = CStringGetTextDatum(event_name(ev->key.kind));
 	if (memcmp(&ev->key.key_id, &no_key, sizeof(pg_uuid_t)) == 0)
 		nulls[2] = 'n';
 	else
 		values[2] = UUIDPGetDatum(&ev->key.key_id);
-	values[3] = CStringGetTextDatum(ev->owner);
-	values[4] = CStringGetTextDatum(ev->actor);
-	values[5] = CStringGetTextDatum(ev->db_user);
-	values[6] = CStringGetTextDatum(ev->details);
-	values[7] = Int64GetDatum(ev->count);
+	if (ev->key.owner[0] == '\0')
+		nulls[3] = 'n';
+	else
+		values[3] = CStringGetTextDatum(ev->key.owner);
+	if (ev->actor[0] == '\0')
+		nulls[4] = 'n';
+	else
+		values[4] = CStringGetTextDatum(ev->actor);
+	if (ev->db_user[0] == '\0')
+		nulls[5] = 'n';
+	else
+		values[5] = DirectFunctionCall1(namein, CStringGetDatum(ev->db_user));
+	values[6] = DirectFunctionCall1(jsonb_in, CStringGetDatum(record_details(ev)));
 
-	if (SPI_execute_with_args(sql, 8, types, values, nulls, false, 0) != SPI_OK_INSERT)
+	if (SPI_execute_plan(plan, values, nulls, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "apikeys worker could not write an audit record");
+
+	if (ev->key.kind == EVENT_USAGE_ALERT)
+	{
+		StringInfoData payload;
+
+		initStringInfo(&payload);
+		append_alert_json(&payload, ev);
+		Async_Notify("apikeys_alert", payload.data);
+	}
 }
 
-/* An alert is also a notification, delivered when the flush commits. */
-static void
-notify_alert(const QueuedEvent *ev)
+/*
+ * Writes the database's queued records, AUDIT_BATCH to a transaction, and
+ * no more than were queued when it began, so a flood can neither keep one
+ * transaction (and the audit chain's lock) open nor keep the flush going.
+ * A batch whose write fails goes back to the queue before the error is
+ * raised.  Returns false when the extension is gone from the database.
+ */
+static bool
+flush_audit(Oid dboid)
 {
-	Oid			types[1] = {TEXTOID};
-	Datum		values[1];
+	int			budget = apikeys_queued_for(dboid);
+	QueuedEvent *batch = palloc(sizeof(QueuedEvent) * AUDIT_BATCH);
+	bool		installed = true;
 
-	values[0] = CStringGetTextDatum(ev->details);
-	if (SPI_execute_with_args("SELECT pg_catalog.pg_notify('apikeys_alert', $1)",
-							  1, types, values, NULL, false, 0) != SPI_OK_SELECT)
-		elog(ERROR, "apikeys worker could not send an alert");
+	while (budget > 0)
+	{
+		int			n = apikeys_dequeue(dboid, batch, Min(AUDIT_BATCH, budget));
+
+		if (n == 0)
+			break;
+		budget -= n;
+		if (!installed)
+			continue;			/* the extension is gone: its records go with it */
+		PG_TRY();
+		{
+			installed = begin_flush_xact();
+			if (installed)
+			{
+				for (int i = 0; i < n; i++)
+				{
+					CHECK_FOR_INTERRUPTS();
+					insert_record(&batch[i]);
+				}
+				commit_flush_xact();
+			}
+		}
+		PG_CATCH();
+		{
+			apikeys_requeue(batch, n);
+			PG_RE_THROW();
+		}
+		PG_END_TRY();
+	}
+	pfree(batch);
+	return installed;
 }
 
 /* One batch of counts, as rows d(key_id, day, requests, failures, last_used_at). */
 #define USAGE_ROWS \
-	"ROWS FROM (pg_catalog.unnest($1::uuid[]), pg_catalog.unnest($2::int4[]), " \
-	"  pg_catalog.unnest($3::int8[]), pg_catalog.unnest($4::int8[]), pg_catalog.unnest($5::timestamptz[])) " \
+	"ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), " \
+	"  pg_catalog.unnest($4), pg_catalog.unnest($5)) " \
 	"  AS d(key_id, day, requests, failures, last_used_at)"
 #define USAGE_INSERT \
 	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) " \
-	"SELECT d.key_id, DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day, d.requests, d.failures, d.last_used_at " \
+	"SELECT d.key_id, d.day, d.requests, d.failures, d.last_used_at " \
 	"FROM " USAGE_ROWS
 
 typedef enum UsageWrite
@@ -154,15 +334,14 @@ write_usage(const UsageDelta *deltas, int n, UsageWrite how)
 		"failures = u.failures OPERATOR(pg_catalog.+) d.failures, "
 		"last_used_at = GREATEST(u.last_used_at, d.last_used_at) "
 		"FROM " USAGE_ROWS " "
-		"WHERE u.key_id OPERATOR(pg_catalog.=) d.key_id "
-		"AND u.day OPERATOR(pg_catalog.=) (DATE '1970-01-01' OPERATOR(pg_catalog.+) d.day)",
+		"WHERE u.key_id OPERATOR(pg_catalog.=) d.key_id AND u.day OPERATOR(pg_catalog.=) d.day",
 		[USAGE_WRITE_UPSERT] = USAGE_INSERT
 		" ON CONFLICT (key_id, day) DO UPDATE SET "
 		"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
 		"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
 		"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)",
 	};
-	Oid			types[5] = {UUIDARRAYOID, INT4ARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	Oid			types[5] = {UUIDARRAYOID, DATEARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *days = palloc(sizeof(Datum) * n);
 	Datum	   *requests = palloc(sizeof(Datum) * n);
@@ -177,14 +356,14 @@ write_usage(const UsageDelta *deltas, int n, UsageWrite how)
 	for (int i = 0; i < n; i++)
 	{
 		ids[i] = UUIDPGetDatum(&deltas[i].key_id);
-		days[i] = Int32GetDatum(deltas[i].day);
+		days[i] = DateADTGetDatum(deltas[i].day - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE));
 		requests[i] = Int64GetDatum(deltas[i].requests);
 		failures[i] = Int64GetDatum(deltas[i].failures);
 		last_used[i] = TimestampTzGetDatum(deltas[i].last_used_at);
 		last_used_null[i] = deltas[i].last_used_at == 0;
 	}
 	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
-	values[1] = PointerGetDatum(construct_array(days, n, INT4OID, 4, true, TYPALIGN_INT));
+	values[1] = PointerGetDatum(construct_array(days, n, DATEOID, sizeof(DateADT), true, TYPALIGN_INT));
 	values[2] = PointerGetDatum(construct_array(requests, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[3] = PointerGetDatum(construct_array(failures, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[4] = PointerGetDatum(construct_md_array(last_used, last_used_null, 1, dims, lbs,
@@ -262,56 +441,37 @@ delta_cmp(const void *a, const void *b)
 /* Holds one flush's usage deltas. */
 static MemoryContext deltas_cxt = NULL;
 
-/* One flush; false when the extension is no longer installed here. */
-static bool
-flush_once(Oid dboid)
+/*
+ * Writes the database's usage counts in one transaction, or forgets them
+ * when the extension is gone.  If the transaction fails, the next flush
+ * takes its counts again (see usage_take_pending()).
+ */
+static void
+flush_usage(Oid dboid, bool installed)
 {
-	QueuedEvent batch[FLUSH_BATCH];
 	UsageDelta *deltas;
 	TransactionId xid;
-	bool		installed;
-	bool		upsert_all;
+	bool		upsert_all = false;
 	MemoryContext oldcxt;
 	int			n;
 
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-	pgstat_report_activity(STATE_RUNNING, "apikeys: flushing audit records and usage");
-
-	SPI_execute("SELECT 1 FROM pg_catalog.pg_extension WHERE extname = 'apikeys'", true, 1);
-	installed = SPI_processed > 0;
-
-	while ((n = apikeys_dequeue(dboid, batch, FLUSH_BATCH)) > 0)
-		for (int i = 0; installed && i < n; i++)
-		{
-			insert_record(&batch[i]);
-			if (batch[i].key.kind == EVENT_USAGE_ALERT)
-				notify_alert(&batch[i]);
-		}
-
-	/* Audit rows commit (and release the chain's lock) before usage takes row locks. */
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
-	SetCurrentStatementStartTimestamp();
-	StartTransactionCommand();
-	SPI_connect();
-	PushActiveSnapshot(GetTransactionSnapshot());
-
+	if (!installed || !begin_flush_xact())
+	{
+		installed = false;
+		StartTransactionCommand();
+	}
 	xid = GetCurrentTransactionId();
 	/* The deltas outlive the transaction: usage_flush_done() needs them after commit. */
 	oldcxt = MemoryContextSwitchTo(deltas_cxt);
 	n = usage_take_pending(dboid, xid, &deltas);
 	MemoryContextSwitchTo(oldcxt);
 	qsort(deltas, n, sizeof(UsageDelta), delta_cmp);
-	upsert_all = false;
 	for (int i = 0; installed && i < n;)
 	{
 		int			batch = Min(USAGE_BATCH, n - i);
 		bool		existing = deltas[i].row_exists;
 
+		CHECK_FOR_INTERRUPTS();
 		/* A batch is all updates or all new rows. */
 		for (int j = 1; j < batch; j++)
 			if (deltas[i + j].row_exists != existing)
@@ -325,13 +485,56 @@ flush_once(Oid dboid)
 			upsert_all = !write_usage_fast(deltas + i, batch, existing);
 		i += batch;
 	}
-
-	SPI_finish();
-	PopActiveSnapshot();
-	CommitTransactionCommand();
+	if (installed)
+		commit_flush_xact();
+	else
+		CommitTransactionCommand();
 	usage_flush_done(xid, deltas, n);
 	MemoryContextReset(deltas_cxt);
+}
+
+/* One flush; false when the extension is no longer installed here. */
+static bool
+flush_once(Oid dboid)
+{
+	bool		installed;
+
+	pgstat_report_activity(STATE_RUNNING, "apikeys: flushing audit records and usage");
+	/* Audit rows commit (and release the chain's lock) before usage takes row locks. */
+	installed = flush_audit(dboid);
+	flush_usage(dboid, installed);
 	pgstat_report_activity(STATE_IDLE, NULL);
+	return installed;
+}
+
+/*
+ * A flush that reports its error instead of ending the worker: what it had
+ * taken is back in shared memory (see flush_audit() and flush_usage()),
+ * and the next interval tries again.  Returns false when the extension is
+ * no longer installed here.
+ */
+static bool
+flush_or_report(Oid dboid)
+{
+	MemoryContext cxt = CurrentMemoryContext;
+	volatile bool installed = true;
+
+	PG_TRY();
+	{
+		installed = flush_once(dboid);
+	}
+	PG_CATCH();
+	{
+		HOLD_INTERRUPTS();
+		MemoryContextSwitchTo(cxt);
+		EmitErrorReport();
+		AbortCurrentTransaction();
+		FlushErrorState();
+		MemoryContextReset(deltas_cxt);
+		pgstat_report_activity(STATE_IDLE, NULL);
+		RESUME_INTERRUPTS();
+	}
+	PG_END_TRY();
 	return installed;
 }
 
@@ -344,6 +547,7 @@ apikeys_worker_main(Datum main_arg)
 	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
 	BackgroundWorkerUnblockSignals();
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	pin_settings();
 
 	if (apikeys_shared == NULL || !apikeys_claim_slot(dboid))
 		proc_exit(0);
@@ -379,13 +583,13 @@ apikeys_worker_main(Datum main_arg)
 		}
 		if (RecoveryInProgress())
 			continue;
-		if (!flush_once(dboid))
+		if (!flush_or_report(dboid))
 			proc_exit(0);
 		if (ShutdownRequestPending)
 		{
 			/* What arrived during that flush goes too (bounded: backends are stopping). */
 			for (int i = 0; i < 10 && apikeys_has_pending(dboid); i++)
-				if (!flush_once(dboid))
+				if (!flush_or_report(dboid))
 					break;
 			proc_exit(0);
 		}

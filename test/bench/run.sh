@@ -7,6 +7,7 @@
 #
 # Knobs: BENCH_KEYS, BENCH_SMALL_KEYS, BENCH_SECONDS, BENCH_WARMUP, BENCH_ROUNDS, BENCH_CLIENTS.
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if [ "${1:-}" = "--smoke" ]; then
     KEYS=${BENCH_KEYS:-2000}; SMALL=${BENCH_SMALL_KEYS:-500}; SECONDS_EACH=${BENCH_SECONDS:-2}
@@ -58,119 +59,11 @@ huge_pages_used() {
 }
 HUGE_PAGES=$(huge_pages_used)
 
-# load DB N: N keys, the first tenth revoked; the same tokens in a
-# hand-written table keyed by SHA-256 (pgcrypto) for the baselines.
-load() {
-    local db=$1 n=$2
-    local revoked=$((n / 10))
-    createdb "$db"
-    psql -X -q -v ON_ERROR_STOP=1 -d "$db" <<SQL
-CREATE EXTENSION apikeys;
-CREATE EXTENSION pgcrypto;
-CREATE SCHEMA bench;
--- Bulk load without per-row triggers: limits and audit are not measured here.
-SET session_replication_role = replica;
-INSERT INTO apikeys.owners (owner, plan) SELECT 'owner-' || i, 'enterprise' FROM generate_series(0, 999) i;
-CREATE TABLE bench.tokens AS
-    SELECT i AS id, apikeys._new_token('ak_live')::text AS token FROM generate_series(1, $n) i;
-ALTER TABLE bench.tokens ADD PRIMARY KEY (id);
-INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at)
-    SELECT 'owner-' || (id % 1000), 'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
-           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END
-      FROM bench.tokens;
-CREATE TABLE bench.plain_keys (
-    id bigint PRIMARY KEY, owner text, name text, digest bytea UNIQUE, scopes text[],
-    revoked_at timestamptz, expires_at timestamptz, last_used_at timestamptz);
-INSERT INTO bench.plain_keys
-    SELECT id, 'owner-' || (id % 1000), 'key-' || id, digest(token, 'sha256'), '{}',
-           CASE WHEN id <= $revoked THEN now() END, NULL, NULL
-      FROM bench.tokens;
-RESET session_replication_role;
-CREATE FUNCTION bench.plpgsql_verify(p_token text)
-RETURNS TABLE (valid boolean, key_id bigint, owner text) LANGUAGE plpgsql AS \$\$
-DECLARE
-    k bench.plain_keys;
-BEGIN
-    SELECT * INTO k FROM bench.plain_keys p WHERE p.digest = digest(p_token, 'sha256');
-    IF NOT FOUND OR k.revoked_at IS NOT NULL OR (k.expires_at IS NOT NULL AND k.expires_at <= now()) THEN
-        RETURN QUERY SELECT false, k.id, k.owner;
-        RETURN;
-    END IF;
-    UPDATE bench.plain_keys SET last_used_at = now() WHERE id = k.id;
-    RETURN QUERY SELECT true, k.id, k.owner;
-END \$\$;
-VACUUM ANALYZE;
-CHECKPOINT;
--- Bulk loads bypass shared buffers (ring buffers): read every table and
--- index in once, so that no variant's first round reads them from disk.
-CREATE EXTENSION pg_prewarm SCHEMA bench;
-\o /dev/null
-SELECT count(bench.pg_prewarm(c.oid)) FROM pg_catalog.pg_class c
-  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname IN ('bench', 'apikeys') AND c.relkind IN ('r', 'i');
-SQL
-}
-
 echo "== loading $KEYS keys (bench_large) and $SMALL keys (bench_small)"
-load bench_large "$KEYS"
-load bench_small "$SMALL"
+bench_load bench_large "$KEYS"
+bench_load bench_small "$SMALL"
 
-cat > "$SCRIPTS/a.sql" <<'SQL'
-\set id random(:lo, :hi)
-SELECT t.token FROM bench.tokens t WHERE t.id = :id;
-SQL
-cat > "$SCRIPTS/b.sql" <<'SQL'
-\set id random(:lo, :hi)
-SELECT k.id, k.owner, k.name, k.scopes FROM bench.plain_keys k
- WHERE k.digest = digest((SELECT t.token FROM bench.tokens t WHERE t.id = :id), 'sha256')
-   AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now());
-SQL
-cat > "$SCRIPTS/c.sql" <<'SQL'
-\set id random(:lo, :hi)
-SELECT * FROM bench.plpgsql_verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
-SQL
-cat > "$SCRIPTS/d.sql" <<'SQL'
-\set id random(:lo, :hi)
-SELECT * FROM apikeys.verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
-SQL
-cat > "$SCRIPTS/e.sql" <<'SQL'
-\set id random(:lo, :hi)
-SELECT * FROM apikeys.verify((SELECT overlay(t.token PLACING '!' FROM 20 FOR 1) FROM bench.tokens t WHERE t.id = :id));
-SQL
-cat > "$SCRIPTS/g.sql" <<'SQL'
-\set o random(0, 999)
-SELECT key_id FROM apikeys.create_key('owner-' || :o, 'bench');
-SQL
-
-# Waits (at most a minute) until no apikeys worker runs: the previous
-# variant's remaining counts are written and its worker has retired.
-quiesce() {
-    local i
-    for i in $(seq 1 120); do
-        [ "$(psql -XAtq -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'")" = 0 ] && return 0
-        sleep 0.5
-    done
-    echo "warning: an apikeys worker still runs after 60 s" >&2
-}
-
-# run LABEL DB SCRIPT LO HI -> TPS
-# A checkpoint first, so that none falls inside a measured run.  An
-# unmeasured warm-up longer than the flush interval: the worker started by
-# the run makes its first flush (the one that pays full-page images after
-# the checkpoint) in the warm-up, and the measured run contains its next
-# flush, of a full interval's counts, as on a server under steady load.
-# Afterwards the counts left are written before the next variant starts,
-# so that no variant pays for another's writes.
-run() {
-    local out
-    psql -X -q -d "$2" -c CHECKPOINT
-    pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$WARMUP" \
-        -D lo="$4" -D hi="$5" -f "$SCRIPTS/$3" "$2" >/dev/null 2>&1
-    out=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" \
-        -D lo="$4" -D hi="$5" -f "$SCRIPTS/$3" "$2" 2>&1) || { echo "$out" >&2; exit 1; }
-    quiesce
-    echo "$out" | awk '/^tps = / { print $3; exit }'
-}
+bench_scripts "$SCRIPTS"
 
 L_REV=$((KEYS / 10)); S_REV=$((SMALL / 10))
 declare -A TPS
@@ -179,39 +72,34 @@ declare -A TPS
 # median of its rounds.
 echo "== $ROUNDS rounds of every variant, ${SECONDS_EACH}s each, $CLIENTS clients (pgbench -M prepared)"
 for round in $(seq 1 "$ROUNDS"); do
-    TPS[a]+="$(run a bench_large a.sql 1 "$KEYS") "
-    TPS[b]+="$(run b bench_large b.sql $((L_REV + 1)) "$KEYS") "
-    TPS[d]+="$(run d bench_large d.sql $((L_REV + 1)) "$KEYS") "
-    TPS[ds]+="$(run d bench_small d.sql $((S_REV + 1)) "$SMALL") "
-    TPS[e]+="$(run e bench_large e.sql 1 "$KEYS") "
-    TPS[f]+="$(run f bench_large d.sql 1 "$L_REV") "
-    TPS[c]+="$(run c bench_large c.sql $((L_REV + 1)) "$KEYS") "
-    TPS[g]+="$(run g bench_large g.sql 0 0) "
+    TPS[a]+="$(bench_run bench_large a.sql 1 "$KEYS") "
+    TPS[b]+="$(bench_run bench_large b.sql $((L_REV + 1)) "$KEYS") "
+    TPS[d]+="$(bench_run bench_large d.sql $((L_REV + 1)) "$KEYS") "
+    TPS[ds]+="$(bench_run bench_small d.sql $((S_REV + 1)) "$SMALL") "
+    TPS[e]+="$(bench_run bench_large e.sql 1 "$KEYS") "
+    TPS[f]+="$(bench_run bench_large d.sql 1 "$L_REV") "
+    TPS[c]+="$(bench_run bench_large c.sql $((L_REV + 1)) "$KEYS") "
+    TPS[g]+="$(bench_run bench_large g.sql 0 0) "
 done
-# The rounds' figures, in the order they ran.
-rounds() { tr ' ' '\n' <<<"$1" | grep . | awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }'; }
-median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
-A=$(median "${TPS[a]}"); B=$(median "${TPS[b]}"); C=$(median "${TPS[c]}"); D=$(median "${TPS[d]}")
-DS=$(median "${TPS[ds]}"); E=$(median "${TPS[e]}"); F=$(median "${TPS[f]}"); G=$(median "${TPS[g]}")
+A=$(bench_median "${TPS[a]}"); B=$(bench_median "${TPS[b]}"); C=$(bench_median "${TPS[c]}"); D=$(bench_median "${TPS[d]}")
+DS=$(bench_median "${TPS[ds]}"); E=$(bench_median "${TPS[e]}"); F=$(bench_median "${TPS[f]}"); G=$(bench_median "${TPS[g]}")
 
-ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'; }
-check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
 
 echo
 echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB, $(uname -r), huge pages: $HUGE_PAGES; keys: $KEYS (small: $SMALL); median of $ROUNDS x ${SECONDS_EACH}s (after ${WARMUP}s warm-up), $CLIENTS clients"
 printf '%-58s %10s   %s\n' "variant" "TPS" "each round"
-printf '%-58s %10.0f   %s\n' "(a) fetch a token by id" "$A" "$(rounds "${TPS[a]}")"
-printf '%-58s %10.0f   %s\n' "(b) hand-written SHA-256 lookup (pgcrypto)" "$B" "$(rounds "${TPS[b]}")"
-printf '%-58s %10.0f   %s\n' "(c) hand-written PL/pgSQL verify that updates last_used_at" "$C" "$(rounds "${TPS[c]}")"
-printf '%-58s %10.0f   %s\n' "(d) apikeys.verify, valid keys, usage tracking on" "$D" "$(rounds "${TPS[d]}")"
-printf '%-58s %10.0f   %s\n' "(d) at $SMALL keys" "$DS" "$(rounds "${TPS[ds]}")"
-printf '%-58s %10.0f   %s\n' "(e) apikeys.verify, malformed tokens" "$E" "$(rounds "${TPS[e]}")"
-printf '%-58s %10.0f   %s\n' "(f) apikeys.verify, revoked keys" "$F" "$(rounds "${TPS[f]}")"
-printf '%-58s %10.0f   %s\n' "(g) apikeys.create_key" "$G" "$(rounds "${TPS[g]}")"
+printf '%-58s %10.0f   %s\n' "(a) fetch a token by id" "$A" "$(bench_rounds "${TPS[a]}")"
+printf '%-58s %10.0f   %s\n' "(b) hand-written SHA-256 lookup (pgcrypto)" "$B" "$(bench_rounds "${TPS[b]}")"
+printf '%-58s %10.0f   %s\n' "(c) hand-written PL/pgSQL verify that updates last_used_at" "$C" "$(bench_rounds "${TPS[c]}")"
+printf '%-58s %10.0f   %s\n' "(d) apikeys.verify, valid keys, usage tracking on" "$D" "$(bench_rounds "${TPS[d]}")"
+printf '%-58s %10.0f   %s\n' "(d) at $SMALL keys" "$DS" "$(bench_rounds "${TPS[ds]}")"
+printf '%-58s %10.0f   %s\n' "(e) apikeys.verify, malformed tokens" "$E" "$(bench_rounds "${TPS[e]}")"
+printf '%-58s %10.0f   %s\n' "(f) apikeys.verify, revoked keys" "$F" "$(bench_rounds "${TPS[f]}")"
+printf '%-58s %10.0f   %s\n' "(g) apikeys.create_key" "$G" "$(bench_rounds "${TPS[g]}")"
 echo
 printf '%-40s %8s %8s %8s\n' "ratio" "value" "target" "result"
-R1=$(ratio "$D" "$B"); R2=$(ratio "$D" "$C"); R3=$(ratio "$D" "$DS"); R4=$(ratio "$E" "$D")
-printf '%-40s %8s %8s %8s\n' "(d) / (b)" "$R1" "0.90" "$(check "$R1" 0.9)"
-printf '%-40s %8s %8s %8s\n' "(d) / (c)" "$R2" "10.00" "$(check "$R2" 10)"
-printf '%-40s %8s %8s %8s\n' "(d) at $KEYS / (d) at $SMALL" "$R3" "0.85" "$(check "$R3" 0.85)"
-printf '%-40s %8s %8s %8s\n' "(e) / (d)" "$R4" "1.00" "$(check "$R4" 1)"
+R1=$(bench_ratio "$D" "$B"); R2=$(bench_ratio "$D" "$C"); R3=$(bench_ratio "$D" "$DS"); R4=$(bench_ratio "$E" "$D")
+printf '%-40s %8s %8s %8s\n' "(d) / (b)" "$R1" "0.90" "$(bench_check "$R1" 0.9)"
+printf '%-40s %8s %8s %8s\n' "(d) / (c)" "$R2" "10.00" "$(bench_check "$R2" 10)"
+printf '%-40s %8s %8s %8s\n' "(d) at $KEYS / (d) at $SMALL" "$R3" "0.85" "$(bench_check "$R3" 0.85)"
+printf '%-40s %8s %8s %8s\n' "(e) / (d)" "$R4" "1.00" "$(bench_check "$R4" 1)"

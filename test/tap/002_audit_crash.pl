@@ -396,7 +396,7 @@ like($open_id, qr/^[0-9a-f-]{36}$/, 'round 2: an open transaction created a key'
 # Let the other sessions pile up behind the chain's lock.
 usleep(300_000);
 is( sql(q{SELECT count(*) > 0 FROM pg_stat_activity
-	       WHERE datname = 'crashdb' AND wait_event_type = 'Lock' AND wait_event = 'advisory'}),
+	       WHERE datname = 'crashdb' AND wait_event_type = 'Lock' AND wait_event = 'transactionid'}),
 	't', 'round 2: sessions wait for the audit chain lock');
 $node->stop('immediate');
 finish_burst($running, 'round 2');

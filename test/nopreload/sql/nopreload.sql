@@ -32,3 +32,26 @@ SELECT pg_sleep(1.5);
 SELECT count(*) AS rollback_surviving_rows FROM apikeys.audit_log
  WHERE event IN ('verify_failed', 'limit_exceeded', 'usage_alert');
 SELECT count(*) AS workers FROM pg_stat_activity WHERE backend_type = 'apikeys worker';
+
+-- A placeholder cannot relabel audit events.  Before the library loads, an
+-- unprivileged session may set apikeys.audit_context (the setting is still
+-- an unknown placeholder); the triggers read it through the library, whose
+-- loading refuses that value, so revoke() stays key_revoked.
+SELECT key_id AS ctx_key FROM apikeys.create_key('np-ctx', 'relabel me') \gset
+\c
+SET ROLE apikeys_admin;
+SET apikeys.audit_context = 'revoke_token';
+SELECT apikeys.revoke(:'ctx_key') IS NOT NULL AS revoked;
+RESET ROLE;
+SELECT event FROM apikeys.audit_log WHERE key_id = :'ctx_key' ORDER BY id;
+-- The superuser-only settings read through the library resist the same trick.
+\c
+SET ROLE apikeys_admin;
+SET apikeys.max_rotation_grace = '1000y';
+SET apikeys.audit_retention_min = 0;
+SELECT key_id AS grace_key FROM apikeys.create_key('np-ctx', 'grace') \gset
+\set VERBOSITY terse
+SELECT count(*) FROM apikeys.rotate(:'grace_key', NULL, '100 years');
+SELECT apikeys.purge_audit('infinity');
+\set VERBOSITY default
+RESET ROLE;

@@ -1,0 +1,41 @@
+/*
+ * loghook.c — an emit_log_hook that keeps tokens out of the server log.
+ *
+ * errhidestmt and errhidecontext keep the statement and the context out of
+ * a report, but when a malformed token is a literal cast to apikeys.apikey
+ * inside PL/pgSQL, the input function runs while the expression is parsed,
+ * and PL/pgSQL adds the expression itself as the report's internal query
+ * ("QUERY:  k := 'ak_live_...'::apikeys.apikey").  The hook removes that
+ * query, and its position, from apikeys' own input errors.
+ */
+#include "postgres.h"
+
+#include "utils/elog.h"
+
+#include "loghook.h"
+
+static emit_log_hook_type prev_emit_log_hook = NULL;
+
+/* Strips every part of an apikey input error that may quote the token. */
+static void
+apikeys_emit_log(ErrorData *edata)
+{
+	if (edata->sqlerrcode == ERRCODE_INVALID_TEXT_REPRESENTATION &&
+		edata->message_id != NULL &&
+		strcmp(edata->message_id, APIKEY_INPUT_ERROR_MESSAGE) == 0)
+	{
+		edata->internalquery = NULL;
+		edata->internalpos = 0;
+		edata->hide_stmt = true;
+		edata->hide_ctx = true;
+	}
+	if (prev_emit_log_hook)
+		prev_emit_log_hook(edata);
+}
+
+void
+loghook_init(void)
+{
+	prev_emit_log_hook = emit_log_hook;
+	emit_log_hook = apikeys_emit_log;
+}

@@ -1,0 +1,123 @@
+# Shared by the benchmark scripts (run.sh, compare.sh): loading a database,
+# the pgbench scripts of every variant, one measured run, and medians.
+# Expects test/scripts/lib.sh sourced and PGHOST/PGPORT set by start_cluster.
+
+# bench_load DB N: N keys, the first tenth revoked; the same tokens in a
+# hand-written table keyed by SHA-256 (pgcrypto) for the baselines.
+bench_load() {
+    local db=$1 n=$2
+    local revoked=$((n / 10))
+    createdb "$db"
+    psql -X -q -v ON_ERROR_STOP=1 -d "$db" <<SQL
+CREATE EXTENSION apikeys;
+CREATE EXTENSION pgcrypto;
+CREATE SCHEMA bench;
+-- Bulk load without per-row triggers: limits and audit are not measured here.
+SET session_replication_role = replica;
+INSERT INTO apikeys.owners (owner, plan) SELECT 'owner-' || i, 'enterprise' FROM generate_series(0, 999) i;
+CREATE TABLE bench.tokens AS
+    SELECT i AS id, apikeys._new_token('ak_live')::text AS token FROM generate_series(1, $n) i;
+ALTER TABLE bench.tokens ADD PRIMARY KEY (id);
+INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at)
+    SELECT 'owner-' || (id % 1000), 'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
+           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END
+      FROM bench.tokens;
+CREATE TABLE bench.plain_keys (
+    id bigint PRIMARY KEY, owner text, name text, digest bytea UNIQUE, scopes text[],
+    revoked_at timestamptz, expires_at timestamptz, last_used_at timestamptz);
+INSERT INTO bench.plain_keys
+    SELECT id, 'owner-' || (id % 1000), 'key-' || id, digest(token, 'sha256'), '{}',
+           CASE WHEN id <= $revoked THEN now() END, NULL, NULL
+      FROM bench.tokens;
+RESET session_replication_role;
+CREATE FUNCTION bench.plpgsql_verify(p_token text)
+RETURNS TABLE (valid boolean, key_id bigint, owner text) LANGUAGE plpgsql AS \$\$
+DECLARE
+    k bench.plain_keys;
+BEGIN
+    SELECT * INTO k FROM bench.plain_keys p WHERE p.digest = digest(p_token, 'sha256');
+    IF NOT FOUND OR k.revoked_at IS NOT NULL OR (k.expires_at IS NOT NULL AND k.expires_at <= now()) THEN
+        RETURN QUERY SELECT false, k.id, k.owner;
+        RETURN;
+    END IF;
+    UPDATE bench.plain_keys SET last_used_at = now() WHERE id = k.id;
+    RETURN QUERY SELECT true, k.id, k.owner;
+END \$\$;
+VACUUM ANALYZE;
+CHECKPOINT;
+-- Bulk loads bypass shared buffers (ring buffers): read every table and
+-- index in once, so that no variant's first round reads them from disk.
+CREATE EXTENSION pg_prewarm SCHEMA bench;
+\o /dev/null
+SELECT count(bench.pg_prewarm(c.oid)) FROM pg_catalog.pg_class c
+  JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+ WHERE n.nspname IN ('bench', 'apikeys') AND c.relkind IN ('r', 'i');
+SQL
+}
+
+# bench_scripts DIR: the pgbench script of every variant.
+bench_scripts() {
+    local dir=$1
+    cat > "$dir/a.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT t.token FROM bench.tokens t WHERE t.id = :id;
+SQL
+    cat > "$dir/b.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT k.id, k.owner, k.name, k.scopes FROM bench.plain_keys k
+ WHERE k.digest = digest((SELECT t.token FROM bench.tokens t WHERE t.id = :id), 'sha256')
+   AND k.revoked_at IS NULL AND (k.expires_at IS NULL OR k.expires_at > now());
+SQL
+    cat > "$dir/c.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT * FROM bench.plpgsql_verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
+SQL
+    cat > "$dir/d.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT * FROM apikeys.verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
+SQL
+    cat > "$dir/e.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT * FROM apikeys.verify((SELECT overlay(t.token PLACING '!' FROM 20 FOR 1) FROM bench.tokens t WHERE t.id = :id));
+SQL
+    cat > "$dir/g.sql" <<'SQL'
+\set o random(0, 999)
+SELECT key_id FROM apikeys.create_key('owner-' || :o, 'bench');
+SQL
+}
+
+# Waits (at most a minute) until no apikeys worker runs: the previous
+# variant's remaining counts are written and its worker has retired.
+bench_quiesce() {
+    local i
+    for i in $(seq 1 120); do
+        [ "$(psql -XAtq -d postgres -c "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'")" = 0 ] && return 0
+        sleep 0.5
+    done
+    echo "warning: an apikeys worker still runs after 60 s" >&2
+}
+
+# bench_run DB SCRIPT LO HI -> TPS (uses SCRIPTS, CLIENTS, WARMUP, SECONDS_EACH)
+# A checkpoint first, so that none falls inside a measured run.  An
+# unmeasured warm-up longer than the flush interval: the worker started by
+# the run makes its first flush (the one that pays full-page images after
+# the checkpoint) in the warm-up, and the measured run contains its next
+# flush, of a full interval's counts, as on a server under steady load.
+# Afterwards the counts left are written before the next variant starts,
+# so that no variant pays for another's writes.
+bench_run() {
+    local out
+    psql -X -q -d "$1" -c CHECKPOINT
+    pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$WARMUP" \
+        -D lo="$3" -D hi="$4" -f "$SCRIPTS/$2" "$1" >/dev/null 2>&1
+    out=$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" \
+        -D lo="$3" -D hi="$4" -f "$SCRIPTS/$2" "$1" 2>&1) || { echo "$out" >&2; exit 1; }
+    bench_quiesce
+    echo "$out" | awk '/^tps = / { print $3; exit }'
+}
+
+# The rounds' figures, in the order they ran; their median; a ratio; met or MISSED.
+bench_rounds() { tr ' ' '\n' <<<"$1" | grep . | awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }'; }
+bench_median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+bench_ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'; }
+bench_check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
