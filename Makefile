@@ -2,7 +2,7 @@
 EXTENSION = apikeys
 MODULE_big = apikeys
 OBJS = src/apikeys.o src/token.o src/apikey_type.o src/verify.o src/hash.o src/audit.o \
-       src/shmem.o src/usage.o src/worker.o src/loghook.o
+       src/shmem.o src/usage.o src/worker.o src/launcher.o src/loghook.o
 DATA = sql/apikeys--1.0.sql
 PGFILEDESC = "apikeys - API keys inside PostgreSQL"
 

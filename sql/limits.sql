@@ -73,19 +73,7 @@ SELECT count(*) AS owner_rows FROM apikeys.owners WHERE owner = 'lim-x';
 -- Refusals survive their rollback as limit_exceeded records, which the
 -- worker writes: one per owner, plan and limit (and minute), so lim-dev's
 -- refusal under developer and its two under free are not merged.
-CREATE FUNCTION pg_temp.wait_limit_records(p_owner text, p_total bigint) RETURNS boolean
-LANGUAGE plpgsql AS $$
-BEGIN
-    FOR i IN 1..150 LOOP
-        IF (SELECT coalesce(sum((details->>'count')::bigint), 0) FROM apikeys.audit_log
-             WHERE event = 'limit_exceeded' AND owner = p_owner) >= p_total THEN
-            RETURN true;
-        END IF;
-        PERFORM pg_sleep(0.1);
-    END LOOP;
-    RETURN false;
-END $$;
-SELECT pg_temp.wait_limit_records('lim-dev', 3) AS recorded;
+SELECT apikeys.flush() AS flushed;
 SELECT details->>'plan' AS plan, details->>'max_keys' AS max_keys, sum((details->>'count')::int) AS refusals
   FROM apikeys.audit_log WHERE event = 'limit_exceeded' AND owner = 'lim-dev'
  GROUP BY 1, 2 ORDER BY 1;

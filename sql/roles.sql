@@ -74,7 +74,8 @@ INSERT INTO calls VALUES
     (27, 'purge_audit',              'SELECT apikeys.purge_audit(''-infinity'')'),
     (28, 'revoke_all',               'SELECT apikeys.revoke_all(%1$L)'),
     (29, 'insert a plan by SQL',     'INSERT INTO apikeys.plans (name, max_keys) VALUES (''plan-'' || %1$L, 1)'),
-    (30, 'lock the audit chain',     'SELECT FROM apikeys._audit_chain_lock FOR UPDATE');
+    (30, 'lock the audit chain',     'SELECT FROM apikeys._audit_chain_lock FOR UPDATE'),
+    (31, 'flush (without waiting)',  'SELECT apikeys.flush(''0'')');
 
 CREATE TEMP TABLE matrix (seq int, call text, role text, result text);
 DO $$
@@ -95,6 +96,16 @@ SELECT call,
        max(result) FILTER (WHERE role = 'apikeys_admin') AS admin,
        max(result) FILTER (WHERE role = 'apikeys_regress_nobody') AS nobody
   FROM matrix GROUP BY seq, call ORDER BY seq;
+
+-- verify and authenticate are SECURITY INVOKER: they run no SQL and read
+-- apikeys.keys by OID, so the EXECUTE grant is the whole gate.  The app role
+-- cannot read apikeys.keys (above), yet verifies; nobody cannot call them.
+SELECT p.proname, p.prosecdef, p.proconfig
+  FROM pg_proc p
+ WHERE p.oid IN ('apikeys.verify(text, text[])'::regprocedure, 'apikeys.authenticate(text, text[])'::regprocedure)
+ ORDER BY 1;
+SELECT has_table_privilege('apikeys_app', 'apikeys.keys', 'SELECT') AS app_reads_keys,
+       has_function_privilege('apikeys_regress_nobody', 'apikeys.verify(text, text[])', 'EXECUTE') AS nobody_executes;
 
 -- The messages of the owner-scoping refusals.
 SELECT k4 AS app_k4 FROM fx WHERE role = 'apikeys_app' \gset

@@ -19,6 +19,7 @@
 #include <sodium.h>
 
 #include "apikeys.h"
+#include "launcher.h"
 #include "loghook.h"
 #include "shmem.h"
 #include "token.h"
@@ -124,6 +125,15 @@ _PG_init(void)
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
 
+	DefineCustomIntVariable("apikeys.usage_flush_interval",
+							"How often background workers write usage counts.",
+							"Counts are exact in shared memory meanwhile; a crash loses at most this much.",
+							&apikeys_usage_flush_interval,
+							60, 1, 86400,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+
 	DefineCustomIntVariable("apikeys.alert_requests_per_minute",
 							"Requests in a minute past which a key raises a usage alert (0: off).",
 							NULL,
@@ -160,6 +170,7 @@ _PG_init(void)
 	if (apikeys_preloaded)
 	{
 		apikeys_shmem_init_hooks();
+		launcher_register();
 		loghook_init();
 	}
 }
@@ -174,25 +185,25 @@ Datum
 apikeys_status(PG_FUNCTION_ARGS)
 {
 	TupleDesc	tupdesc;
-	Datum		values[11];
-	bool		nulls[11] = {false};
+	Datum		values[15];
+	bool		nulls[15] = {false};
 	bool		shared = apikeys_shared != NULL;
-	int64		dropped = 0;
-	int64		queued_total = 0;
+	int64		queued_now;
+	int64		queued_total;
+	int64		dropped;
+	int64		lost;
 	int64		tracked;
 	int64		untracked;
+	int64		workers;
+	int64		start_failures;
+	int64		flush_failures;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	if (shared)
-	{
-		LWLockAcquire(apikeys_shared->lock, LW_SHARED);
-		dropped = apikeys_shared->dropped;
-		queued_total = apikeys_shared->queued_total;
-		LWLockRelease(apikeys_shared->lock);
-	}
+	apikeys_queue_stats(&queued_now, &queued_total, &dropped, &lost);
 	usage_stats(&tracked, &untracked);
+	launcher_stats(&workers, &start_failures, &flush_failures);
 
 	/* A standby enforces rate limits but keeps no counts and records nothing. */
 	values[0] = BoolGetDatum(apikeys_preloaded);
@@ -200,12 +211,16 @@ apikeys_status(PG_FUNCTION_ARGS)
 	values[2] = BoolGetDatum(shared);	/* rate_limits */
 	values[3] = BoolGetDatum(shared && !RecoveryInProgress());	/* failure_audit */
 	values[4] = CStringGetTextDatum(apikeys_default_prefix);
-	values[5] = Int64GetDatum(apikeys_queued_now());
+	values[5] = Int64GetDatum(queued_now);
 	values[6] = Int64GetDatum(queued_total);
 	values[7] = Int64GetDatum(dropped);
 	values[8] = Int64GetDatum(tracked);
 	values[9] = Int64GetDatum(untracked);
 	values[10] = BoolGetDatum(RecoveryInProgress());
+	values[11] = Int64GetDatum(workers);
+	values[12] = Int64GetDatum(start_failures);
+	values[13] = Int64GetDatum(flush_failures);
+	values[14] = Int64GetDatum(lost);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

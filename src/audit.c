@@ -18,6 +18,7 @@
 #include "utils/timestamp.h"
 
 #include "audit.h"
+#include "launcher.h"
 #include "shmem.h"
 
 PG_FUNCTION_INFO_V1(apikeys_audit_tail);

@@ -27,9 +27,9 @@
 #include "utils/hsearch.h"
 #include "utils/timestamp.h"
 
+#include "launcher.h"
 #include "shmem.h"
 #include "usage.h"
-#include "worker.h"
 
 ApikeysShared *apikeys_shared = NULL;
 int			apikeys_audit_queue_size = 1024;
@@ -37,9 +37,6 @@ int			apikeys_audit_queue_size = 1024;
 static HTAB *event_queue = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
-
-/* A slot whose worker has not reported in this long is started again. */
-#define WORKER_START_TIMEOUT_MS 10000
 
 
 /* Reserves the queue, the registry and the usage table (postmaster, preload only). */
@@ -50,8 +47,9 @@ apikeys_shmem_request(void)
 		prev_shmem_request_hook();
 	RequestAddinShmemSpace(MAXALIGN(sizeof(ApikeysShared)));
 	RequestAddinShmemSpace(hash_estimate_size(apikeys_audit_queue_size, sizeof(QueuedEvent)));
-	RequestAddinShmemSpace(usage_shmem_size());
-	RequestNamedLWLockTranche("apikeys", 1 + APIKEYS_USAGE_PARTITIONS);
+	RequestNamedLWLockTranche("apikeys queue", 1);
+	usage_shmem_request();
+	launcher_shmem_request();
 }
 
 /* Hashes a queue key: its fixed part as bytes, its strings up to their NUL. */
@@ -93,13 +91,8 @@ apikeys_shmem_startup(void)
 	apikeys_shared = ShmemInitStruct("apikeys", sizeof(ApikeysShared), &found);
 	if (!found)
 	{
-		LWLockPadded *locks = GetNamedLWLockTranche("apikeys");
-
 		memset(apikeys_shared, 0, sizeof(ApikeysShared));
-		apikeys_shared->lock = &locks[0].lock;
-		for (int i = 0; i < APIKEYS_USAGE_PARTITIONS; i++)
-			apikeys_shared->usage_locks[i] = &locks[1 + i].lock;
-		pg_atomic_init_u64(&apikeys_shared->worker_generation, 0);
+		apikeys_shared->lock = &GetNamedLWLockTranche("apikeys queue")[0].lock;
 	}
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(QueuedEventKey);
@@ -110,6 +103,7 @@ apikeys_shmem_startup(void)
 								apikeys_audit_queue_size, apikeys_audit_queue_size,
 								&info, HASH_ELEM | HASH_FUNCTION | HASH_COMPARE);
 	usage_shmem_init();
+	launcher_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -164,7 +158,7 @@ take_anonymous_budget(Oid dboid, int64 minute)
 {
 	AnonymousBudget *free_slot = NULL;
 
-	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+	for (int i = 0; i < APIKEYS_BUDGET_SLOTS; i++)
 	{
 		AnonymousBudget *b = &apikeys_shared->budgets[i];
 
@@ -342,20 +336,22 @@ apikeys_queued_for(Oid dboid)
 	return n;
 }
 
-/* Records queued now, across databases (status()). */
-int64
-apikeys_queued_now(void)
+/* Queue totals for status(). */
+void
+apikeys_queue_stats(int64 *queued_now, int64 *queued_total, int64 *dropped, int64 *lost)
 {
-	int64		n;
-
+	*queued_now = *queued_total = *dropped = *lost = 0;
 	if (apikeys_shared == NULL)
-		return 0;
+		return;
 	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
-	n = hash_get_num_entries(event_queue);
+	*queued_now = hash_get_num_entries(event_queue);
+	*queued_total = apikeys_shared->queued_total;
+	*dropped = apikeys_shared->dropped;
+	*lost = apikeys_shared->lost;
 	LWLockRelease(apikeys_shared->lock);
-	return n;
 }
 
+/* Whether the database has queued records; caller holds the queue lock. */
 static bool
 queue_has_records(Oid dboid)
 {
@@ -374,178 +370,49 @@ queue_has_records(Oid dboid)
 	return false;
 }
 
-/* Queued records or usage counts of the database; the caller holds the queue lock. */
-static bool
-has_pending_locked(Oid dboid)
-{
-	return queue_has_records(dboid) || usage_has_pending(dboid);
-}
-
-static WorkerSlot *
-find_slot(Oid dboid)
-{
-	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
-		if (apikeys_shared->workers[i].dboid == dboid)
-			return &apikeys_shared->workers[i];
-	return NULL;
-}
-
-/* Generation at which this backend last saw its database's worker. */
-static uint64 worker_seen_generation = PG_UINT64_MAX;
-
-void
-apikeys_note_pending(void)
-{
-	ApikeysShared *sh = apikeys_shared;
-	uint64		generation;
-	TimestampTz now;
-	WorkerSlot *slot;
-	bool		start = false;
-
-	/* A standby keeps nothing for a worker, which could not start there anyway. */
-	if (sh == NULL || !OidIsValid(MyDatabaseId) || RecoveryInProgress())
-		return;
-
-	/*
-	 * Pairs with apikeys_retire_if_idle(), which bumps the generation before
-	 * it looks for pending work: either it sees ours, or we see its bump.
-	 */
-	pg_memory_barrier();
-	generation = pg_atomic_read_u64(&sh->worker_generation);
-	if (generation == worker_seen_generation)
-		return;
-
-	now = GetCurrentTimestamp();
-	LWLockAcquire(sh->lock, LW_EXCLUSIVE);
-	slot = find_slot(MyDatabaseId);
-	if (slot != NULL &&
-		(slot->pid != 0 ||
-		 !TimestampDifferenceExceeds(slot->requested_at, now, WORKER_START_TIMEOUT_MS)))
-		worker_seen_generation = generation;
-	else
-	{
-		if (slot == NULL)
-			slot = find_slot(InvalidOid);
-		if (slot != NULL)
-		{
-			slot->dboid = MyDatabaseId;
-			slot->pid = 0;
-			slot->requested_at = now;
-			start = true;
-		}
-	}
-	LWLockRelease(sh->lock);
-
-	if (start)
-	{
-		if (apikeys_start_worker())
-			worker_seen_generation = generation;
-		else
-		{
-			/* No free worker process now: a later call tries again. */
-			LWLockAcquire(sh->lock, LW_EXCLUSIVE);
-			if (slot->dboid == MyDatabaseId && slot->pid == 0)
-				memset(slot, 0, sizeof(WorkerSlot));
-			LWLockRelease(sh->lock);
-		}
-	}
-}
-
-bool
-apikeys_claim_slot(Oid dboid)
-{
-	WorkerSlot *slot;
-	bool		claimed = false;
-
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	slot = find_slot(dboid);
-	if (slot == NULL)
-		slot = find_slot(InvalidOid);
-	if (slot != NULL && (slot->pid == 0 || slot->pid == MyProcPid))
-	{
-		slot->dboid = dboid;
-		slot->pid = MyProcPid;
-		claimed = true;
-	}
-	LWLockRelease(apikeys_shared->lock);
-	return claimed;
-}
-
-bool
-apikeys_retire_if_idle(Oid dboid)
-{
-	bool		idle;
-
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	pg_atomic_fetch_add_u64(&apikeys_shared->worker_generation, 1);
-	idle = !has_pending_locked(dboid);
-	if (idle)
-	{
-		WorkerSlot *slot = find_slot(dboid);
-
-		if (slot != NULL && slot->pid == MyProcPid)
-			memset(slot, 0, sizeof(WorkerSlot));
-	}
-	LWLockRelease(apikeys_shared->lock);
-	return idle;
-}
-
 bool
 apikeys_has_pending(Oid dboid)
 {
 	bool		pending;
 
 	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
-	pending = has_pending_locked(dboid);
+	pending = queue_has_records(dboid) || usage_has_pending(dboid);
 	LWLockRelease(apikeys_shared->lock);
 	return pending;
 }
 
 void
-apikeys_release_own_slot(void)
+apikeys_discard_database(Oid dboid)
 {
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
-		if (apikeys_shared->workers[i].pid == MyProcPid)
-			memset(&apikeys_shared->workers[i], 0, sizeof(WorkerSlot));
-	pg_atomic_fetch_add_u64(&apikeys_shared->worker_generation, 1);
-	LWLockRelease(apikeys_shared->lock);
-}
-
-void
-apikeys_wake_worker(Oid dboid)
-{
-	pid_t		pid = 0;
-	PGPROC	   *proc;
+	HASH_SEQ_STATUS status;
+	QueuedEvent *entry;
 
 	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	for (int i = 0; i < APIKEYS_MAX_DB_WORKERS; i++)
+	hash_seq_init(&status, event_queue);
+	while ((entry = hash_seq_search(&status)) != NULL)
 	{
-		if (apikeys_shared->workers[i].dboid == dboid)
-		{
-			apikeys_shared->workers[i].flush_requested = true;
-			pid = apikeys_shared->workers[i].pid;
-		}
+		if (entry->key.dboid != dboid)
+			continue;
+		apikeys_shared->lost += entry->count;
+		if (is_anonymous(&entry->key))
+			apikeys_shared->anonymous_entries--;
+		hash_search(event_queue, &entry->key, HASH_REMOVE, NULL);
 	}
 	LWLockRelease(apikeys_shared->lock);
-
-	if (pid != 0 && (proc = BackendPidGetProc(pid)) != NULL)
-		SetLatch(&proc->procLatch);
+	usage_discard(dboid);
 }
 
-bool
-apikeys_take_flush_request(Oid dboid)
+List *
+apikeys_databases_with_work(void)
 {
-	WorkerSlot *slot;
-	bool		requested = false;
+	HASH_SEQ_STATUS status;
+	QueuedEvent *entry;
+	List	   *dboids = NIL;
 
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
-	slot = find_slot(dboid);
-	if (slot != NULL && slot->pid == MyProcPid)
-	{
-		requested = slot->flush_requested;
-		slot->flush_requested = false;
-	}
+	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	hash_seq_init(&status, event_queue);
+	while ((entry = hash_seq_search(&status)) != NULL)
+		dboids = list_append_unique_oid(dboids, entry->key.dboid);
 	LWLockRelease(apikeys_shared->lock);
-	return requested;
+	return usage_databases_with_counts(dboids);
 }

@@ -1,7 +1,7 @@
 /*
  * shmem.h — apikeys' shared memory (library preloaded only): the queue of
- * audit records that must survive the caller's rollback, and the registry of
- * per-database background workers.  Usage counters live in usage.h.
+ * audit records that must survive the caller's rollback.  Usage counters
+ * live in usage.h, the registry of workers in launcher.h.
  */
 #ifndef APIKEYS_SHMEM_H
 #define APIKEYS_SHMEM_H
@@ -9,7 +9,7 @@
 #include "postgres.h"
 
 #include "mb/pg_wchar.h"
-#include "port/atomics.h"
+#include "nodes/pg_list.h"
 #include "storage/lwlock.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
@@ -25,8 +25,8 @@
 #define QUEUE_PREFIX_LEN	25	/* a token prefix (<= 24) and its NUL */
 #define QUEUE_START_LEN		30	/* a token's start (<= 29) and its NUL */
 
-#define APIKEYS_MAX_DB_WORKERS	64
-#define APIKEYS_USAGE_PARTITIONS 16	/* a power of two */
+/* Databases whose anonymous records this minute are counted at once. */
+#define APIKEYS_BUDGET_SLOTS	64
 
 /*
  * Refusals of unknown or malformed tokens name no key: per database and
@@ -72,14 +72,6 @@ typedef struct QueuedEvent
 	char		db_user[NAMEDATALEN];
 } QueuedEvent;
 
-typedef struct WorkerSlot
-{
-	Oid			dboid;
-	pid_t		pid;			/* 0 while starting */
-	TimestampTz requested_at;
-	bool		flush_requested;	/* an alert is waiting: flush before the interval ends */
-} WorkerSlot;
-
 /* How many anonymous records one database has started in one minute. */
 typedef struct AnonymousBudget
 {
@@ -90,15 +82,12 @@ typedef struct AnonymousBudget
 
 typedef struct ApikeysShared
 {
-	LWLock	   *lock;			/* the queue and the registry */
-	LWLock	   *usage_locks[APIKEYS_USAGE_PARTITIONS];	/* the usage counters, by hash */
+	LWLock	   *lock;			/* the queue */
 	int64		queued_total;
-	int64		dropped;
+	int64		dropped;		/* occurrences not queued: the queue was full */
+	int64		lost;			/* occurrences discarded: their database or extension went */
 	int32		anonymous_entries;	/* queue entries that name no key or owner */
-	AnonymousBudget budgets[APIKEYS_MAX_DB_WORKERS];
-	/* Bumped whenever a worker may have gone: backends then look again. */
-	pg_atomic_uint64 worker_generation;
-	WorkerSlot	workers[APIKEYS_MAX_DB_WORKERS];
+	AnonymousBudget budgets[APIKEYS_BUDGET_SLOTS];
 } ApikeysShared;
 
 /* NULL unless the library was preloaded. */
@@ -133,34 +122,20 @@ extern void apikeys_requeue(const QueuedEvent *events, int n);
 /* Records of the database queued now. */
 extern int	apikeys_queued_for(Oid dboid);
 
-/* Records queued now, across databases. */
-extern int64 apikeys_queued_now(void);
-
-/*
- * Called after adding anything a worker must write: makes sure this
- * database's worker runs.  Costs an atomic read while it does.
- */
-extern void apikeys_note_pending(void);
-
-/* Takes this database's slot for the calling worker; false if another has it. */
-extern bool apikeys_claim_slot(Oid dboid);
-
-/*
- * Frees the calling worker's slot if its database has nothing left to
- * write; true when freed (the worker then exits).
- */
-extern bool apikeys_retire_if_idle(Oid dboid);
-
 /* Whether the database has queued records or usage counts to write. */
 extern bool apikeys_has_pending(Oid dboid);
 
-/* Frees whatever slot the calling worker holds (at exit). */
-extern void apikeys_release_own_slot(void);
+/*
+ * Discards what a database that is gone had queued (records are counted as
+ * lost) and its usage counts.
+ */
+extern void apikeys_discard_database(Oid dboid);
 
-/* Asks this database's worker, if it runs, to flush now (an alert is waiting). */
-extern void apikeys_wake_worker(Oid dboid);
+/* The databases with queued records or usage counts (a list of OIDs). */
+extern List *apikeys_databases_with_work(void);
 
-/* In the worker: whether a flush was asked for since the last call. */
-extern bool apikeys_take_flush_request(Oid dboid);
+/* Queue totals for status(). */
+extern void apikeys_queue_stats(int64 *queued_now, int64 *queued_total, int64 *dropped,
+								int64 *lost);
 
 #endif							/* APIKEYS_SHMEM_H */

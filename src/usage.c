@@ -1,29 +1,32 @@
 /*
  * usage.c — per-key, per-UTC-day counters in a shared hash.
  *
- * The table is split in APIKEYS_USAGE_PARTITIONS by hash, each with its own
- * lock, so backends rarely meet.  The hot path takes its partition's lock in
- * shared mode and the entry's spinlock; only a key's first request of the
- * day takes the partition exclusively, to add its entry.  When the table is
- * full, idle entries (nothing pending, not used this minute) make room; if
- * none is idle the request is untracked: it verifies as usual but is neither
- * counted nor rate limited, and status() counts it.
+ * The table is split in USAGE_PARTITIONS by hash, each with its own lock
+ * (the module's own tranche), so backends rarely meet.  The hot path takes
+ * its partition's lock in shared mode and the entry's spinlock; only a
+ * key's first request of the day takes the partition exclusively, to add
+ * its entry.  When the table is full, idle entries (nothing pending, not
+ * used this minute) make room; if none is idle the request is untracked: it
+ * verifies as usual but is neither counted nor rate limited, and status()
+ * counts it.
  */
 #include "postgres.h"
 
-#include "access/htup_details.h"
 #include "access/transam.h"
 #include "access/xlog.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/lwlock.h"
 #include "storage/shmem.h"
 #include "storage/spin.h"
 #include "utils/hsearch.h"
 #include "utils/snapmgr.h"
 
-#include "shmem.h"
 #include "usage.h"
+
+/* Partitions of the table, each with its own lock (a power of two). */
+#define USAGE_PARTITIONS 16
 
 int			apikeys_max_tracked_keys = 100000;
 int			apikeys_alert_requests_per_minute = 0;
@@ -31,7 +34,7 @@ int			apikeys_alert_requests_per_minute = 0;
 typedef struct UsageKey
 {
 	Oid			dboid;
-	int32		day;
+	int32		day;			/* days since 1970-01-01, UTC */
 	pg_uuid_t	key_id;
 } UsageKey;
 
@@ -39,15 +42,9 @@ typedef struct UsageEntry
 {
 	UsageKey	key;
 	slock_t		mutex;
-	bool		row_exists;		/* a committed flush wrote this key's row for the day */
-	int64		requests;		/* pending: not yet written */
-	int64		failures;		/* pending */
-	TimestampTz last_used_at;	/* pending, 0 if none */
-	/* Taken by a flush whose transaction may not have committed yet. */
-	int64		inflight_requests;
-	int64		inflight_failures;
-	TimestampTz inflight_last_used_at;
-	TransactionId inflight_xid;
+	UsageCounts pending;		/* not yet taken by a flush */
+	UsageCounts inflight;		/* taken by a flush that may not have committed */
+	TransactionId inflight_xid; /* that flush's transaction, or invalid */
 	int64		minute;			/* the minute minute_count belongs to */
 	int64		minute_count;	/* requests allowed in that minute */
 	int64		alerted_minute;
@@ -62,6 +59,23 @@ typedef struct UsageCounters
 
 static HTAB *usage_table = NULL;
 static UsageCounters *usage_counters = NULL;
+static LWLock *partition_locks[USAGE_PARTITIONS];
+
+/* Adds counts to counts. */
+static inline void
+counts_add(UsageCounts *to, const UsageCounts *from)
+{
+	to->requests += from->requests;
+	to->failures += from->failures;
+	to->last_used_at = Max(to->last_used_at, from->last_used_at);
+}
+
+/* Whether counts hold nothing to write. */
+static inline bool
+counts_empty(const UsageCounts *c)
+{
+	return c->requests == 0 && c->failures == 0;
+}
 
 Size
 usage_shmem_size(void)
@@ -71,11 +85,21 @@ usage_shmem_size(void)
 }
 
 void
+usage_shmem_request(void)
+{
+	RequestAddinShmemSpace(usage_shmem_size());
+	RequestNamedLWLockTranche("apikeys usage", USAGE_PARTITIONS);
+}
+
+void
 usage_shmem_init(void)
 {
 	HASHCTL		info;
 	bool		found;
+	LWLockPadded *locks = GetNamedLWLockTranche("apikeys usage");
 
+	for (int i = 0; i < USAGE_PARTITIONS; i++)
+		partition_locks[i] = &locks[i].lock;
 	usage_counters = ShmemInitStruct("apikeys usage counters", sizeof(UsageCounters), &found);
 	if (!found)
 	{
@@ -86,12 +110,13 @@ usage_shmem_init(void)
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(UsageKey);
 	info.entrysize = sizeof(UsageEntry);
-	info.num_partitions = APIKEYS_USAGE_PARTITIONS;
+	info.num_partitions = USAGE_PARTITIONS;
 	usage_table = ShmemInitHash("apikeys usage", apikeys_max_tracked_keys,
 								apikeys_max_tracked_keys, &info,
 								HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
 }
 
+/* Now, its Unix minute and its UTC day. */
 static void
 now_parts(TimestampTz *now, int64 *minute, int32 *day)
 {
@@ -104,37 +129,45 @@ now_parts(TimestampTz *now, int64 *minute, int32 *day)
 	*day = (int32) (unix_seconds / SECS_PER_DAY);
 }
 
-static inline bool
-has_inflight(UsageEntry *e)
-{
-	return TransactionIdIsValid(e->inflight_xid);
-}
-
+/* Whether an entry has nothing to write and was not used this minute. */
 static inline bool
 entry_idle(UsageEntry *e, int64 minute)
 {
-	return e->requests == 0 && e->failures == 0 && !has_inflight(e) && e->minute != minute;
+	return counts_empty(&e->pending) && !TransactionIdIsValid(e->inflight_xid) &&
+		e->minute != minute;
 }
 
+/* The lock of the partition a hash value falls in. */
 static inline LWLock *
 partition_lock(uint32 hashvalue)
 {
-	return apikeys_shared->usage_locks[hashvalue % APIKEYS_USAGE_PARTITIONS];
+	return partition_locks[hashvalue % USAGE_PARTITIONS];
 }
 
 /* For a pass over the whole table: every partition, always in the same order. */
 static void
 lock_all(LWLockMode mode)
 {
-	for (int i = 0; i < APIKEYS_USAGE_PARTITIONS; i++)
-		LWLockAcquire(apikeys_shared->usage_locks[i], mode);
+	for (int i = 0; i < USAGE_PARTITIONS; i++)
+		LWLockAcquire(partition_locks[i], mode);
 }
 
+/* Releases what lock_all() took. */
 static void
 unlock_all(void)
 {
-	for (int i = APIKEYS_USAGE_PARTITIONS - 1; i >= 0; i--)
-		LWLockRelease(apikeys_shared->usage_locks[i]);
+	for (int i = USAGE_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(partition_locks[i]);
+}
+
+/* The key of a key's entry in this database for a day, padding zeroed (compared as bytes). */
+static void
+usage_key(UsageKey *key, Oid dboid, int32 day, const pg_uuid_t *key_id)
+{
+	memset(key, 0, sizeof(UsageKey));
+	key->dboid = dboid;
+	key->day = day;
+	memcpy(&key->key_id, key_id, sizeof(pg_uuid_t));
 }
 
 /*
@@ -194,10 +227,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 	UsageEntry *e;
 	bool		found;
 
-	memset(&key, 0, sizeof(key));	/* compared as bytes */
-	key.dboid = MyDatabaseId;
-	key.day = day;
-	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
+	usage_key(&key, MyDatabaseId, day, key_id);
 	hashvalue = get_hash_value(usage_table, &key);
 	*lock = partition_lock(hashvalue);
 
@@ -221,17 +251,12 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 		if (e != NULL && !found)
 		{
 			SpinLockInit(&e->mutex);
-			e->requests = 0;
-			e->failures = 0;
-			e->last_used_at = 0;
-			e->inflight_requests = 0;
-			e->inflight_failures = 0;
-			e->inflight_last_used_at = 0;
+			memset(&e->pending, 0, sizeof(UsageCounts));
+			memset(&e->inflight, 0, sizeof(UsageCounts));
 			e->inflight_xid = InvalidTransactionId;
 			e->minute = 0;
 			e->minute_count = 0;
 			e->alerted_minute = 0;
-			e->row_exists = false;
 		}
 	}
 	if (e == NULL)
@@ -256,7 +281,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 	bool		standby;
 
 	*alert_requests = 0;
-	if (apikeys_shared == NULL)
+	if (usage_table == NULL)
 		return USAGE_UNTRACKED;
 
 	now_parts(&now, &minute, &day);
@@ -275,7 +300,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 	if (rate_limit > 0 && e->minute_count >= rate_limit)
 	{
 		if (!standby)
-			e->failures++;
+			e->pending.failures++;
 		outcome = USAGE_RATE_LIMITED;
 	}
 	else
@@ -283,8 +308,8 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 		e->minute_count++;
 		if (!standby)
 		{
-			e->requests++;
-			e->last_used_at = now;
+			e->pending.requests++;
+			e->pending.last_used_at = now;
 		}
 		outcome = USAGE_ALLOWED;
 		if (apikeys_alert_requests_per_minute > 0 && !standby &&
@@ -309,18 +334,19 @@ usage_count_failure(const pg_uuid_t *key_id)
 	UsageEntry *e;
 	LWLock	   *lock;
 
-	if (apikeys_shared == NULL || RecoveryInProgress())
+	if (usage_table == NULL || RecoveryInProgress())
 		return;
 	now_parts(&now, &minute, &day);
 	e = get_entry(key_id, day, minute, &lock);
 	if (e == NULL)
 		return;
 	SpinLockAcquire(&e->mutex);
-	e->failures++;
+	e->pending.failures++;
 	SpinLockRelease(&e->mutex);
 	LWLockRelease(lock);
 }
 
+/* The snapshot a reader's statement sees. */
 static Snapshot
 snapshot_for_reading(void)
 {
@@ -328,8 +354,7 @@ snapshot_for_reading(void)
 }
 
 void
-usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
-			  TimestampTz *last_used_at)
+usage_pending(const pg_uuid_t *key_id, UsageCounts *counts)
 {
 	UsageKey	key;
 	uint32		hashvalue;
@@ -337,18 +362,14 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 	UsageEntry *e;
 	TimestampTz now;
 	int64		minute;
+	int32		day;
 
-	*requests = 0;
-	*failures = 0;
-	*last_used_at = 0;
-	if (apikeys_shared == NULL)
+	memset(counts, 0, sizeof(UsageCounts));
+	if (usage_table == NULL)
 		return;
 
-	memset(&key, 0, sizeof(key));
-	key.dboid = MyDatabaseId;
-	now_parts(&now, &minute, &key.day);
-	memcpy(&key.key_id, key_id, sizeof(pg_uuid_t));
-
+	now_parts(&now, &minute, &day);
+	usage_key(&key, MyDatabaseId, day, key_id);
 	hashvalue = get_hash_value(usage_table, &key);
 	lock = partition_lock(hashvalue);
 	LWLockAcquire(lock, LW_SHARED);
@@ -356,18 +377,12 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 	if (e != NULL)
 	{
 		TransactionId xid;
-		int64		inflight_requests;
-		int64		inflight_failures;
-		TimestampTz inflight_last_used_at;
+		UsageCounts inflight;
 
 		SpinLockAcquire(&e->mutex);
-		*requests = e->requests;
-		*failures = e->failures;
-		*last_used_at = e->last_used_at;
+		*counts = e->pending;
 		xid = e->inflight_xid;
-		inflight_requests = e->inflight_requests;
-		inflight_failures = e->inflight_failures;
-		inflight_last_used_at = e->inflight_last_used_at;
+		inflight = e->inflight;
 		SpinLockRelease(&e->mutex);
 
 		/*
@@ -377,13 +392,57 @@ usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
 		 */
 		if (TransactionIdIsValid(xid) &&
 			!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot_for_reading())))
-		{
-			*requests += inflight_requests;
-			*failures += inflight_failures;
-			*last_used_at = Max(*last_used_at, inflight_last_used_at);
-		}
+			counts_add(counts, &inflight);
 	}
 	LWLockRelease(lock);
+}
+
+/*
+ * Settles what an earlier flush took: forgotten if its transaction
+ * committed (the counts are in the table), pending again if not.  Caller
+ * holds the entry's spinlock.
+ */
+static void
+settle_inflight(UsageEntry *e, bool committed)
+{
+	if (!committed)
+		counts_add(&e->pending, &e->inflight);
+	memset(&e->inflight, 0, sizeof(UsageCounts));
+	e->inflight_xid = InvalidTransactionId;
+}
+
+/*
+ * Moves the entry's pending counts in flight for the flush transaction xid,
+ * and describes them in *delta.  Caller holds the entry's spinlock.
+ */
+static void
+take_counts(UsageEntry *e, TransactionId xid, UsageDelta *delta)
+{
+	delta->entry = e;
+	memcpy(&delta->key_id, &e->key.key_id, sizeof(pg_uuid_t));
+	delta->day = e->key.day;
+	delta->counts = e->pending;
+	e->inflight = e->pending;
+	e->inflight_xid = xid;
+	memset(&e->pending, 0, sizeof(UsageCounts));
+}
+
+/* Forgets entries found idle by a pass, unless used since. */
+static void
+forget_idle(const UsageKey *keys, int n, int64 minute)
+{
+	for (int i = 0; i < n; i++)
+	{
+		uint32		hashvalue = get_hash_value(usage_table, &keys[i]);
+		LWLock	   *lock = partition_lock(hashvalue);
+		UsageEntry *e;
+
+		LWLockAcquire(lock, LW_EXCLUSIVE);
+		e = hash_search_with_hash_value(usage_table, &keys[i], hashvalue, HASH_FIND, NULL);
+		if (e != NULL && entry_idle(e, minute))
+			hash_search_with_hash_value(usage_table, &keys[i], hashvalue, HASH_REMOVE, NULL);
+		LWLockRelease(lock);
+	}
 }
 
 int
@@ -402,7 +461,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	int			n = 0;
 
 	*result = NULL;
-	if (apikeys_shared == NULL)
+	if (usage_table == NULL)
 		return 0;
 	now_parts(&now, &minute, &day);
 	idle = palloc(sizeof(UsageKey) * idle_max);
@@ -419,33 +478,19 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
 		TransactionId earlier;
-		bool		earlier_committed = false;
+		bool		committed = false;
 		bool		forget;
 
 		if (e->key.dboid != dboid)
 			continue;
-		/* Only this database's worker writes the inflight fields. */
+		/* Only this database's worker writes the in-flight fields. */
 		earlier = e->inflight_xid;
 		if (TransactionIdIsValid(earlier))
-			earlier_committed = TransactionIdDidCommit(earlier);
+			committed = TransactionIdDidCommit(earlier);
 
 		SpinLockAcquire(&e->mutex);
 		if (TransactionIdIsValid(earlier))
-		{
-			/* Counts an earlier flush took but never committed are written again. */
-			if (earlier_committed)
-				e->row_exists = true;
-			else
-			{
-				e->requests += e->inflight_requests;
-				e->failures += e->inflight_failures;
-				e->last_used_at = Max(e->last_used_at, e->inflight_last_used_at);
-			}
-			e->inflight_requests = 0;
-			e->inflight_failures = 0;
-			e->inflight_last_used_at = 0;
-			e->inflight_xid = InvalidTransactionId;
-		}
+			settle_inflight(e, committed);
 
 		/*
 		 * Forget idle entries of past days, and of today only when the table
@@ -453,24 +498,8 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 		 * a shared lock instead of adding it again.
 		 */
 		forget = entry_idle(e, minute) && (e->key.day != day || nearly_full);
-		if (!forget && (e->requests != 0 || e->failures != 0))
-		{
-			out[n].entry = e;
-			memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
-			out[n].day = e->key.day;
-			out[n].requests = e->requests;
-			out[n].failures = e->failures;
-			out[n].last_used_at = e->last_used_at;
-			out[n].row_exists = e->row_exists;
-			e->inflight_requests = e->requests;
-			e->inflight_failures = e->failures;
-			e->inflight_last_used_at = e->last_used_at;
-			e->inflight_xid = xid;
-			e->requests = 0;
-			e->failures = 0;
-			e->last_used_at = 0;
-			n++;
-		}
+		if (!forget && !counts_empty(&e->pending))
+			take_counts(e, xid, &out[n++]);
 		SpinLockRelease(&e->mutex);
 
 		if (forget)
@@ -485,18 +514,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	}
 	unlock_all();
 
-	/* A key used since the pass above stays. */
-	for (int i = 0; i < n_idle; i++)
-	{
-		uint32		hashvalue = get_hash_value(usage_table, &idle[i]);
-		LWLock	   *lock = partition_lock(hashvalue);
-
-		LWLockAcquire(lock, LW_EXCLUSIVE);
-		e = hash_search_with_hash_value(usage_table, &idle[i], hashvalue, HASH_FIND, NULL);
-		if (e != NULL && entry_idle(e, minute))
-			hash_search_with_hash_value(usage_table, &idle[i], hashvalue, HASH_REMOVE, NULL);
-		LWLockRelease(lock);
-	}
+	forget_idle(idle, n_idle, minute);
 	pfree(idle);
 	*result = out;
 	return n;
@@ -504,31 +522,70 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 
 /*
  * No lookup: an entry with counts in flight is never idle, so nothing
- * removes it (or reuses its memory) before this clears them.
+ * removes it (or reuses its memory) before this clears them.  Every
+ * partition is held in shared mode meanwhile: evict_idle(), which holds them
+ * exclusively, must not see an entry go idle before its spinlock is free.
  */
 void
 usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n)
 {
+	lock_all(LW_SHARED);
 	for (int i = 0; i < n; i++)
 	{
 		UsageEntry *e = deltas[i].entry;
 
 		SpinLockAcquire(&e->mutex);
 		if (e->inflight_xid == xid)
-		{
-			e->row_exists = true;
-			e->inflight_requests = 0;
-			e->inflight_failures = 0;
-			e->inflight_last_used_at = 0;
-			e->inflight_xid = InvalidTransactionId;
-		}
+			settle_inflight(e, true);
 		SpinLockRelease(&e->mutex);
 	}
+	unlock_all();
 
 	/* Entries just written may be idle now: a full table can look again. */
 	SpinLockAcquire(&usage_counters->mutex);
 	usage_counters->full_scan_minute = 0;
 	SpinLockRelease(&usage_counters->mutex);
+}
+
+void
+usage_discard(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *e;
+
+	lock_all(LW_EXCLUSIVE);
+	hash_seq_init(&status, usage_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+		if (e->key.dboid == dboid)
+			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
+	unlock_all();
+}
+
+/* Whether an entry has counts a flush must still write or settle. */
+static bool
+entry_has_work(UsageEntry *e)
+{
+	bool		has;
+
+	SpinLockAcquire(&e->mutex);
+	has = !counts_empty(&e->pending) || TransactionIdIsValid(e->inflight_xid);
+	SpinLockRelease(&e->mutex);
+	return has;
+}
+
+List *
+usage_databases_with_counts(List *dboids)
+{
+	HASH_SEQ_STATUS status;
+	UsageEntry *e;
+
+	lock_all(LW_SHARED);
+	hash_seq_init(&status, usage_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+		if (entry_has_work(e))
+			dboids = list_append_unique_oid(dboids, e->key.dboid);
+	unlock_all();
+	return dboids;
 }
 
 bool
@@ -542,14 +599,7 @@ usage_has_pending(Oid dboid)
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
-		bool		has;
-
-		if (e->key.dboid != dboid)
-			continue;
-		SpinLockAcquire(&e->mutex);
-		has = e->requests != 0 || e->failures != 0 || has_inflight(e);
-		SpinLockRelease(&e->mutex);
-		if (has)
+		if (e->key.dboid == dboid && entry_has_work(e))
 		{
 			pending = true;
 			hash_seq_term(&status);
@@ -565,7 +615,7 @@ usage_stats(int64 *tracked, int64 *untracked)
 {
 	*tracked = 0;
 	*untracked = 0;
-	if (apikeys_shared == NULL)
+	if (usage_table == NULL)
 		return;
 	lock_all(LW_SHARED);
 	*tracked = hash_get_num_entries(usage_table);
@@ -587,17 +637,15 @@ apikeys_pending_usage(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc;
 	Datum		values[3];
 	bool		nulls[3] = {false, false, false};
-	int64		requests;
-	int64		failures;
-	TimestampTz last_used_at;
+	UsageCounts counts;
 
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	usage_pending(PG_GETARG_UUID_P(0), &requests, &failures, &last_used_at);
-	values[0] = Int64GetDatum(requests);
-	values[1] = Int64GetDatum(failures);
-	values[2] = TimestampTzGetDatum(last_used_at);
-	nulls[2] = last_used_at == 0;
+	usage_pending(PG_GETARG_UUID_P(0), &counts);
+	values[0] = Int64GetDatum(counts.requests);
+	values[1] = Int64GetDatum(counts.failures);
+	values[2] = TimestampTzGetDatum(counts.last_used_at);
+	nulls[2] = counts.last_used_at == 0;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

@@ -7,6 +7,7 @@
 
 #include "postgres.h"
 
+#include "nodes/pg_list.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -22,6 +23,14 @@ typedef enum UsageOutcome
 	USAGE_UNTRACKED				/* no room: neither counted nor limited */
 } UsageOutcome;
 
+/* Counts of one key and day: pending in shared memory, in flight, or to write. */
+typedef struct UsageCounts
+{
+	int64		requests;
+	int64		failures;
+	TimestampTz last_used_at;	/* 0 when no request */
+} UsageCounts;
+
 struct UsageEntry;
 
 /* What one database's worker moves to apikeys.key_usage. */
@@ -30,13 +39,12 @@ typedef struct UsageDelta
 	struct UsageEntry *entry;	/* taken from; stays put while its counts are in flight */
 	pg_uuid_t	key_id;
 	int32		day;			/* days since 1970-01-01, UTC */
-	int64		requests;
-	int64		failures;
-	TimestampTz last_used_at;	/* 0 when no request */
-	bool		row_exists;		/* an earlier flush wrote the key's row for the day */
+	UsageCounts counts;
 } UsageDelta;
 
+/* Shared memory and locks the counters need, and their attachment (shmem hooks). */
 extern Size usage_shmem_size(void);
+extern void usage_shmem_request(void);
 extern void usage_shmem_init(void);
 
 /*
@@ -50,20 +58,26 @@ extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limi
 /* Counts a refusal of a key that exists (revoked, expired, scope). */
 extern void usage_count_failure(const pg_uuid_t *key_id);
 
-/* Today's counts not yet written to apikeys.key_usage for a key here. */
-extern void usage_pending(const pg_uuid_t *key_id, int64 *requests, int64 *failures,
-						  TimestampTz *last_used_at);
+/* Today's counts of a key here not yet in apikeys.key_usage as the caller's snapshot sees it. */
+extern void usage_pending(const pg_uuid_t *key_id, UsageCounts *counts);
 
 /*
  * Takes every pending delta of a database for the flush transaction xid (in
  * one pass, into a palloc'd array) and forgets idle keys; returns how many.
  * Until usage_flush_done(), readers add the taken counts unless they see
- * xid committed.  Only the database's worker calls it.
+ * xid committed; if xid never commits, the next call takes them again.
+ * Only the database's worker calls it.
  */
 extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **out);
 
 /* After the flush transaction xid committed: forget the deltas it took. */
 extern void usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n);
+
+/* Forgets every count of a database that is gone. */
+extern void usage_discard(Oid dboid);
+
+/* Adds the databases that have counts to write to a list of OIDs (no duplicates). */
+extern List *usage_databases_with_counts(List *dboids);
 
 /* Whether the database has counts waiting to be written.  Caller may hold no lock. */
 extern bool usage_has_pending(Oid dboid);

@@ -37,6 +37,7 @@
 #include <sodium.h>
 
 #include "audit.h"
+#include "launcher.h"
 #include "shmem.h"
 #include "token.h"
 #include "usage.h"

@@ -1,20 +1,31 @@
 /*
- * worker.c — one background worker per database, started on demand by the
- * backend that queues a record there while none runs.  Every
- * apikeys.flush_interval, and once more when asked to shut down, it moves
- * its database's records from shared memory into apikeys.audit_log.  It
- * exits (freeing its slot) when nothing is left to write or the extension is
- * gone from its database; the next record starts a new one, which also
- * covers restarts after a crash.  On a hot standby it writes nothing.
+ * worker.c — the background worker of one database, started by the
+ * launcher while the database has something to write.  Every
+ * apikeys.flush_interval it moves the database's queued records from
+ * shared memory into apikeys.audit_log; every apikeys.usage_flush_interval
+ * it adds the usage counts to apikeys.key_usage (sooner when no client is
+ * connected to the database, so that an idle database keeps no worker);
+ * and it writes both once more when asked to stop.  It exits when nothing
+ * is left to write, or when the extension is gone from its database.
  */
 #include "postgres.h"
 
+#include "access/genam.h"
+#include "access/heapam.h"
+#include "access/htup_details.h"
+#include "access/stratnum.h"
+#include "access/table.h"
+#include "access/tableam.h"
 #include "access/xact.h"
 #include "access/xlog.h"
+#include "catalog/index.h"
+#include "catalog/namespace.h"
 #include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
+#include "executor/tuptable.h"
+#include "nodes/makefuncs.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
@@ -22,54 +33,34 @@
 #include "storage/ipc.h"
 #include "storage/latch.h"
 #include "storage/proc.h"
+#include "storage/procarray.h"
 #include "tcop/tcopprot.h"
 #include "utils/acl.h"
 #include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
+#include "utils/fmgroids.h"
 #include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
-#include "utils/resowner.h"
+#include "utils/rel.h"
+#include "utils/relcache.h"
 #include "utils/snapmgr.h"
 #include "utils/timestamp.h"
 
+#include "launcher.h"
 #include "shmem.h"
 #include "usage.h"
 #include "verify.h"
 #include "worker.h"
 
 int			apikeys_flush_interval = 10;
+int			apikeys_usage_flush_interval = 60;
 
 /* Audit records one transaction writes: it holds the chain's lock meanwhile. */
 #define AUDIT_BATCH 100
 /* Keys whose counts one statement writes. */
 #define USAGE_BATCH 1000
-
-bool
-apikeys_start_worker(void)
-{
-	BackgroundWorker worker;
-
-	memset(&worker, 0, sizeof(worker));
-	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
-	worker.bgw_start_time = BgWorkerStart_RecoveryFinished;
-	worker.bgw_restart_time = BGW_NEVER_RESTART;
-	strlcpy(worker.bgw_library_name, "apikeys", BGW_MAXLEN);
-	strlcpy(worker.bgw_function_name, "apikeys_worker_main", BGW_MAXLEN);
-	snprintf(worker.bgw_name, BGW_MAXLEN, "apikeys worker for database %u", MyDatabaseId);
-	strlcpy(worker.bgw_type, "apikeys worker", BGW_MAXLEN);
-	worker.bgw_main_arg = ObjectIdGetDatum(MyDatabaseId);
-
-	return RegisterDynamicBackgroundWorker(&worker, NULL);
-}
-
-/* Frees the worker's registry slot when it exits, however it exits. */
-static void
-release_slot_at_exit(int code, Datum arg)
-{
-	apikeys_release_own_slot();
-}
 
 /*
  * Settings every transaction of the worker runs with, whatever the
@@ -299,49 +290,18 @@ flush_audit(Oid dboid)
 	return installed;
 }
 
-/* One batch of counts, as rows d(key_id, day, requests, failures, last_used_at). */
-#define USAGE_ROWS \
-	"ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), pg_catalog.unnest($3), " \
-	"  pg_catalog.unnest($4), pg_catalog.unnest($5)) " \
-	"  AS d(key_id, day, requests, failures, last_used_at)"
-#define USAGE_INSERT \
-	"INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) " \
-	"SELECT d.key_id, d.day, d.requests, d.failures, d.last_used_at " \
-	"FROM " USAGE_ROWS
-
-typedef enum UsageWrite
-{
-	USAGE_WRITE_INSERT,			/* rows known to be new */
-	USAGE_WRITE_UPDATE,			/* rows known to exist */
-	USAGE_WRITE_UPSERT			/* either */
-} UsageWrite;
-
 /*
- * Adds counts to apikeys.key_usage, a batch of keys per statement; returns
- * the rows written.  Every key counted exists: verify counts no key its own
- * transaction created, and keys are never deleted.  INSERT and UPDATE skip
- * what ON CONFLICT costs (a second index probe, a row lock) when the worker
- * knows whether a key's row for the day exists.
+ * Adds one batch of counts to apikeys.key_usage in one statement: rows that
+ * exist are updated; the rest (a key's first counts of the day here) are
+ * inserted.  Every key counted exists: verify counts no key its own
+ * transaction created, and keys are never deleted.  No savepoint and no
+ * guess about which rows exist, so a restart or a row deleted by hand costs
+ * nothing; ON CONFLICT only guards against a row inserted by hand meanwhile.
  */
-static uint64
-write_usage(const UsageDelta *deltas, int n, UsageWrite how)
+static void
+write_usage(const UsageDelta *deltas, int n)
 {
-	static const char *const sql[] = {
-		[USAGE_WRITE_INSERT] = USAGE_INSERT,
-		[USAGE_WRITE_UPDATE] =
-		"UPDATE apikeys.key_usage AS u SET "
-		"requests = u.requests OPERATOR(pg_catalog.+) d.requests, "
-		"failures = u.failures OPERATOR(pg_catalog.+) d.failures, "
-		"last_used_at = GREATEST(u.last_used_at, d.last_used_at) "
-		"FROM " USAGE_ROWS " "
-		"WHERE u.key_id OPERATOR(pg_catalog.=) d.key_id AND u.day OPERATOR(pg_catalog.=) d.day",
-		[USAGE_WRITE_UPSERT] = USAGE_INSERT
-		" ON CONFLICT (key_id, day) DO UPDATE SET "
-		"requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
-		"failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
-		"last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)",
-	};
-	Oid			types[5] = {UUIDARRAYOID, DATEARRAYOID, INT8ARRAYOID, INT8ARRAYOID, TIMESTAMPTZARRAYOID};
+	static SPIPlanPtr plan = NULL;
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *days = palloc(sizeof(Datum) * n);
 	Datum	   *requests = palloc(sizeof(Datum) * n);
@@ -351,16 +311,45 @@ write_usage(const UsageDelta *deltas, int n, UsageWrite how)
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
 	Datum		values[5];
-	int			ret;
+
+	if (plan == NULL)
+	{
+		Oid			types[5] = {UUIDARRAYOID, DATEARRAYOID, INT8ARRAYOID, INT8ARRAYOID,
+		TIMESTAMPTZARRAYOID};
+
+		plan = SPI_prepare(
+						   "WITH d AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+						   "    pg_catalog.unnest($3), pg_catalog.unnest($4), pg_catalog.unnest($5)) "
+						   "    AS d(key_id, day, requests, failures, last_used_at)), "
+						   "updated AS ("
+						   "  UPDATE apikeys.key_usage AS u SET "
+						   "    requests = u.requests OPERATOR(pg_catalog.+) d.requests, "
+						   "    failures = u.failures OPERATOR(pg_catalog.+) d.failures, "
+						   "    last_used_at = GREATEST(u.last_used_at, d.last_used_at) "
+						   "  FROM d WHERE u.key_id OPERATOR(pg_catalog.=) d.key_id "
+						   "    AND u.day OPERATOR(pg_catalog.=) d.day "
+						   "  RETURNING u.key_id, u.day) "
+						   "INSERT INTO apikeys.key_usage AS u (key_id, day, requests, failures, last_used_at) "
+						   "SELECT d.key_id, d.day, d.requests, d.failures, d.last_used_at FROM d "
+						   "WHERE NOT EXISTS (SELECT FROM updated x WHERE x.key_id OPERATOR(pg_catalog.=) d.key_id "
+						   "                  AND x.day OPERATOR(pg_catalog.=) d.day) "
+						   "ON CONFLICT (key_id, day) DO UPDATE SET "
+						   "  requests = u.requests OPERATOR(pg_catalog.+) EXCLUDED.requests, "
+						   "  failures = u.failures OPERATOR(pg_catalog.+) EXCLUDED.failures, "
+						   "  last_used_at = GREATEST(u.last_used_at, EXCLUDED.last_used_at)",
+						   5, types);
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "apikeys worker could not prepare its usage write");
+	}
 
 	for (int i = 0; i < n; i++)
 	{
 		ids[i] = UUIDPGetDatum(&deltas[i].key_id);
 		days[i] = DateADTGetDatum(deltas[i].day - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE));
-		requests[i] = Int64GetDatum(deltas[i].requests);
-		failures[i] = Int64GetDatum(deltas[i].failures);
-		last_used[i] = TimestampTzGetDatum(deltas[i].last_used_at);
-		last_used_null[i] = deltas[i].last_used_at == 0;
+		requests[i] = Int64GetDatum(deltas[i].counts.requests);
+		failures[i] = Int64GetDatum(deltas[i].counts.failures);
+		last_used[i] = TimestampTzGetDatum(deltas[i].counts.last_used_at);
+		last_used_null[i] = deltas[i].counts.last_used_at == 0;
 	}
 	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 	values[1] = PointerGetDatum(construct_array(days, n, DATEOID, sizeof(DateADT), true, TYPALIGN_INT));
@@ -368,71 +357,145 @@ write_usage(const UsageDelta *deltas, int n, UsageWrite how)
 	values[3] = PointerGetDatum(construct_array(failures, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
 	values[4] = PointerGetDatum(construct_md_array(last_used, last_used_null, 1, dims, lbs,
 												   TIMESTAMPTZOID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	ret = SPI_execute_with_args(sql[how], 5, types, values, NULL, false, 0);
-	if (ret != (how == USAGE_WRITE_UPDATE ? SPI_OK_UPDATE : SPI_OK_INSERT))
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_INSERT)
 		elog(ERROR, "apikeys worker could not write usage counts");
-	return SPI_processed;
+}
+
+/* The columns of apikeys.key_usage, as the install script creates it. */
+#define USAGE_ATT_KEY_ID		1
+#define USAGE_ATT_DAY			2
+#define USAGE_ATT_REQUESTS		3
+#define USAGE_ATT_FAILURES		4
+#define USAGE_ATT_LAST_USED_AT	5
+#define USAGE_NATTS				5
+
+/*
+ * Whether key_usage is as the extension made it, so that counts may be
+ * written through the table and index access methods rather than SQL: its
+ * columns, its primary key as its only index, no trigger, rule or CHECK
+ * constraint, no row security, and the privileges SQL would check.  If a
+ * DBA added any of these, batches go through SQL so that they apply.
+ * Returns the primary key (opened) or NULL.
+ */
+static Relation
+usage_direct_index(Relation rel)
+{
+	TupleDesc	desc = RelationGetDescr(rel);
+	static const Oid types[USAGE_NATTS] = {UUIDOID, DATEOID, INT8OID, INT8OID, TIMESTAMPTZOID};
+	List	   *indexes;
+	Relation	index;
+
+	if (desc->natts != USAGE_NATTS || rel->trigdesc != NULL || rel->rd_rules != NULL ||
+		rel->rd_rel->relrowsecurity || rel->rd_rel->relkind != RELKIND_RELATION ||
+		(desc->constr != NULL && desc->constr->num_check > 0) ||
+		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(),
+						  ACL_SELECT | ACL_INSERT | ACL_UPDATE) != ACLCHECK_OK)
+		return NULL;
+	for (int i = 0; i < USAGE_NATTS; i++)
+		if (TupleDescAttr(desc, i)->atttypid != types[i] || TupleDescAttr(desc, i)->attisdropped)
+			return NULL;
+	indexes = RelationGetIndexList(rel);
+	if (list_length(indexes) != 1)
+		return NULL;
+	index = index_open(linitial_oid(indexes), RowExclusiveLock);
+	if (!index->rd_index->indisprimary || index->rd_index->indnatts != 2 ||
+		index->rd_index->indkey.values[0] != USAGE_ATT_KEY_ID ||
+		index->rd_index->indkey.values[1] != USAGE_ATT_DAY ||
+		RelationGetIndexExpressions(index) != NIL || RelationGetIndexPredicate(index) != NIL)
+	{
+		index_close(index, RowExclusiveLock);
+		return NULL;
+	}
+	return index;
 }
 
 /*
- * Writes a batch the cheap way, as INSERT (no row today as far as this
- * server knows) or UPDATE (a flush wrote the row).  The worker can be wrong:
- * a row written before a restart, or added or deleted by hand.  Then the
- * batch is rolled back to its savepoint and upserted, and false returned.
+ * Adds counts to apikeys.key_usage through the heap and index access
+ * methods: one probe of the primary key per key, then an update of its row
+ * (HOT when the page has room, so no index entry is added) or, for a key's
+ * first counts of the day, an insert.  This is what the SQL of
+ * write_usage() does, without planning and executing a statement per
+ * batch.  The worker is the only writer of the table; a row inserted by
+ * hand meanwhile makes the insert fail, and the flush is retried.
  */
-static bool
-write_usage_fast(const UsageDelta *deltas, int n, bool rows_exist)
+static void
+write_usage_direct(Relation rel, Relation index, const UsageDelta *deltas, int n)
 {
-	volatile bool written = false;
-	MemoryContext cxt = CurrentMemoryContext;
-	ResourceOwner owner = CurrentResourceOwner;
+	TupleDesc	desc = RelationGetDescr(rel);
+	IndexInfo  *info = BuildIndexInfo(index);
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	IndexScanDesc scan = index_beginscan(rel, index, snapshot, 2, 0);
+	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	ScanKeyData skeys[2];
 
-	BeginInternalSubTransaction(NULL);
-	MemoryContextSwitchTo(cxt);
-	PG_TRY();
+	for (int i = 0; i < n; i++)
 	{
-		written = write_usage(deltas, n, rows_exist ? USAGE_WRITE_UPDATE : USAGE_WRITE_INSERT) == (uint64) n;
-	}
-	PG_CATCH();
-	{
-		ErrorData  *edata;
+		const UsageDelta *d = &deltas[i];
+		Datum		values[USAGE_NATTS];
+		bool		nulls[USAGE_NATTS] = {false};
+		Datum		key[2];
+		bool		key_nulls[2] = {false, false};
+		HeapTuple	tuple;
+		bool		found;
 
-		MemoryContextSwitchTo(cxt);
-		edata = CopyErrorData();
-		FlushErrorState();
-		if (edata->sqlerrcode != ERRCODE_UNIQUE_VIOLATION)
+		CHECK_FOR_INTERRUPTS();
+		key[0] = UUIDPGetDatum(&d->key_id);
+		key[1] = DateADTGetDatum(d->day - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE));
+		ScanKeyInit(&skeys[0], 1, BTEqualStrategyNumber, F_UUID_EQ, key[0]);
+		ScanKeyInit(&skeys[1], 2, BTEqualStrategyNumber, F_DATE_EQ, key[1]);
+		index_rescan(scan, skeys, 2, NULL, 0);
+		found = index_getnext_slot(scan, ForwardScanDirection, slot);
+
+		values[USAGE_ATT_KEY_ID - 1] = key[0];
+		values[USAGE_ATT_DAY - 1] = key[1];
+		values[USAGE_ATT_REQUESTS - 1] = Int64GetDatum(d->counts.requests);
+		values[USAGE_ATT_FAILURES - 1] = Int64GetDatum(d->counts.failures);
+		values[USAGE_ATT_LAST_USED_AT - 1] = TimestampTzGetDatum(d->counts.last_used_at);
+		nulls[USAGE_ATT_LAST_USED_AT - 1] = d->counts.last_used_at == 0;
+		if (found)
 		{
-			RollbackAndReleaseCurrentSubTransaction();
-			MemoryContextSwitchTo(cxt);
-			CurrentResourceOwner = owner;
-			ReThrowError(edata);
-		}
-		FreeErrorData(edata);
-	}
-	PG_END_TRY();
+			bool		isnull;
+			Datum		old_last_used;
 
-	if (written)
-		ReleaseCurrentSubTransaction();
-	else
-		RollbackAndReleaseCurrentSubTransaction();
-	MemoryContextSwitchTo(cxt);
-	CurrentResourceOwner = owner;
-	if (!written)
-		write_usage(deltas, n, USAGE_WRITE_UPSERT);
-	return written;
+			values[USAGE_ATT_REQUESTS - 1] = Int64GetDatum(d->counts.requests +
+														   DatumGetInt64(slot_getattr(slot, USAGE_ATT_REQUESTS, &isnull)));
+			values[USAGE_ATT_FAILURES - 1] = Int64GetDatum(d->counts.failures +
+														   DatumGetInt64(slot_getattr(slot, USAGE_ATT_FAILURES, &isnull)));
+			old_last_used = slot_getattr(slot, USAGE_ATT_LAST_USED_AT, &isnull);
+			if (!isnull && (nulls[USAGE_ATT_LAST_USED_AT - 1] ||
+							DatumGetTimestampTz(old_last_used) > d->counts.last_used_at))
+			{
+				values[USAGE_ATT_LAST_USED_AT - 1] = old_last_used;
+				nulls[USAGE_ATT_LAST_USED_AT - 1] = false;
+			}
+			tuple = heap_form_tuple(desc, values, nulls);
+			simple_heap_update(rel, &slot->tts_tid, tuple);
+			if (!HeapTupleIsHeapOnly(tuple))
+				index_insert(index, key, key_nulls, &tuple->t_self, rel, UNIQUE_CHECK_YES, false, info);
+		}
+		else
+		{
+			tuple = heap_form_tuple(desc, values, nulls);
+			simple_heap_insert(rel, tuple);
+			index_insert(index, key, key_nulls, &tuple->t_self, rel, UNIQUE_CHECK_YES, false, info);
+		}
+		heap_freetuple(tuple);
+	}
+
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	UnregisterSnapshot(snapshot);
+	CommandCounterIncrement();
 }
 
-/* Rows to update first, then by key: batches walk the primary key in order. */
+/* By key, then day: each batch walks the primary key in order. */
 static int
 delta_cmp(const void *a, const void *b)
 {
 	const UsageDelta *x = a;
 	const UsageDelta *y = b;
-	int			c;
+	int			c = memcmp(&x->key_id, &y->key_id, sizeof(pg_uuid_t));
 
-	if (x->row_exists != y->row_exists)
-		return x->row_exists ? -1 : 1;
-	c = memcmp(&x->key_id, &y->key_id, sizeof(pg_uuid_t));
 	if (c != 0)
 		return c;
 	return (x->day > y->day) - (x->day < y->day);
@@ -451,9 +514,9 @@ flush_usage(Oid dboid, bool installed)
 {
 	UsageDelta *deltas;
 	TransactionId xid;
-	bool		upsert_all = false;
 	MemoryContext oldcxt;
 	int			n;
+	TimestampTz began = GetCurrentTimestamp();
 
 	if (!installed || !begin_flush_xact())
 	{
@@ -466,24 +529,24 @@ flush_usage(Oid dboid, bool installed)
 	n = usage_take_pending(dboid, xid, &deltas);
 	MemoryContextSwitchTo(oldcxt);
 	qsort(deltas, n, sizeof(UsageDelta), delta_cmp);
-	for (int i = 0; installed && i < n;)
+	if (installed && n > 0)
 	{
-		int			batch = Min(USAGE_BATCH, n - i);
-		bool		existing = deltas[i].row_exists;
+		Relation	rel = table_open(RangeVarGetRelid(makeRangeVar("apikeys", "key_usage", -1),
+													  RowExclusiveLock, false), RowExclusiveLock);
+		Relation	index = usage_direct_index(rel);
 
-		CHECK_FOR_INTERRUPTS();
-		/* A batch is all updates or all new rows. */
-		for (int j = 1; j < batch; j++)
-			if (deltas[i + j].row_exists != existing)
-			{
-				batch = j;
-				break;
-			}
-		if (upsert_all)
-			write_usage(deltas + i, batch, USAGE_WRITE_UPSERT);
+		if (index != NULL)
+		{
+			write_usage_direct(rel, index, deltas, n);
+			index_close(index, NoLock);
+		}
 		else
-			upsert_all = !write_usage_fast(deltas + i, batch, existing);
-		i += batch;
+			for (int i = 0; i < n; i += USAGE_BATCH)
+			{
+				CHECK_FOR_INTERRUPTS();
+				write_usage(deltas + i, Min(USAGE_BATCH, n - i));
+			}
+		table_close(rel, NoLock);
 	}
 	if (installed)
 		commit_flush_xact();
@@ -491,18 +554,27 @@ flush_usage(Oid dboid, bool installed)
 		CommitTransactionCommand();
 	usage_flush_done(xid, deltas, n);
 	MemoryContextReset(deltas_cxt);
+	elog(DEBUG1, "apikeys worker wrote the usage counts of %d keys in %ld ms", n,
+		 (long) (TimestampDifferenceMilliseconds(began, GetCurrentTimestamp())));
 }
 
-/* One flush; false when the extension is no longer installed here. */
+/* True while a flush runs: a SIGTERM then cancels it (see handle_sigterm()). */
+static volatile sig_atomic_t flushing = false;
+
+/*
+ * One flush of the queued records, and of the usage counts when asked;
+ * false when the extension is no longer installed here.
+ */
 static bool
-flush_once(Oid dboid)
+flush_once(Oid dboid, bool with_usage)
 {
 	bool		installed;
 
 	pgstat_report_activity(STATE_RUNNING, "apikeys: flushing audit records and usage");
 	/* Audit rows commit (and release the chain's lock) before usage takes row locks. */
 	installed = flush_audit(dboid);
-	flush_usage(dboid, installed);
+	if (with_usage || !installed)
+		flush_usage(dboid, installed);
 	pgstat_report_activity(STATE_IDLE, NULL);
 	return installed;
 }
@@ -510,24 +582,37 @@ flush_once(Oid dboid)
 /*
  * A flush that reports its error instead of ending the worker: what it had
  * taken is back in shared memory (see flush_audit() and flush_usage()),
- * and the next interval tries again.  Returns false when the extension is
- * no longer installed here.
+ * and the next interval tries again.  A flush that a SIGTERM cancelled is
+ * not a failure.  Returns false when the extension is no longer installed
+ * here.
  */
 static bool
-flush_or_report(Oid dboid)
+flush_or_report(Oid dboid, bool with_usage)
 {
 	MemoryContext cxt = CurrentMemoryContext;
 	volatile bool installed = true;
+	uint64		seq = registry_flush_starting(dboid);
 
+	flushing = true;
 	PG_TRY();
 	{
-		installed = flush_once(dboid);
+		installed = flush_once(dboid, with_usage);
+		registry_flush_done(dboid, seq);
 	}
 	PG_CATCH();
 	{
+		ErrorData  *edata;
+
 		HOLD_INTERRUPTS();
+		flushing = false;
 		MemoryContextSwitchTo(cxt);
-		EmitErrorReport();
+		edata = CopyErrorData();
+		if (!(edata->sqlerrcode == ERRCODE_QUERY_CANCELED && ShutdownRequestPending))
+		{
+			EmitErrorReport();
+			registry_count_flush_failure();
+		}
+		FreeErrorData(edata);
 		AbortCurrentTransaction();
 		FlushErrorState();
 		MemoryContextReset(deltas_cxt);
@@ -535,33 +620,74 @@ flush_or_report(Oid dboid)
 		RESUME_INTERRUPTS();
 	}
 	PG_END_TRY();
+	flushing = false;
 	return installed;
+}
+
+/*
+ * SIGTERM (server shutdown, pg_terminate_backend, DROP DATABASE ... FORCE):
+ * the worker writes what it holds once more and exits.  A flush under way,
+ * perhaps waiting for a lock, is cancelled first; what it took goes back
+ * to shared memory for that last flush.
+ */
+static void
+handle_sigterm(SIGNAL_ARGS)
+{
+	int			save_errno = errno;
+
+	ShutdownRequestPending = true;
+	if (flushing)
+	{
+		QueryCancelPending = true;
+		InterruptPending = true;
+	}
+	SetLatch(MyLatch);
+	errno = save_errno;
+}
+
+/*
+ * The last flushes before exiting: whatever arrived meanwhile goes too, but
+ * no lock is waited for longer than a few seconds, so a worker told to stop
+ * does stop.  What cannot be written stays in shared memory, for the next
+ * worker (or is lost when the server is stopping).
+ */
+static void
+flush_before_exit(Oid dboid)
+{
+	/* A cancel meant for the flush that SIGTERM interrupted is spent. */
+	QueryCancelPending = false;
+	SetConfigOption("lock_timeout", "2s", PGC_SUSET, PGC_S_OVERRIDE);
+	for (int i = 0; i < 3 && apikeys_has_pending(dboid); i++)
+		if (!flush_or_report(dboid, true))
+			break;
 }
 
 void
 apikeys_worker_main(Datum main_arg)
 {
 	Oid			dboid = DatumGetObjectId(main_arg);
+	TimestampTz usage_since;
 
 	pqsignal(SIGHUP, SignalHandlerForConfigReload);
-	pqsignal(SIGTERM, SignalHandlerForShutdownRequest);
+	pqsignal(SIGTERM, handle_sigterm);
 	BackgroundWorkerUnblockSignals();
-	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, 0);
+	/* Records are written even to a database that takes no connections. */
+	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, BGWORKER_BYPASS_ALLOWCONN);
 	pin_settings();
-
-	if (apikeys_shared == NULL || !apikeys_claim_slot(dboid))
+	if (apikeys_shared == NULL || !registry_claim(dboid))
 		proc_exit(0);
 	deltas_cxt = AllocSetContextCreate(TopMemoryContext, "apikeys usage deltas",
 									   ALLOCSET_DEFAULT_SIZES);
-	before_shmem_exit(release_slot_at_exit, (Datum) 0);
 
 	/*
 	 * Wait a flush interval, write, and leave once nothing is queued: an idle
 	 * database keeps no worker connected (DROP DATABASE is not held up).
 	 */
+	usage_since = GetCurrentTimestamp();
 	for (;;)
 	{
 		TimestampTz since = GetCurrentTimestamp();
+		bool		with_usage = false;
 
 		for (;;)
 		{
@@ -569,7 +695,8 @@ apikeys_worker_main(Datum main_arg)
 			TimestampTz due = TimestampTzPlusMilliseconds(since, apikeys_flush_interval * 1000L);
 			long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due);
 
-			if (ShutdownRequestPending || ms <= 0 || apikeys_take_flush_request(dboid))
+			if (ShutdownRequestPending || ms <= 0 ||
+				registry_take_flush_request(dboid, &with_usage))
 				break;
 			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 							 ms, PG_WAIT_EXTENSION);
@@ -581,19 +708,27 @@ apikeys_worker_main(Datum main_arg)
 				ProcessConfigFile(PGC_SIGHUP);
 			}
 		}
+		if (ShutdownRequestPending)
+			break;
 		if (RecoveryInProgress())
 			continue;
-		if (!flush_or_report(dboid))
+
+		/*
+		 * Usage counts are exact in shared memory all along, so they are
+		 * written less often; at once when no client is connected, since
+		 * then nothing new can be counted here.
+		 */
+		with_usage = with_usage ||
+			TimestampDifferenceExceeds(usage_since, GetCurrentTimestamp(),
+									   apikeys_usage_flush_interval * 1000) ||
+			CountDBConnections(dboid) == 0;
+		if (with_usage)
+			usage_since = GetCurrentTimestamp();
+		if (!flush_or_report(dboid, with_usage))
 			proc_exit(0);
-		if (ShutdownRequestPending)
-		{
-			/* What arrived during that flush goes too (bounded: backends are stopping). */
-			for (int i = 0; i < 10 && apikeys_has_pending(dboid); i++)
-				if (!flush_or_report(dboid))
-					break;
-			proc_exit(0);
-		}
-		if (apikeys_retire_if_idle(dboid))
+		if (!ShutdownRequestPending && !apikeys_has_pending(dboid))
 			proc_exit(0);
 	}
+	flush_before_exit(dboid);
+	proc_exit(0);
 }

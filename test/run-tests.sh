@@ -21,7 +21,7 @@ cc -O2 -Wall -Wextra -Werror -I"$REPO/src" -o "$WORK/token_test" \
 
 stop_cluster "$CLUSTER"
 start_cluster "$CLUSTER" "shared_preload_libraries = 'apikeys'" "max_connections = 50" \
-    "apikeys.flush_interval = 1"
+    "apikeys.flush_interval = 1" "apikeys.usage_flush_interval = 1"
 
 echo "== pg_regress"
 make -C "$REPO" -s installcheck PG_CONFIG="$PG_BIN/pg_config" || failures+=("regress")

@@ -41,6 +41,7 @@ $node->init;
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
+apikeys.usage_flush_interval = 1
 log_statement = none
 });
 $node->start;

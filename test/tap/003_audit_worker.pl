@@ -49,6 +49,7 @@ $node->init(allows_streaming => 1);
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
+apikeys.usage_flush_interval = 1
 restart_after_crash = on
 log_statement = none
 max_connections = 20

@@ -179,6 +179,7 @@ $primary->init(allows_streaming => 1);
 $primary->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
+apikeys.usage_flush_interval = 1
 max_connections = 20
 # Few background worker slots (the standby inherits this), so that a
 # standby which used them up would show it.
@@ -384,6 +385,7 @@ $standby->init_from_backup($primary, 'b', has_streaming => 1);
 $standby->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
+apikeys.usage_flush_interval = 1
 });
 my $standby_log_start = -s $standby->logfile // 0;
 $standby->start;
@@ -438,6 +440,7 @@ $small->init;
 $small->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
+apikeys.usage_flush_interval = 1
 apikeys.max_tracked_keys = 100
 log_statement = none
 });
@@ -691,10 +694,11 @@ is(sb(q{SELECT count(*) FROM apikeys.key_usage}), p(q{SELECT count(*) FROM apike
 	is(scalar(@bad), 0, '6: standby log: no unexpected ERROR or FATAL') or diag(join("\n", @bad));
 }
 {
-	# The logical replication launcher exits with 1 at every shutdown (the restart).
-	# The session blocking a flush is ended by a restart.
+	# The logical replication launcher and the apikeys launcher exit with 1
+	# at every shutdown (the restart), so that they are restarted after any
+	# other exit.  The session blocking a flush is ended by a restart.
 	my @bad = bad_log_lines($primary, 0,
-		qr/background worker "logical replication launcher" \(PID \d+\) exited with exit code 1/,
+		qr/background worker "(logical replication|apikeys) launcher" \(PID \d+\) exited with exit code 1/,
 		qr/FATAL:  terminating connection due to administrator command/);
 	is(scalar(@bad), 0, 'primary log: no ERROR or FATAL') or diag(join("\n", @bad));
 }

@@ -50,6 +50,7 @@ $node->init;
 $node->append_conf('postgresql.conf', qq{
 shared_preload_libraries = 'apikeys'
 apikeys.flush_interval = 1
+apikeys.usage_flush_interval = 1
 apikeys.alert_requests_per_minute = 5
 log_statement = none
 log_min_error_statement = error
