@@ -5,18 +5,17 @@
 #include "postgres.h"
 
 #include "fmgr.h"
-#include "lib/stringinfo.h"
 #include "libpq/pqformat.h"
 #include "utils/builtins.h"
 
 #include <sodium.h>
 
-#include "apikey_type.h"
 #include "apikeys.h"
 #include "loghook.h"
 #include "token.h"
 
-size_t
+/* Raises 22P02 for text that is not a well-formed token; returns its prefix length. */
+static size_t
 apikey_check_input(const char *str, size_t len)
 {
 	size_t		prefix_len = 0;
@@ -36,6 +35,7 @@ apikey_check_input(const char *str, size_t len)
 	return prefix_len;
 }
 
+/* A token's bytes as text. */
 static text *
 token_to_text(const char *str, size_t len)
 {
@@ -43,6 +43,8 @@ token_to_text(const char *str, size_t len)
 }
 
 PG_FUNCTION_INFO_V1(apikey_in);
+
+/* apikey input: checks the token's format and checksum. */
 Datum
 apikey_in(PG_FUNCTION_ARGS)
 {
@@ -54,6 +56,8 @@ apikey_in(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(apikey_out);
+
+/* apikey output: the token as typed. */
 Datum
 apikey_out(PG_FUNCTION_ARGS)
 {
@@ -63,6 +67,8 @@ apikey_out(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(apikey_recv);
+
+/* apikey binary input: checked as apikey_in() checks text. */
 Datum
 apikey_recv(PG_FUNCTION_ARGS)
 {
@@ -75,6 +81,8 @@ apikey_recv(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(apikey_send);
+
+/* apikey binary output: the token's bytes. */
 Datum
 apikey_send(PG_FUNCTION_ARGS)
 {
@@ -97,6 +105,8 @@ stored_prefix_len(text *token)
 }
 
 PG_FUNCTION_INFO_V1(apikey_prefix);
+
+/* prefix(apikey): the part before the secret, e.g. "ak_live". */
 Datum
 apikey_prefix(PG_FUNCTION_ARGS)
 {
@@ -106,6 +116,8 @@ apikey_prefix(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(apikey_start);
+
+/* start(apikey): the prefix and first characters, safe to show. */
 Datum
 apikey_start(PG_FUNCTION_ARGS)
 {
@@ -116,6 +128,8 @@ apikey_start(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(apikey_digest);
+
+/* digest(apikey): the BLAKE2b-256 digest keys are stored under. */
 Datum
 apikey_digest(PG_FUNCTION_ARGS)
 {
@@ -129,6 +143,8 @@ apikey_digest(PG_FUNCTION_ARGS)
 }
 
 PG_FUNCTION_INFO_V1(apikey_is_well_formed);
+
+/* is_well_formed(text): whether text parses as a token (NULL: false). */
 Datum
 apikey_is_well_formed(PG_FUNCTION_ARGS)
 {

@@ -1,27 +1,25 @@
 /*
- * apikeys.c — module initialisation: libsodium, GUCs and status().
+ * apikeys.c — module initialisation (libsodium, the settings the SQL reads,
+ * each module's own init), status(), and the settings read through the
+ * library.
  */
 #include "postgres.h"
 
-#include "access/htup_details.h"
 #include "access/xlog.h"
 #include "catalog/namespace.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
-#include "nodes/parsenodes.h"
-#include "nodes/plannodes.h"
 #include "tcop/pquery.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
-#include "utils/timestamp.h"
 
 #include <sodium.h>
 
 #include "apikeys.h"
 #include "launcher.h"
 #include "loghook.h"
-#include "shmem.h"
+#include "queue.h"
 #include "token.h"
 #include "usage.h"
 #include "worker.h"
@@ -29,7 +27,8 @@
 PG_MODULE_MAGIC;
 
 char	   *apikeys_default_prefix = NULL;
-bool		apikeys_preloaded = false;
+/* True when the library was loaded through shared_preload_libraries. */
+static bool apikeys_preloaded = false;
 
 static char *apikeys_default_plan = NULL;
 static char *apikeys_actor = NULL;
@@ -39,6 +38,7 @@ static int	apikeys_audit_retention_min = 90 * SECS_PER_DAY;
 
 void		_PG_init(void);
 
+/* apikeys.default_prefix must be a prefix a token can carry. */
 static bool
 check_default_prefix(char **newval, void **extra, GucSource source)
 {
@@ -51,16 +51,10 @@ check_default_prefix(char **newval, void **extra, GucSource source)
 	return true;
 }
 
-void
-_PG_init(void)
+/* Defines the settings the extension's SQL reads through this library. */
+static void
+settings_init(void)
 {
-	if (sodium_init() < 0)
-		ereport(ERROR,
-				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
-				 errmsg("could not initialise libsodium")));
-
-	apikeys_preloaded = process_shared_preload_libraries_in_progress;
-
 	DefineCustomStringVariable("apikeys.default_prefix",
 							   "Prefix of keys created without an explicit prefix.",
 							   NULL,
@@ -115,64 +109,28 @@ _PG_init(void)
 							PGC_SUSET,
 							GUC_UNIT_S,
 							NULL, NULL, NULL);
+}
 
-	DefineCustomIntVariable("apikeys.flush_interval",
-							"How often background workers write queued records.",
-							NULL,
-							&apikeys_flush_interval,
-							10, 1, 3600,
-							PGC_SIGHUP,
-							GUC_UNIT_S,
-							NULL, NULL, NULL);
+/* Loads the library: settings, and with the preload shared memory and workers. */
+void
+_PG_init(void)
+{
+	if (sodium_init() < 0)
+		ereport(ERROR,
+				(errcode(ERRCODE_EXTERNAL_ROUTINE_EXCEPTION),
+				 errmsg("could not initialise libsodium")));
 
-	DefineCustomIntVariable("apikeys.usage_flush_interval",
-							"How often background workers write usage counts.",
-							"Counts are exact in shared memory meanwhile; a crash loses at most this much.",
-							&apikeys_usage_flush_interval,
-							60, 1, 86400,
-							PGC_SIGHUP,
-							GUC_UNIT_S,
-							NULL, NULL, NULL);
-
-	DefineCustomIntVariable("apikeys.alert_requests_per_minute",
-							"Requests in a minute past which a key raises a usage alert (0: off).",
-							NULL,
-							&apikeys_alert_requests_per_minute,
-							0, 0, INT_MAX,
-							PGC_SIGHUP,
-							0,
-							NULL, NULL, NULL);
-
-	/* Shared memory is sized at server start: these exist only with the preload. */
+	apikeys_preloaded = process_shared_preload_libraries_in_progress;
+	settings_init();
+	worker_init();
+	usage_init();
 	if (apikeys_preloaded)
 	{
-		DefineCustomIntVariable("apikeys.audit_queue_size",
-								"Distinct audit records shared memory holds between flushes.",
-								NULL,
-								&apikeys_audit_queue_size,
-								1024, 16, 1048576,
-								PGC_POSTMASTER,
-								0,
-								NULL, NULL, NULL);
-
-		DefineCustomIntVariable("apikeys.max_tracked_keys",
-								"Keys whose usage shared memory counts at once, across databases.",
-								NULL,
-								&apikeys_max_tracked_keys,
-								100000, 100, 10000000,
-								PGC_POSTMASTER,
-								0,
-								NULL, NULL, NULL);
-	}
-
-	MarkGUCPrefixReserved("apikeys");
-
-	if (apikeys_preloaded)
-	{
-		apikeys_shmem_init_hooks();
-		launcher_register();
+		queue_init();
+		launcher_init();
 		loghook_init();
 	}
+	MarkGUCPrefixReserved("apikeys");
 }
 
 PG_FUNCTION_INFO_V1(apikeys_status);
@@ -187,7 +145,7 @@ apikeys_status(PG_FUNCTION_ARGS)
 	TupleDesc	tupdesc;
 	Datum		values[15];
 	bool		nulls[15] = {false};
-	bool		shared = apikeys_shared != NULL;
+	bool		shared = queue_available();
 	int64		queued_now;
 	int64		queued_total;
 	int64		dropped;
@@ -201,7 +159,7 @@ apikeys_status(PG_FUNCTION_ARGS)
 	if (get_call_result_type(fcinfo, NULL, &tupdesc) != TYPEFUNC_COMPOSITE)
 		elog(ERROR, "return type must be a row type");
 
-	apikeys_queue_stats(&queued_now, &queued_total, &dropped, &lost);
+	queue_stats(&queued_now, &queued_total, &dropped, &lost);
 	usage_stats(&tracked, &untracked);
 	launcher_stats(&workers, &start_failures, &flush_failures);
 

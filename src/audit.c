@@ -1,25 +1,51 @@
 /*
- * audit.c — the C side of the audit log: the chain's tail as of now, and
- * records queued in shared memory for the background worker (so they stay
- * even when the caller's transaction rolls back).
+ * audit.c — the C side of the audit log: the hash chain's link and its tail
+ * as of now, and records queued in shared memory for the background worker
+ * (so they stay even when the caller's transaction rolls back).
  */
 #include "postgres.h"
 
-#include "access/htup_details.h"
-#include "access/xlog.h"
 #include "executor/spi.h"
 #include "fmgr.h"
 #include "funcapi.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
-#include "utils/guc.h"
 #include "utils/snapmgr.h"
-#include "utils/timestamp.h"
+
+#include <sodium.h>
 
 #include "audit.h"
 #include "launcher.h"
-#include "shmem.h"
+#include "queue.h"
+
+/* A link of the chain: BLAKE2b-256 over the previous row's hash and the row. */
+#define AUDIT_HASH_LEN 32
+
+PG_FUNCTION_INFO_V1(apikeys_audit_hash);
+
+/* _audit_hash(prev, payload): BLAKE2b-256(prev || payload), the chain's next link. */
+Datum
+apikeys_audit_hash(PG_FUNCTION_ARGS)
+{
+	bytea	   *prev = PG_GETARG_BYTEA_PP(0);
+	text	   *payload = PG_GETARG_TEXT_PP(1);
+	crypto_generichash_state state;
+	bytea	   *result = palloc(VARHDRSZ + AUDIT_HASH_LEN);
+
+	if (VARSIZE_ANY_EXHDR(prev) != AUDIT_HASH_LEN)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("previous audit hash must be %d bytes", AUDIT_HASH_LEN)));
+
+	crypto_generichash_init(&state, NULL, 0, AUDIT_HASH_LEN);
+	crypto_generichash_update(&state, (const unsigned char *) VARDATA_ANY(prev),
+							  VARSIZE_ANY_EXHDR(prev));
+	crypto_generichash_update(&state, (const unsigned char *) VARDATA_ANY(payload),
+							  VARSIZE_ANY_EXHDR(payload));
+	SET_VARSIZE(result, VARHDRSZ + AUDIT_HASH_LEN);
+	crypto_generichash_final(&state, (unsigned char *) VARDATA(result), AUDIT_HASH_LEN);
+	PG_RETURN_BYTEA_P(result);
+}
 
 PG_FUNCTION_INFO_V1(apikeys_audit_tail);
 
@@ -81,23 +107,24 @@ caller_names(QueuedEvent *ev)
 
 /* Queues one occurrence for the worker; a no-op on a standby. */
 static void
-queue_record(QueuedEvent *ev)
+enqueue_record(QueuedEvent *ev)
 {
-	if (apikeys_shared == NULL || RecoveryInProgress())
+	if (RecoveryInProgress())
 		return;
 	ev->count = 1;
 	caller_names(ev);
-	if (apikeys_enqueue(ev))
-		apikeys_note_pending();
+	if (queue_add(ev))
+		launcher_note_pending();
 }
 
+/* Queues a verify_failed record, per key or per prefix. */
 void
 audit_record_verify_failure(const pg_uuid_t *key_id, const char *owner,
 							const char *prefix, size_t prefix_len, int reason_code)
 {
 	QueuedEvent ev;
 
-	if (apikeys_shared == NULL)
+	if (!queue_available())
 		return;
 
 	memset(&ev, 0, sizeof(ev));
@@ -114,16 +141,17 @@ audit_record_verify_failure(const pg_uuid_t *key_id, const char *owner,
 		Assert(prefix_len < sizeof(ev.key.prefix));
 		memcpy(ev.key.prefix, prefix, prefix_len);
 	}
-	queue_record(&ev);
+	enqueue_record(&ev);
 }
 
+/* Queues a usage_alert and wakes the database's worker. */
 void
 audit_record_usage_alert(const pg_uuid_t *key_id, const char *owner,
 						 const char *start, int64 requests, int32 threshold)
 {
 	QueuedEvent ev;
 
-	if (apikeys_shared == NULL)
+	if (!queue_available())
 		return;
 
 	memset(&ev, 0, sizeof(ev));
@@ -133,8 +161,8 @@ audit_record_usage_alert(const pg_uuid_t *key_id, const char *owner,
 	queue_copy_text(ev.start, sizeof(ev.start), start);
 	ev.requests = requests;
 	ev.threshold = threshold;
-	queue_record(&ev);
-	apikeys_wake_worker(MyDatabaseId);
+	enqueue_record(&ev);
+	launcher_wake_worker(MyDatabaseId);
 }
 
 PG_FUNCTION_INFO_V1(apikeys_record_limit_exceeded);
@@ -149,7 +177,7 @@ apikeys_record_limit_exceeded(PG_FUNCTION_ARGS)
 {
 	QueuedEvent ev;
 
-	if (apikeys_shared == NULL || PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
+	if (!queue_available() || PG_ARGISNULL(0) || PG_ARGISNULL(1) || PG_ARGISNULL(2))
 		PG_RETURN_VOID();
 
 	memset(&ev, 0, sizeof(ev));
@@ -157,6 +185,6 @@ apikeys_record_limit_exceeded(PG_FUNCTION_ARGS)
 	queue_copy_text(ev.key.owner, sizeof(ev.key.owner), text_to_cstring(PG_GETARG_TEXT_PP(0)));
 	queue_copy_text(ev.key.plan, sizeof(ev.key.plan), text_to_cstring(PG_GETARG_TEXT_PP(1)));
 	ev.key.max_keys = PG_GETARG_INT32(2);
-	queue_record(&ev);
+	enqueue_record(&ev);
 	PG_RETURN_VOID();
 }

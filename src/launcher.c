@@ -26,19 +26,18 @@
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
-#include "storage/latch.h"
-#include "storage/lwlock.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
-#include "storage/shmem.h"
 #include "utils/guc.h"
 #include "utils/memutils.h"
 #include "utils/syscache.h"
-#include "utils/timestamp.h"
 
 #include "launcher.h"
-#include "shmem.h"
+#include "queue.h"
 #include "usage.h"
+
+/* Databases that can have a worker at once. */
+#define APIKEYS_MAX_DB_WORKERS	64
 
 typedef enum SlotState
 {
@@ -77,28 +76,31 @@ typedef struct Registry
 } Registry;
 
 static Registry *registry = NULL;
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 /* Longest wait before a failed start is tried again. */
 #define RETRY_MAX_MS	60000
 
-Size
-launcher_shmem_size(void)
-{
-	return MAXALIGN(sizeof(Registry));
-}
-
-void
+/* Reserves the registry and its lock (postmaster). */
+static void
 launcher_shmem_request(void)
 {
-	RequestAddinShmemSpace(launcher_shmem_size());
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(MAXALIGN(sizeof(Registry)));
 	RequestNamedLWLockTranche("apikeys registry", 1);
 }
 
-void
-launcher_shmem_init(void)
+/* Attaches to (or creates) the registry. */
+static void
+launcher_shmem_startup(void)
 {
 	bool		found;
 
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
 	registry = ShmemInitStruct("apikeys registry", sizeof(Registry), &found);
 	if (!found)
 	{
@@ -106,12 +108,19 @@ launcher_shmem_init(void)
 		registry->lock = &GetNamedLWLockTranche("apikeys registry")[0].lock;
 		pg_atomic_init_u64(&registry->generation, 0);
 	}
+	LWLockRelease(AddinShmemInitLock);
 }
 
+/* Reserves the registry and registers the launcher (from _PG_init, preload only). */
 void
-launcher_register(void)
+launcher_init(void)
 {
 	BackgroundWorker worker;
+
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = launcher_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = launcher_shmem_startup;
 
 	memset(&worker, 0, sizeof(worker));
 	worker.bgw_flags = BGWORKER_SHMEM_ACCESS | BGWORKER_BACKEND_DATABASE_CONNECTION;
@@ -134,6 +143,13 @@ find_slot(Oid dboid)
 	return NULL;
 }
 
+/* Whether a database has queued records or usage counts to write. */
+bool
+launcher_database_has_work(Oid dboid)
+{
+	return queue_has_records(dboid) || usage_has_pending(dboid);
+}
+
 /*
  * Takes a free slot for a database that wants a worker; false when every
  * slot is taken.  Caller holds the lock.
@@ -154,8 +170,9 @@ want_worker(Oid dboid)
 /* Generation at which this backend last saw its database in the registry. */
 static uint64 seen_generation = PG_UINT64_MAX;
 
+/* Makes sure the launcher knows this database has something to write. */
 void
-apikeys_note_pending(void)
+launcher_note_pending(void)
 {
 	uint64		generation;
 	Latch	   *latch = NULL;
@@ -186,8 +203,9 @@ apikeys_note_pending(void)
 		SetLatch(latch);
 }
 
+/* Asks the database's worker, if one runs, to flush now. */
 void
-apikeys_wake_worker(Oid dboid)
+launcher_wake_worker(Oid dboid)
 {
 	WorkerSlot *slot;
 	pid_t		pid = 0;
@@ -225,6 +243,7 @@ worker_exiting(int code, Datum arg)
 		SetLatch(latch);
 }
 
+/* In a worker, once connected: takes its registry slot; false if it is not its own. */
 bool
 registry_claim(Oid dboid)
 {
@@ -248,6 +267,7 @@ registry_claim(Oid dboid)
 	return claimed;
 }
 
+/* In a worker: whether a flush was asked for, and with usage counts. */
 bool
 registry_take_flush_request(Oid dboid, bool *with_usage)
 {
@@ -268,6 +288,7 @@ registry_take_flush_request(Oid dboid, bool *with_usage)
 	return requested;
 }
 
+/* In a worker: a flush begins; returns its number. */
 uint64
 registry_flush_starting(Oid dboid)
 {
@@ -282,6 +303,7 @@ registry_flush_starting(Oid dboid)
 	return seq;
 }
 
+/* In a worker: the flush numbered seq completed. */
 void
 registry_flush_done(Oid dboid, uint64 seq)
 {
@@ -294,6 +316,7 @@ registry_flush_done(Oid dboid, uint64 seq)
 	LWLockRelease(registry->lock);
 }
 
+/* Counts a flush that failed and was put back. */
 void
 registry_count_flush_failure(void)
 {
@@ -302,6 +325,7 @@ registry_count_flush_failure(void)
 	LWLockRelease(registry->lock);
 }
 
+/* Workers running now, failed starts and failed flushes since server start. */
 void
 launcher_stats(int64 *workers, int64 *start_failures, int64 *flush_failures)
 {
@@ -389,9 +413,9 @@ schedule_retry(WorkerSlot *slot, TimestampTz now, bool no_process)
 static void
 free_or_restart(WorkerSlot *slot)
 {
-	/* Pairs with apikeys_note_pending(): bump first, then look. */
+	/* Pairs with launcher_note_pending(): bump first, then look. */
 	pg_atomic_fetch_add_u64(&registry->generation, 1);
-	if (apikeys_has_pending(slot->dboid))
+	if (launcher_database_has_work(slot->dboid))
 	{
 		slot->state = SLOT_WANTED;
 		slot->connected = false;
@@ -436,7 +460,7 @@ adopt_waiting_databases(void)
 	LWLockRelease(registry->lock);
 
 	/* Outside the registry lock: the scan takes the queue's and the usage table's. */
-	dboids = apikeys_databases_with_work();
+	dboids = usage_databases_with_counts(queue_databases(NIL));
 	LWLockAcquire(registry->lock, LW_EXCLUSIVE);
 	registry->slots_were_full = false;
 	foreach(lc, dboids)
@@ -495,7 +519,8 @@ launcher_pass(void)
 				schedule_retry(slot, now, false);
 			else
 			{
-				apikeys_discard_database(slot->dboid);
+				queue_discard(slot->dboid);
+				usage_discard(slot->dboid);
 				free_or_restart(slot);
 			}
 		}
@@ -550,6 +575,7 @@ launcher_exiting(int code, Datum arg)
 	LWLockRelease(registry->lock);
 }
 
+/* The launcher: a pass over the registry whenever woken, and every second. */
 void
 apikeys_launcher_main(Datum main_arg)
 {

@@ -8,26 +8,21 @@
 
 #include "postgres.h"
 
-/* Databases that can have a worker at once. */
-#define APIKEYS_MAX_DB_WORKERS	64
+/* Reserves the registry and registers the launcher (from _PG_init, preload only). */
+extern void launcher_init(void);
 
-/* Shared memory the registry needs, and its attachment (shmem hooks). */
-extern Size launcher_shmem_size(void);
-extern void launcher_shmem_request(void);
-extern void launcher_shmem_init(void);
-
-/* Registers the launcher as a static background worker (from _PG_init). */
-extern void launcher_register(void);
+/* Whether a database has queued records or usage counts to write. */
+extern bool launcher_database_has_work(Oid dboid);
 
 /*
  * In a backend, after queuing a record or counting a request: makes sure
  * the launcher knows this database has something to write.  Costs an
  * atomic read while the database has a worker.
  */
-extern void apikeys_note_pending(void);
+extern void launcher_note_pending(void);
 
 /* Asks the database's worker, if one runs, to flush now (an alert is waiting). */
-extern void apikeys_wake_worker(Oid dboid);
+extern void launcher_wake_worker(Oid dboid);
 
 /* In a worker, once connected: takes its registry slot; false if it is not its own. */
 extern bool registry_claim(Oid dboid);

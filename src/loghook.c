@@ -10,8 +10,6 @@
  */
 #include "postgres.h"
 
-#include "utils/elog.h"
-
 #include "loghook.h"
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
@@ -33,6 +31,7 @@ apikeys_emit_log(ErrorData *edata)
 		prev_emit_log_hook(edata);
 }
 
+/* Installs the hook (from _PG_init, preload only). */
 void
 loghook_init(void)
 {

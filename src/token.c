@@ -18,6 +18,7 @@ static const char base62_alphabet[] =
 static uint32_t crc32_table[256];
 static bool crc32_ready = false;
 
+/* Fills the CRC-32 table once. */
 static void
 crc32_init(void)
 {
@@ -32,6 +33,7 @@ crc32_init(void)
 	crc32_ready = true;
 }
 
+/* CRC-32 (IEEE) of data. */
 uint32_t
 token_crc32(const unsigned char *data, size_t len)
 {
@@ -44,12 +46,14 @@ token_crc32(const unsigned char *data, size_t len)
 	return crc ^ 0xFFFFFFFFu;
 }
 
+/* Whether c is one of the 62 characters a secret is made of. */
 static inline bool
 is_base62(unsigned char c)
 {
 	return (c >= '0' && c <= '9') || (c >= 'A' && c <= 'Z') || (c >= 'a' && c <= 'z');
 }
 
+/* The checksum characters of a token's prefix and secret. */
 static void
 encode_check(const char *body, size_t len, char out[TOKEN_CHECK_LEN])
 {
@@ -62,6 +66,7 @@ encode_check(const char *body, size_t len, char out[TOKEN_CHECK_LEN])
 	}
 }
 
+/* Whether a prefix follows the rules (2-24 of [a-z0-9_], a letter first, no trailing _). */
 bool
 token_prefix_valid(const char *prefix, size_t len)
 {
@@ -81,6 +86,7 @@ token_prefix_valid(const char *prefix, size_t len)
 	return true;
 }
 
+/* Checks a token's format and checksum; sets its prefix length. */
 TokenError
 token_parse(const char *text, size_t len, size_t *prefix_len)
 {
@@ -118,6 +124,7 @@ token_parse(const char *text, size_t len, size_t *prefix_len)
 	return TOKEN_OK;
 }
 
+/* The errdetail sentence for a parse error. */
 const char *
 token_error_detail(TokenError err)
 {
@@ -145,6 +152,7 @@ token_error_detail(TokenError err)
 	return "The token is malformed.";
 }
 
+/* A new token with the prefix and 32 random base62 characters. */
 size_t
 token_generate(const char *prefix, size_t prefix_len, char *out)
 {
@@ -172,6 +180,7 @@ token_generate(const char *prefix, size_t prefix_len, char *out)
 	return prefix_len + 1 + TOKEN_SECRET_LEN + TOKEN_CHECK_LEN;
 }
 
+/* The digest a token is stored under (BLAKE2b-256). */
 void
 token_digest(const char *text, size_t len, unsigned char out[TOKEN_DIGEST_LEN])
 {

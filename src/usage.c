@@ -12,15 +12,14 @@
  */
 #include "postgres.h"
 
-#include "access/transam.h"
 #include "access/xlog.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
-#include "storage/spin.h"
-#include "utils/hsearch.h"
+#include "utils/guc.h"
 #include "utils/snapmgr.h"
 
 #include "usage.h"
@@ -28,8 +27,10 @@
 /* Partitions of the table, each with its own lock (a power of two). */
 #define USAGE_PARTITIONS 16
 
-int			apikeys_max_tracked_keys = 100000;
-int			apikeys_alert_requests_per_minute = 0;
+/* GUC apikeys.max_tracked_keys: keys counted at once across databases. */
+static int	max_tracked_keys = 100000;
+/* GUC apikeys.alert_requests_per_minute: 0 turns alerts off. */
+static int	alert_requests_per_minute = 0;
 
 typedef struct UsageKey
 {
@@ -60,6 +61,8 @@ typedef struct UsageCounters
 static HTAB *usage_table = NULL;
 static UsageCounters *usage_counters = NULL;
 static LWLock *partition_locks[USAGE_PARTITIONS];
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
 /* Adds counts to counts. */
 static inline void
@@ -77,27 +80,29 @@ counts_empty(const UsageCounts *c)
 	return c->requests == 0 && c->failures == 0;
 }
 
-Size
-usage_shmem_size(void)
-{
-	return add_size(MAXALIGN(sizeof(UsageCounters)),
-					hash_estimate_size(apikeys_max_tracked_keys, sizeof(UsageEntry)));
-}
-
-void
+/* Reserves the table and its partition locks, a tranche of their own (postmaster). */
+static void
 usage_shmem_request(void)
 {
-	RequestAddinShmemSpace(usage_shmem_size());
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(UsageCounters)),
+									hash_estimate_size(max_tracked_keys, sizeof(UsageEntry))));
 	RequestNamedLWLockTranche("apikeys usage", USAGE_PARTITIONS);
 }
 
-void
-usage_shmem_init(void)
+/* Attaches to (or creates) the table. */
+static void
+usage_shmem_startup(void)
 {
 	HASHCTL		info;
 	bool		found;
-	LWLockPadded *locks = GetNamedLWLockTranche("apikeys usage");
+	LWLockPadded *locks;
 
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	locks = GetNamedLWLockTranche("apikeys usage");
 	for (int i = 0; i < USAGE_PARTITIONS; i++)
 		partition_locks[i] = &locks[i].lock;
 	usage_counters = ShmemInitStruct("apikeys usage counters", sizeof(UsageCounters), &found);
@@ -111,9 +116,42 @@ usage_shmem_init(void)
 	info.keysize = sizeof(UsageKey);
 	info.entrysize = sizeof(UsageEntry);
 	info.num_partitions = USAGE_PARTITIONS;
-	usage_table = ShmemInitHash("apikeys usage", apikeys_max_tracked_keys,
-								apikeys_max_tracked_keys, &info,
+	usage_table = ShmemInitHash("apikeys usage", max_tracked_keys,
+								max_tracked_keys, &info,
 								HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/*
+ * Defines the usage settings and, with the preload, reserves the table
+ * (from _PG_init).  Alerts can be set anywhere; the table's size only at
+ * server start.
+ */
+void
+usage_init(void)
+{
+	DefineCustomIntVariable("apikeys.alert_requests_per_minute",
+							"Requests in a minute past which a key raises a usage alert (0: off).",
+							NULL,
+							&alert_requests_per_minute,
+							0, 0, INT_MAX,
+							PGC_SIGHUP,
+							0,
+							NULL, NULL, NULL);
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+	DefineCustomIntVariable("apikeys.max_tracked_keys",
+							"Keys whose usage shared memory counts at once, across databases.",
+							NULL,
+							&max_tracked_keys,
+							100000, 100, 10000000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = usage_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = usage_shmem_startup;
 }
 
 /* Now, its Unix minute and its UTC day. */
@@ -237,7 +275,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 		return e;
 	LWLockRelease(*lock);
 
-	if (hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys)
+	if (hash_get_num_entries(usage_table) >= max_tracked_keys)
 		evict_idle(minute);
 
 	LWLockAcquire(*lock, LW_EXCLUSIVE);
@@ -245,7 +283,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 	if (e != NULL)
 		return e;
 	/* A shared hash can outgrow its size into spare shared memory: cap it. */
-	if (hash_get_num_entries(usage_table) < apikeys_max_tracked_keys)
+	if (hash_get_num_entries(usage_table) < max_tracked_keys)
 	{
 		e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_ENTER_NULL, &found);
 		if (e != NULL && !found)
@@ -269,8 +307,10 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 	return e;
 }
 
+/* Counts a verification that would pass, enforcing the key's rate limit. */
 UsageOutcome
-usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requests)
+usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requests,
+					int32 *alert_threshold)
 {
 	TimestampTz now;
 	int64		minute;
@@ -312,12 +352,13 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 			e->pending.last_used_at = now;
 		}
 		outcome = USAGE_ALLOWED;
-		if (apikeys_alert_requests_per_minute > 0 && !standby &&
-			e->minute_count > apikeys_alert_requests_per_minute &&
+		if (alert_requests_per_minute > 0 && !standby &&
+			e->minute_count > alert_requests_per_minute &&
 			e->alerted_minute != minute)
 		{
 			e->alerted_minute = minute;
 			*alert_requests = e->minute_count;
+			*alert_threshold = alert_requests_per_minute;
 		}
 	}
 	SpinLockRelease(&e->mutex);
@@ -325,6 +366,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 	return outcome;
 }
 
+/* Counts a refusal of a key that exists (revoked, expired, scope). */
 void
 usage_count_failure(const pg_uuid_t *key_id)
 {
@@ -353,7 +395,8 @@ snapshot_for_reading(void)
 	return ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
 }
 
-void
+/* Today's counts of a key not yet in apikeys.key_usage as the caller's snapshot sees it. */
+static void
 usage_pending(const pg_uuid_t *key_id, UsageCounts *counts)
 {
 	UsageKey	key;
@@ -445,6 +488,7 @@ forget_idle(const UsageKey *keys, int n, int64 minute)
 	}
 }
 
+/* Takes a database's pending counts for a flush transaction, forgetting idle keys. */
 int
 usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 {
@@ -473,7 +517,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 	lock_all(LW_SHARED);
 	/* No entry comes or goes while every partition is locked. */
 	out = palloc(sizeof(UsageDelta) * Max(hash_get_num_entries(usage_table), 1));
-	nearly_full = hash_get_num_entries(usage_table) >= apikeys_max_tracked_keys / 10 * 9;
+	nearly_full = hash_get_num_entries(usage_table) >= max_tracked_keys / 10 * 9;
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -547,6 +591,7 @@ usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n)
 	SpinLockRelease(&usage_counters->mutex);
 }
 
+/* Forgets every count of a database that is gone. */
 void
 usage_discard(Oid dboid)
 {
@@ -573,6 +618,7 @@ entry_has_work(UsageEntry *e)
 	return has;
 }
 
+/* Adds the databases that have counts to write to a list of OIDs. */
 List *
 usage_databases_with_counts(List *dboids)
 {
@@ -588,6 +634,7 @@ usage_databases_with_counts(List *dboids)
 	return dboids;
 }
 
+/* Whether the database has counts waiting to be written. */
 bool
 usage_has_pending(Oid dboid)
 {
@@ -610,6 +657,7 @@ usage_has_pending(Oid dboid)
 	return pending;
 }
 
+/* Keys tracked now, and requests that could not be tracked since start. */
 void
 usage_stats(int64 *tracked, int64 *untracked)
 {

@@ -11,11 +11,6 @@
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
-/* GUC apikeys.max_tracked_keys: keys counted at once across databases. */
-extern int	apikeys_max_tracked_keys;
-/* GUC apikeys.alert_requests_per_minute: 0 turns alerts off. */
-extern int	apikeys_alert_requests_per_minute;
-
 typedef enum UsageOutcome
 {
 	USAGE_ALLOWED,				/* counted as a request */
@@ -42,24 +37,20 @@ typedef struct UsageDelta
 	UsageCounts counts;
 } UsageDelta;
 
-/* Shared memory and locks the counters need, and their attachment (shmem hooks). */
-extern Size usage_shmem_size(void);
-extern void usage_shmem_request(void);
-extern void usage_shmem_init(void);
+/* Defines the usage settings and, with the preload, reserves the table (from _PG_init). */
+extern void usage_init(void);
 
 /*
  * Counts a verification that would return VALID, enforcing rate_limit
- * (<= 0: none).  *alert_requests is set when this request passes the alert
- * threshold for the first time this minute (else 0).
+ * (<= 0: none).  When this request passes the alert threshold for the
+ * first time this minute, *alert_requests is the minute's requests and
+ * *alert_threshold the threshold; else *alert_requests is 0.
  */
 extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limit,
-										int64 *alert_requests);
+										int64 *alert_requests, int32 *alert_threshold);
 
 /* Counts a refusal of a key that exists (revoked, expired, scope). */
 extern void usage_count_failure(const pg_uuid_t *key_id);
-
-/* Today's counts of a key here not yet in apikeys.key_usage as the caller's snapshot sees it. */
-extern void usage_pending(const pg_uuid_t *key_id, UsageCounts *counts);
 
 /*
  * Takes every pending delta of a database for the flush transaction xid (in

@@ -10,40 +10,32 @@
 #include "postgres.h"
 
 #include "access/genam.h"
-#include "access/sysattr.h"
-#include "access/xact.h"
-#include "access/htup_details.h"
-#include "access/relscan.h"
-#include "access/stratnum.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_type.h"
-#include "executor/tuptable.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
-#include "utils/rel.h"
 #include "utils/snapmgr.h"
-#include "utils/timestamp.h"
-#include "utils/uuid.h"
 
 #include <sodium.h>
 
 #include "audit.h"
 #include "launcher.h"
-#include "shmem.h"
+#include "queue.h"
 #include "token.h"
 #include "usage.h"
 #include "verify.h"
 
 /* What a lookup found, copied into the caller's memory context. */
+/* Scopes a key holds, and scopes a verification requires, at most. */
+#define APIKEYS_MAX_SCOPES 64
+
 typedef struct FoundKey
 {
 	Datum		id;
@@ -70,6 +62,7 @@ typedef struct FoundKey
 #define KEYS_ATT_EXPIRES_AT	12
 #define KEYS_ATT_REVOKED_AT	13
 
+/* The code's text as verify() returns it, e.g. "API_KEY_REVOKED". */
 const char *
 verify_code_name(VerifyCode code)
 {
@@ -107,6 +100,7 @@ forget_keys_relation(Datum arg, Oid relid)
 	}
 }
 
+/* The OIDs of apikeys.keys and its digest index, looked up once per backend. */
 static void
 keys_relation_oids(Oid *relid, Oid *indexid)
 {
@@ -151,6 +145,7 @@ result_tupdesc(FunctionCallInfo fcinfo)
 	return tupdesc;
 }
 
+/* A copy of one column of the slot's tuple, outliving the scan. */
 static Datum
 copy_attr(TupleTableSlot *slot, AttrNumber attnum, bool *isnull)
 {
@@ -310,6 +305,7 @@ check_required_scopes(ArrayType *required)
 				 errhidecontext(true)));
 }
 
+/* The verify code of a token, from its format and its key's row alone. */
 static VerifyCode
 decide(text *token, ArrayType *required, FoundKey *key, bool *found_key,
 	   size_t *prefix_len)
@@ -354,36 +350,35 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 	VerifyCode	code = decide(token, required, key, found_key, &prefix_len);
 
 	/*
-	 * A key this transaction created is not counted: it may roll back, and
-	 * counts are only ever written for keys that exist.
+	 * Counts and audit records name a key only if it will still exist when
+	 * they are written: not a key this transaction created, which may roll
+	 * back.
 	 */
-	if (code == VERIFY_VALID && !key->created_here)
+	bool		countable = *found_key && !key->created_here;
+
+	if (code == VERIFY_VALID && countable)
 	{
 		int64		alert_requests;
+		int32		alert_threshold;
 
 		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit,
-								&alert_requests) == USAGE_RATE_LIMITED)
+								&alert_requests, &alert_threshold) == USAGE_RATE_LIMITED)
 			code = VERIFY_RATE_LIMITED;
 		if (alert_requests > 0)
 			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
 									 TextDatumGetCString(key->start), alert_requests,
-									 apikeys_alert_requests_per_minute);
-		else if (code == VERIFY_VALID && apikeys_shared != NULL)
-			apikeys_note_pending();
+									 alert_threshold);
+		else if (code == VERIFY_VALID && queue_available())
+			launcher_note_pending();
 	}
-	else if (*found_key && !key->created_here && code != VERIFY_VALID)
+	else if (code != VERIFY_VALID && countable)
 		usage_count_failure(DatumGetUUIDP(key->id));
 
-	/* A refusal names its key only if the key will still exist when it is written. */
 	if (code != VERIFY_VALID)
-	{
-		bool		named = *found_key && !key->created_here;
-
-		audit_record_verify_failure(named ? DatumGetUUIDP(key->id) : NULL,
-									named ? TextDatumGetCString(key->owner) : NULL,
+		audit_record_verify_failure(countable ? DatumGetUUIDP(key->id) : NULL,
+									countable ? TextDatumGetCString(key->owner) : NULL,
 									prefix_len > 0 ? VARDATA_ANY(token) : NULL, prefix_len,
 									(int) code);
-	}
 	return code;
 }
 

@@ -6,9 +6,6 @@
 
 #include "postgres.h"
 
-/* Scopes a key holds, and scopes a verification requires, at most. */
-#define APIKEYS_MAX_SCOPES 64
-
 typedef enum VerifyCode
 {
 	VERIFY_VALID = 0,

@@ -12,50 +12,37 @@
 
 #include "access/genam.h"
 #include "access/heapam.h"
-#include "access/htup_details.h"
-#include "access/stratnum.h"
-#include "access/table.h"
-#include "access/tableam.h"
-#include "access/xact.h"
-#include "access/xlog.h"
 #include "catalog/index.h"
 #include "catalog/namespace.h"
-#include "catalog/pg_type.h"
 #include "commands/async.h"
 #include "commands/extension.h"
 #include "executor/spi.h"
-#include "executor/tuptable.h"
 #include "nodes/makefuncs.h"
 #include "miscadmin.h"
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
 #include "storage/ipc.h"
-#include "storage/latch.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
-#include "tcop/tcopprot.h"
 #include "utils/acl.h"
-#include "utils/array.h"
 #include "utils/builtins.h"
 #include "utils/date.h"
 #include "utils/fmgroids.h"
-#include "utils/guc.h"
 #include "utils/json.h"
 #include "utils/memutils.h"
-#include "utils/rel.h"
-#include "utils/relcache.h"
 #include "utils/snapmgr.h"
-#include "utils/timestamp.h"
 
 #include "launcher.h"
-#include "shmem.h"
+#include "queue.h"
 #include "usage.h"
 #include "verify.h"
 #include "worker.h"
 
-int			apikeys_flush_interval = 10;
-int			apikeys_usage_flush_interval = 60;
+/* GUC apikeys.flush_interval, in seconds: how often queued audit records are written. */
+static int	flush_interval = 10;
+/* GUC apikeys.usage_flush_interval, in seconds: how often usage counts are written. */
+static int	usage_flush_interval = 60;
 
 /* Audit records one transaction writes: it holds the chain's lock meanwhile. */
 #define AUDIT_BATCH 100
@@ -253,13 +240,13 @@ insert_record(const QueuedEvent *ev)
 static bool
 flush_audit(Oid dboid)
 {
-	int			budget = apikeys_queued_for(dboid);
+	int			budget = queue_count(dboid);
 	QueuedEvent *batch = palloc(sizeof(QueuedEvent) * AUDIT_BATCH);
 	bool		installed = true;
 
 	while (budget > 0)
 	{
-		int			n = apikeys_dequeue(dboid, batch, Min(AUDIT_BATCH, budget));
+		int			n = queue_take(dboid, batch, Min(AUDIT_BATCH, budget));
 
 		if (n == 0)
 			break;
@@ -281,7 +268,7 @@ flush_audit(Oid dboid)
 		}
 		PG_CATCH();
 		{
-			apikeys_requeue(batch, n);
+			queue_put_back(batch, n);
 			PG_RE_THROW();
 		}
 		PG_END_TRY();
@@ -657,11 +644,42 @@ flush_before_exit(Oid dboid)
 	/* A cancel meant for the flush that SIGTERM interrupted is spent. */
 	QueryCancelPending = false;
 	SetConfigOption("lock_timeout", "2s", PGC_SUSET, PGC_S_OVERRIDE);
-	for (int i = 0; i < 3 && apikeys_has_pending(dboid); i++)
+	for (int i = 0; i < 3 && launcher_database_has_work(dboid); i++)
 		if (!flush_or_report(dboid, true))
 			break;
 }
 
+/*
+ * Sleeps until the flush interval since "since" has passed, a flush is
+ * asked for (*with_usage: usage counts too), or a shutdown is requested.
+ */
+static void
+wait_for_flush(Oid dboid, TimestampTz since, bool *with_usage)
+{
+	for (;;)
+	{
+		/* Recomputed each time: a reload may have shortened the interval. */
+		TimestampTz due = TimestampTzPlusMilliseconds(since, flush_interval * 1000L);
+		long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due);
+
+		if (ShutdownRequestPending || ms <= 0 || registry_take_flush_request(dboid, with_usage))
+			return;
+		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
+						 ms, PG_WAIT_EXTENSION);
+		ResetLatch(MyLatch);
+		CHECK_FOR_INTERRUPTS();
+		if (ConfigReloadPending)
+		{
+			ConfigReloadPending = false;
+			ProcessConfigFile(PGC_SIGHUP);
+		}
+	}
+}
+
+/*
+ * A database's worker: connects, claims its registry slot, then flushes
+ * every interval until nothing is left to write or it is told to stop.
+ */
 void
 apikeys_worker_main(Datum main_arg)
 {
@@ -674,7 +692,7 @@ apikeys_worker_main(Datum main_arg)
 	/* Records are written even to a database that takes no connections. */
 	BackgroundWorkerInitializeConnectionByOid(dboid, InvalidOid, BGWORKER_BYPASS_ALLOWCONN);
 	pin_settings();
-	if (apikeys_shared == NULL || !registry_claim(dboid))
+	if (!queue_available() || !registry_claim(dboid))
 		proc_exit(0);
 	deltas_cxt = AllocSetContextCreate(TopMemoryContext, "apikeys usage deltas",
 									   ALLOCSET_DEFAULT_SIZES);
@@ -686,28 +704,9 @@ apikeys_worker_main(Datum main_arg)
 	usage_since = GetCurrentTimestamp();
 	for (;;)
 	{
-		TimestampTz since = GetCurrentTimestamp();
 		bool		with_usage = false;
 
-		for (;;)
-		{
-			/* Recomputed each time: a reload may have shortened the interval. */
-			TimestampTz due = TimestampTzPlusMilliseconds(since, apikeys_flush_interval * 1000L);
-			long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due);
-
-			if (ShutdownRequestPending || ms <= 0 ||
-				registry_take_flush_request(dboid, &with_usage))
-				break;
-			(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-							 ms, PG_WAIT_EXTENSION);
-			ResetLatch(MyLatch);
-			CHECK_FOR_INTERRUPTS();
-			if (ConfigReloadPending)
-			{
-				ConfigReloadPending = false;
-				ProcessConfigFile(PGC_SIGHUP);
-			}
-		}
+		wait_for_flush(dboid, GetCurrentTimestamp(), &with_usage);
 		if (ShutdownRequestPending)
 			break;
 		if (RecoveryInProgress())
@@ -720,15 +719,37 @@ apikeys_worker_main(Datum main_arg)
 		 */
 		with_usage = with_usage ||
 			TimestampDifferenceExceeds(usage_since, GetCurrentTimestamp(),
-									   apikeys_usage_flush_interval * 1000) ||
+									   usage_flush_interval * 1000) ||
 			CountDBConnections(dboid) == 0;
 		if (with_usage)
 			usage_since = GetCurrentTimestamp();
 		if (!flush_or_report(dboid, with_usage))
 			proc_exit(0);
-		if (!ShutdownRequestPending && !apikeys_has_pending(dboid))
+		if (!ShutdownRequestPending && !launcher_database_has_work(dboid))
 			proc_exit(0);
 	}
 	flush_before_exit(dboid);
 	proc_exit(0);
+}
+
+/* Defines the workers' settings (from _PG_init). */
+void
+worker_init(void)
+{
+	DefineCustomIntVariable("apikeys.flush_interval",
+							"How often background workers write queued records.",
+							NULL,
+							&flush_interval,
+							10, 1, 3600,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
+	DefineCustomIntVariable("apikeys.usage_flush_interval",
+							"How often background workers write usage counts.",
+							"Counts are exact in shared memory meanwhile; a crash loses at most this much.",
+							&usage_flush_interval,
+							60, 1, 86400,
+							PGC_SIGHUP,
+							GUC_UNIT_S,
+							NULL, NULL, NULL);
 }

@@ -7,10 +7,8 @@
 
 #include "postgres.h"
 
-/* GUC apikeys.flush_interval, in seconds: how often queued audit records are written. */
-extern int	apikeys_flush_interval;
-/* GUC apikeys.usage_flush_interval, in seconds: how often usage counts are written. */
-extern int	apikeys_usage_flush_interval;
+/* Defines the workers' settings (from _PG_init). */
+extern void worker_init(void);
 
 PGDLLEXPORT void apikeys_worker_main(Datum main_arg);
 

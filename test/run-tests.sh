@@ -1,57 +1,45 @@
 #!/usr/bin/env bash
-# The README's second command: install what is missing, build, install, and
-# run every test: codec unit tests, pg_regress (with and without the
-# preload), isolation specs, TAP tests and a benchmark smoke run.
+# The README's second command: install what is missing, build, install, then
+# run every suite through the PGXS targets (see the Makefile) as the
+# unprivileged postgres user, and a benchmark smoke run.
+#
+#   unitcheck                      token codec unit tests (pure C)
+#   installcheck (regress)         pg_regress on a temporary server with test/apikeys.conf
+#   installcheck (isolation)       isolation specs, likewise
+#   installcheck-nopreload         pg_regress on a temporary server without the preload
+#   prove_installcheck             TAP tests (each starts its own servers)
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
-PGXS_DIR=$("$PG_BIN/pg_config" --pkglibdir)/pgxs
-CLUSTER=${APIKEYS_TEST_DIR:-/tmp/apikeys-test}
 WORK=$(mktemp -d /tmp/apikeys-work.XXXXXX)
 chmod 755 "$WORK"
 failures=()
-trap 'stop_cluster "$CLUSTER"' EXIT
 
 install_packages
 build_and_install
 
-echo "== codec unit tests"
-cc -O2 -Wall -Wextra -Werror -I"$REPO/src" -o "$WORK/token_test" \
-    "$REPO/test/unit/token_test.c" "$REPO/src/token.c" -lsodium
-"$WORK/token_test" || failures+=("unit")
+# initdb refuses root, and the clone may sit where postgres cannot write:
+# the suites run as postgres in a copy of the tree that it owns.
+cp -a "$REPO/." "$WORK/tree"
+chown -R postgres:postgres "$WORK/tree" 2>/dev/null || $SUDO chown -R postgres:postgres "$WORK/tree"
 
-stop_cluster "$CLUSTER"
-start_cluster "$CLUSTER" "shared_preload_libraries = 'apikeys'" "max_connections = 50" \
-    "apikeys.flush_interval = 1" "apikeys.usage_flush_interval = 1"
+# suite NAME MAKE-ARGUMENTS...: runs one PGXS target; on failure shows why.
+suite() {
+    local name=$1; shift
+    echo "== $name"
+    if ! as_postgres env PATH="$PATH" make -C "$WORK/tree" -s PG_CONFIG="$PG_BIN/pg_config" "$@"; then
+        failures+=("$name")
+        find "$WORK/tree" -name regression.diffs -newer "$WORK/tree/Makefile" \
+            -exec echo "-- {}" \; -exec cat {} \; 2>/dev/null || true
+        find "$WORK/tree/tmp_check/log" -name 'regress_log_*' -newer "$WORK/tree/Makefile" \
+            -exec echo "-- {} (last lines)" \; -exec tail -n 30 {} \; 2>/dev/null || true
+    fi
+}
 
-echo "== pg_regress"
-make -C "$REPO" -s installcheck PG_CONFIG="$PG_BIN/pg_config" || failures+=("regress")
-
-echo "== isolation"
-"$PGXS_DIR/src/test/isolation/pg_isolation_regress" \
-    --bindir="$PG_BIN" --inputdir="$REPO/test/isolation" --outputdir="$WORK/isolation" \
-    --load-extension=apikeys \
-    $(cd "$REPO/test/isolation/specs" && ls *.spec | sed 's/\.spec$//') \
-    || { failures+=("isolation"); cat "$WORK/isolation/regression.diffs" 2>/dev/null || true; }
-
-stop_cluster "$CLUSTER"
-
-echo "== pg_regress without the preload"
-start_cluster "$CLUSTER"
-"$PGXS_DIR/src/test/regress/pg_regress" --bindir="$PG_BIN" --inputdir="$REPO/test/nopreload" \
-    --outputdir="$WORK/nopreload" --load-extension=apikeys --dbname=apikeys_nopreload nopreload \
-    || { failures+=("nopreload"); cat "$WORK/nopreload/regression.diffs" 2>/dev/null || true; }
-stop_cluster "$CLUSTER"
-
-echo "== TAP"
-# initdb refuses root, and the clone may sit where postgres cannot read:
-# the TAP tests run as postgres from a copy in a directory it owns.
-mkdir -p "$WORK/tap"
-cp "$REPO"/test/tap/*.pl "$WORK/tap/"
-chown -R postgres:postgres "$WORK/tap" 2>/dev/null || $SUDO chown -R postgres:postgres "$WORK/tap"
-(cd "$WORK/tap" && as_postgres env PATH="$PATH" \
-    PERL5LIB="$PGXS_DIR/src/test/perl" PG_REGRESS="$PGXS_DIR/src/test/regress/pg_regress" \
-    PG_CONFIG="$PG_BIN/pg_config" \
-    prove -v -I "$PGXS_DIR/src/test/perl" ./*.pl) || failures+=("tap")
+suite unit unitcheck
+suite regress installcheck TEMP_INSTANCE=1 ISOLATION= TAP_TESTS=
+suite isolation installcheck TEMP_INSTANCE=1 REGRESS= TAP_TESTS=
+suite nopreload installcheck-nopreload TEMP_INSTANCE=1
+suite tap prove_installcheck
 
 echo "== benchmark smoke run (proves test/bench/run.sh works; figures are not judged)"
 APIKEYS_SKIP_BUILD=1 bash "$REPO/test/bench/run.sh" --smoke || failures+=("bench-smoke")
@@ -62,3 +50,4 @@ if [ ${#failures[@]} -gt 0 ]; then
     echo "FAILED: ${failures[*]}"
     exit 1
 fi
+rm -rf "$WORK"

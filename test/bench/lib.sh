@@ -98,11 +98,10 @@ bench_quiesce() {
 }
 
 # bench_run DB SCRIPT LO HI -> TPS (uses SCRIPTS, CLIENTS, WARMUP, SECONDS_EACH)
-# A checkpoint first, so that none falls inside a measured run.  An
-# unmeasured warm-up longer than the flush interval: the worker started by
-# the run makes its first flush (the one that pays full-page images after
-# the checkpoint) in the warm-up, and the measured run contains its next
-# flush, of a full interval's counts, as on a server under steady load.
+# A checkpoint first, so that none falls inside a measured run; then an
+# unmeasured warm-up.  The measured run should last at least a usage flush
+# interval (run.sh: 60 s, as shipped), so that it contains the worker's
+# write of a full interval's counts, as on a server under steady load.
 # Afterwards the counts left are written before the next variant starts,
 # so that no variant pays for another's writes.
 bench_run() {

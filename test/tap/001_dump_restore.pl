@@ -16,8 +16,8 @@
 #   - plan limits are enforced again after the restore, with the restored
 #     (edited) limits rather than the seeded ones.
 #
-# The test references no file of the repository: CI runs it as the postgres
-# OS user from a copy.
+# Run from the repository root (make prove_installcheck), with the helpers
+# of test/perl/ApikeysTest.pm.
 
 use strict;
 use warnings;
@@ -25,6 +25,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/../perl";    # test/perl: ApikeysTest
+use ApikeysTest;
 use Time::HiRes qw(time);
 
 my $t0 = time();
@@ -37,44 +40,17 @@ $node->start;
 $node->safe_psql('postgres', 'CREATE DATABASE src');
 $node->safe_psql('src', 'CREATE EXTENSION apikeys');
 
-sub sql
-{
-	my ($db, $query) = @_;
-	return $node->safe_psql($db, $query);
-}
-
-# create_key / rotate return "key_id|token"; split them.
-sub new_key
-{
-	my ($db, $args) = @_;
-	my $row = sql($db, "SELECT key_id, token FROM apikeys.create_key($args)");
-	my ($id, $token) = split /\|/, $row;
-	die "create_key($args) returned '$row'" unless defined $token && $token ne '';
-	return ($id, $token);
-}
-
-# Runs a statement expected to fail; returns its stderr (VERBOSITY verbose,
-# so the SQLSTATE is part of the message).
-sub sql_error
-{
-	my ($db, $query) = @_;
-	my ($ret, $stdout, $stderr) = $node->psql(
-		$db, "\\set VERBOSITY verbose\n$query",
-		on_error_stop => 1);
-	return ($ret, $stderr);
-}
-
 #
 # 1. Plans: edit a seeded limit and description, add a custom plan.
 #
-sql('src', q{
+sql($node, 'src', q{
 	UPDATE apikeys.plans SET max_keys = 2, description = 'Two active keys (edited).'
 	 WHERE name = 'free';
 	UPDATE apikeys.plans SET description = 'Twenty keys, edited.' WHERE name = 'pro';
 	INSERT INTO apikeys.plans (name, max_keys, description) VALUES ('team', 2, 'Team plan');
 	INSERT INTO apikeys.plans (name, max_keys, description) VALUES ('unused', 0, NULL);
 });
-is(sql('src', q{SELECT max_keys FROM apikeys.plans WHERE name = 'free'}),
+is(sql($node, 'src', q{SELECT max_keys FROM apikeys.plans WHERE name = 'free'}),
 	'2', 'src: seeded plan free edited to 2');
 
 #
@@ -84,43 +60,43 @@ is(sql('src', q{SELECT max_keys FROM apikeys.plans WHERE name = 'free'}),
 my @tokens;
 
 # acme: custom plan "team" (2), at its limit, scopes, metadata, custom prefix.
-sql('src', q{SELECT apikeys.set_plan('acme', 'team')});
-my ($acme1_id, $acme1) = new_key('src',
+sql($node, 'src', q{SELECT apikeys.set_plan('acme', 'team')});
+my ($acme1_id, $acme1) = new_key($node, 'src',
 	q{'acme', 'acme backend', '{read:*,write:users}', NULL, NULL, '{"env": "prod", "n": 1}'});
-my ($acme2_id, $acme2) = new_key('src',
+my ($acme2_id, $acme2) = new_key($node, 'src',
 	q{'acme', 'acme test', '{*}', NULL, 'hm_test', '{"env": "test"}', 1000});
 like($acme2, qr/^hm_test_/, 'src: custom prefix');
 push @tokens, ['acme1', $acme1, '{}'], ['acme1 scoped ok', $acme1, '{read:users}'],
   ['acme1 scope missing', $acme1, '{delete:users}'], ['acme2 any scope', $acme2, '{admin}'];
 
 # bob: pro, with revoked, rotated (grace and none), expiring and leaked keys.
-sql('src', q{SELECT apikeys.set_plan('bob', 'pro')});
-my ($bob_rev_id, $bob_rev)     = new_key('src', q{'bob', 'revoked key'});
-my ($bob_rot_id, $bob_rot)     = new_key('src', q{'bob', 'rotated in grace', '{read}'});
-my ($bob_rot0_id, $bob_rot0)   = new_key('src', q{'bob', 'rotated no grace'});
-my ($bob_leak_id, $bob_leak)   = new_key('src', q{'bob', 'leaked key'});
-my ($bob_exp_id, $bob_exp)     = new_key('src',
+sql($node, 'src', q{SELECT apikeys.set_plan('bob', 'pro')});
+my ($bob_rev_id, $bob_rev)     = new_key($node, 'src', q{'bob', 'revoked key'});
+my ($bob_rot_id, $bob_rot)     = new_key($node, 'src', q{'bob', 'rotated in grace', '{read}'});
+my ($bob_rot0_id, $bob_rot0)   = new_key($node, 'src', q{'bob', 'rotated no grace'});
+my ($bob_leak_id, $bob_leak)   = new_key($node, 'src', q{'bob', 'leaked key'});
+my ($bob_exp_id, $bob_exp)     = new_key($node, 'src',
 	q{'bob', 'expiring key', '{}', now() + interval '2 seconds'});
-my ($bob_later_id, $bob_later) = new_key('src',
+my ($bob_later_id, $bob_later) = new_key($node, 'src',
 	q{'bob', 'expires later', '{}', now() + interval '30 days'});
-my ($bob_ok_id, $bob_ok)       = new_key('src', q{'bob', 'plain key'});
+my ($bob_ok_id, $bob_ok)       = new_key($node, 'src', q{'bob', 'plain key'});
 
-ok(sql('src', qq{SELECT apikeys.revoke('$bob_rev_id', NULL, 'compromised') IS NOT NULL}) eq 't',
+ok(sql($node, 'src', qq{SELECT apikeys.revoke('$bob_rev_id', NULL, 'compromised') IS NOT NULL}) eq 't',
 	'src: revoke');
-is(sql('src', qq{SELECT apikeys.revoke_token('$bob_leak')}), $bob_leak_id, 'src: revoke_token');
+is(sql($node, 'src', qq{SELECT apikeys.revoke_token('$bob_leak')}), $bob_leak_id, 'src: revoke_token');
 
 my ($bob_new_id, $bob_new) = split /\|/,
-  sql('src', qq{SELECT key_id, token FROM apikeys.rotate('$bob_rot_id', NULL, '1 hour')});
+  sql($node, 'src', qq{SELECT key_id, token FROM apikeys.rotate('$bob_rot_id', NULL, '1 hour')});
 ok(defined $bob_new && $bob_new ne '', 'src: rotate with 1 hour grace');
 my ($bob_new0_id, $bob_new0) = split /\|/,
-  sql('src', qq{SELECT key_id, token FROM apikeys.rotate('$bob_rot0_id', 'bob')});
+  sql($node, 'src', qq{SELECT key_id, token FROM apikeys.rotate('$bob_rot0_id', 'bob')});
 ok(defined $bob_new0 && $bob_new0 ne '', 'src: rotate without grace');
 
-is(sql('src', qq{SELECT code FROM apikeys.verify('$bob_rot')}), 'VALID',
+is(sql($node, 'src', qq{SELECT code FROM apikeys.verify('$bob_rot')}), 'VALID',
 	'src: old key valid during its grace');
-is(sql('src', qq{SELECT code FROM apikeys.verify('$bob_new')}), 'VALID',
+is(sql($node, 'src', qq{SELECT code FROM apikeys.verify('$bob_new')}), 'VALID',
 	'src: its replacement valid');
-is(sql('src', qq{SELECT code FROM apikeys.verify('$bob_rot0')}), 'API_KEY_REVOKED',
+is(sql($node, 'src', qq{SELECT code FROM apikeys.verify('$bob_rot0')}), 'API_KEY_REVOKED',
 	'src: key rotated without grace is revoked');
 
 push @tokens, ['bob revoked', $bob_rev, '{}'], ['bob rotating (grace)', $bob_rot, '{}'],
@@ -132,42 +108,42 @@ push @tokens, ['bob revoked', $bob_rev, '{}'], ['bob rotating (grace)', $bob_rot
 
 # carol: three keys on developer (5), then downgraded to free (2): over the
 # limit, and her existing keys keep working.
-sql('src', q{SELECT apikeys.set_plan('carol', 'developer')});
+sql($node, 'src', q{SELECT apikeys.set_plan('carol', 'developer')});
 my @carol;
 for my $i (1 .. 3)
 {
-	my ($id, $tok) = new_key('src', qq{'carol', 'carol key $i'});
+	my ($id, $tok) = new_key($node, 'src', qq{'carol', 'carol key $i'});
 	push @carol, $tok;
 	push @tokens, ["carol $i (over limit)", $tok, '{}'];
 }
-sql('src', q{SELECT apikeys.set_plan('carol', 'free')});
-is(sql('src', q{SELECT plan FROM apikeys.owners WHERE owner = 'carol'}), 'free',
+sql($node, 'src', q{SELECT apikeys.set_plan('carol', 'free')});
+is(sql($node, 'src', q{SELECT plan FROM apikeys.owners WHERE owner = 'carol'}), 'free',
 	'src: carol downgraded to free');
-is(sql('src', qq{SELECT string_agg(code, ',') FROM (VALUES ('$carol[0]'), ('$carol[1]'), ('$carol[2]')) t(tok),
+is(sql($node, 'src', qq{SELECT string_agg(code, ',') FROM (VALUES ('$carol[0]'), ('$carol[1]'), ('$carol[2]')) t(tok),
 	LATERAL apikeys.verify(t.tok)}),
 	'VALID,VALID,VALID', 'src: over-limit owner keeps its keys');
-my ($ret, $err) = sql_error('src', q{SELECT apikeys.create_key('carol', 'one too many')});
+my ($ret, $err) = sql_error($node, 'src', q{SELECT apikeys.create_key('carol', 'one too many')});
 isnt($ret, 0, 'src: over-limit owner cannot create a key');
 like($err, qr/53400/, 'src: ... with SQLSTATE 53400');
 
 # dave: never set_plan'd, so he lands on the default plan (free, now 2).
-my ($dave1_id, $dave1) = new_key('src', q{'dave', 'dave key'});
+my ($dave1_id, $dave1) = new_key($node, 'src', q{'dave', 'dave key'});
 push @tokens, ['dave (default plan)', $dave1, '{}'];
 
 # erin: unlimited plan, a revoke_all.
-sql('src', q{SELECT apikeys.set_plan('erin', 'enterprise')});
-my ($erin1_id, $erin1) = new_key('src', q{'erin', 'erin 1', '{billing:read}'});
-my ($erin2_id, $erin2) = new_key('src', q{'erin', 'erin 2'});
-is(sql('src', q{SELECT apikeys.revoke_all('erin', 'offboarded')}), '2', 'src: revoke_all');
-my ($erin3_id, $erin3) = new_key('src', q{'erin', 'erin 3', '{}', NULL, 'er_live', '{"a": [1, 2]}', 50});
+sql($node, 'src', q{SELECT apikeys.set_plan('erin', 'enterprise')});
+my ($erin1_id, $erin1) = new_key($node, 'src', q{'erin', 'erin 1', '{billing:read}'});
+my ($erin2_id, $erin2) = new_key($node, 'src', q{'erin', 'erin 2'});
+is(sql($node, 'src', q{SELECT apikeys.revoke_all('erin', 'offboarded')}), '2', 'src: revoke_all');
+my ($erin3_id, $erin3) = new_key($node, 'src', q{'erin', 'erin 3', '{}', NULL, 'er_live', '{"a": [1, 2]}', 50});
 push @tokens, ['erin revoked 1', $erin1, '{}'], ['erin revoked 2', $erin2, '{}'],
   ['erin 3', $erin3, '{}'];
 
 # frank: an owner row with no keys at all.
-sql('src', q{SELECT apikeys.set_plan('frank', 'team')});
+sql($node, 'src', q{SELECT apikeys.set_plan('frank', 'team')});
 
 # Tokens that were never issued, and garbage.
-my $unknown = sql('src', q{SELECT apikeys._new_token('ak_live')::text});
+my $unknown = sql($node, 'src', q{SELECT apikeys._new_token('ak_live')::text});
 push @tokens, ['unknown well-formed', $unknown, '{}'], ['garbage', 'not-a-token', '{}'];
 
 # Let the expiring key expire.
@@ -185,7 +161,7 @@ sub verify_all
 	for my $t (@tokens)
 	{
 		my ($label, $tok, $scopes) = @$t;
-		my $row = sql($db,
+		my $row = sql($node, $db,
 			qq{SELECT code, v::text FROM apikeys.verify('$tok', '$scopes') v});
 		my ($code, $full) = split /\|/, $row, 2;
 		$res{$label} = { code => $code, row => $full };
@@ -230,11 +206,11 @@ sub snapshots
 {
 	my ($db) = @_;
 	my %s;
-	$s{$_} = sql($db, $snapshot_sql{$_}) for keys %snapshot_sql;
+	$s{$_} = sql($node, $db, $snapshot_sql{$_}) for keys %snapshot_sql;
 	return \%s;
 }
 
-my $has_audit = sql('src', q{SELECT to_regclass('apikeys.audit_log') IS NOT NULL}) eq 't';
+my $has_audit = sql($node, 'src', q{SELECT to_regclass('apikeys.audit_log') IS NOT NULL}) eq 't';
 ok($has_audit, 'src: the extension keeps an audit log');
 
 # Audit rows may be appended asynchronously (failed verifications are flushed
@@ -244,17 +220,17 @@ sub audit_rows
 {
 	my ($db, $max_id) = @_;
 	my $where = defined $max_id ? "WHERE a.id <= $max_id" : '';
-	return sql($db, "SELECT a::text FROM apikeys.audit_log a $where ORDER BY a.id");
+	return sql($node, $db, "SELECT a::text FROM apikeys.audit_log a $where ORDER BY a.id");
 }
 
 my $src_verify = verify_all('src');
 my $src_snap   = snapshots('src');
-my $src_audit_max = sql('src', q{SELECT coalesce(max(id), 0) FROM apikeys.audit_log});
+my $src_audit_max = sql($node, 'src', q{SELECT coalesce(max(id), 0) FROM apikeys.audit_log});
 my $src_audit     = audit_rows('src', $src_audit_max);
 cmp_ok($src_audit_max, '>', 0, 'src: the scenario left audit rows');
-is(sql('src', qq{SELECT ok, rows_checked >= $src_audit_max FROM apikeys.audit_verify()}),
+is(sql($node, 'src', qq{SELECT ok, rows_checked >= $src_audit_max FROM apikeys.audit_verify()}),
 	't|t', 'src: audit hash chain verifies before the dump');
-is( sql('src', qq{SELECT count(*) FROM apikeys.keys k
+is( sql($node, 'src', qq{SELECT count(*) FROM apikeys.keys k
 	               WHERE NOT EXISTS (SELECT FROM apikeys.audit_log a
 	                                  WHERE a.id <= $src_audit_max AND a.key_id = k.id
 	                                    AND a.event = 'key_created')}),
@@ -288,8 +264,8 @@ my %expect_src = (
 	'garbage'                    => 'API_KEY_INVALID',);
 is_deeply({ map { $_ => $src_verify->{$_}{code} } keys %$src_verify },
 	\%expect_src, 'src: every token verifies as the scenario expects');
-is(sql('src', q{SELECT count(*) FROM apikeys.keys}), '18', 'src: 18 keys');
-is(sql('src', q{SELECT string_agg(owner || '=' || plan, ',' ORDER BY owner) FROM apikeys.owners}),
+is(sql($node, 'src', q{SELECT count(*) FROM apikeys.keys}), '18', 'src: 18 keys');
+is(sql($node, 'src', q{SELECT string_agg(owner || '=' || plan, ',' ORDER BY owner) FROM apikeys.owners}),
 	'acme=team,bob=pro,carol=free,dave=free,erin=enterprise,frank=team',
 	'src: owners and plans');
 
@@ -314,7 +290,7 @@ sub check_restored
 {
 	my ($db, $how) = @_;
 
-	is(sql($db, q{SELECT extversion FROM pg_extension WHERE extname = 'apikeys'}),
+	is(sql($node, $db, q{SELECT extversion FROM pg_extension WHERE extname = 'apikeys'}),
 		'1.0', "$how: extension restored");
 
 	# Tables and catalog state, before anything in $db can add a row.
@@ -325,7 +301,7 @@ sub check_restored
 	}
 	is(audit_rows($db, $src_audit_max), $src_audit,
 		"$how: audit log rows of src restored unchanged");
-	is(sql($db, qq{SELECT ok, rows_checked >= $src_audit_max, first_bad_id FROM apikeys.audit_verify()}),
+	is(sql($node, $db, qq{SELECT ok, rows_checked >= $src_audit_max, first_bad_id FROM apikeys.audit_verify()}),
 		't|t|', "$how: restored audit hash chain verifies");
 
 	# Every token: same code and the same verify row.
@@ -340,60 +316,60 @@ sub check_restored
 	}
 
 	# Limits are enforced again, with the restored limits.
-	my ($r, $e) = sql_error($db, q{SELECT apikeys.create_key('carol', 'after restore')});
+	my ($r, $e) = sql_error($node, $db, q{SELECT apikeys.create_key('carol', 'after restore')});
 	isnt($r, 0, "$how: over-limit owner (carol, free) cannot create a key");
 	like($e, qr/53400/, "$how: ... SQLSTATE 53400");
 	like($e, qr/plan "free" allows 2 active keys/, "$how: ... with the edited limit of free");
 
-	($r, $e) = sql_error($db, q{SELECT apikeys.create_key('acme', 'after restore')});
+	($r, $e) = sql_error($node, $db, q{SELECT apikeys.create_key('acme', 'after restore')});
 	isnt($r, 0, "$how: owner at the custom plan's limit (acme, team) cannot create a key");
 	like($e, qr/53400/, "$how: ... SQLSTATE 53400");
 	like($e, qr/plan "team" allows 2 active keys/, "$how: ... naming the custom plan");
 
 	# dave has 1 key on free: the edited limit (2) lets him have one more,
 	# the seeded one (1) would not.
-	my ($dave2_id, $dave2) = new_key($db, q{'dave', 'after restore'});
-	is(sql($db, qq{SELECT code FROM apikeys.verify('$dave2')}), 'VALID',
+	my ($dave2_id, $dave2) = new_key($node, $db, q{'dave', 'after restore'});
+	is(sql($node, $db, qq{SELECT code FROM apikeys.verify('$dave2')}), 'VALID',
 		"$how: new key under the restored limit works");
-	is(sql('src', qq{SELECT code FROM apikeys.verify('$dave2')}), 'API_KEY_INVALID',
+	is(sql($node, 'src', qq{SELECT code FROM apikeys.verify('$dave2')}), 'API_KEY_INVALID',
 		"$how: ... and is unknown in src");
-	($r, $e) = sql_error($db, q{SELECT apikeys.create_key('dave', 'third')});
+	($r, $e) = sql_error($node, $db, q{SELECT apikeys.create_key('dave', 'third')});
 	like($e, qr/53400/, "$how: ... and the next one hits the limit");
 
 	# A new owner lands on the default plan, which exists.
-	my ($gina_id, $gina) = new_key($db, q{'gina', 'new owner'});
-	is(sql($db, q{SELECT plan FROM apikeys.owners WHERE owner = 'gina'}), 'free',
+	my ($gina_id, $gina) = new_key($node, $db, q{'gina', 'new owner'});
+	is(sql($node, $db, q{SELECT plan FROM apikeys.owners WHERE owner = 'gina'}), 'free',
 		"$how: new owner on the default plan");
 
 	# The restored rotation state is live: the grace key cannot be rotated
 	# again, its replacement can.
-	($r, $e) = sql_error($db, qq{SELECT apikeys.rotate('$bob_rot_id')});
+	($r, $e) = sql_error($node, $db, qq{SELECT apikeys.rotate('$bob_rot_id')});
 	like($e, qr/55000/, "$how: already rotated key cannot be rotated again");
 	my ($nid, $ntok) = split /\|/,
-	  sql($db, qq{SELECT key_id, token FROM apikeys.rotate('$bob_new_id', 'bob', '1 hour')});
-	is(sql($db, qq{SELECT code FROM apikeys.verify('$ntok')}), 'VALID',
+	  sql($node, $db, qq{SELECT key_id, token FROM apikeys.rotate('$bob_new_id', 'bob', '1 hour')});
+	is(sql($node, $db, qq{SELECT code FROM apikeys.verify('$ntok')}), 'VALID',
 		"$how: restored key can be rotated");
 
 	# Revoked stays revoked.
-	($r, $e) = sql_error($db,
+	($r, $e) = sql_error($node, $db,
 		qq{UPDATE apikeys.keys SET revoked_at = NULL WHERE id = '$bob_rev_id'});
 	like($e, qr/55000/, "$how: restored revoked key cannot be reactivated");
 
 	# Plans: a second row named like a seeded one is refused outside a restore.
-	($r, $e) = sql_error($db,
+	($r, $e) = sql_error($node, $db,
 		q{INSERT INTO apikeys.plans (name, max_keys) VALUES ('free', 99)});
 	isnt($r, 0, "$how: duplicate plan refused outside a restore");
-	is(sql($db, q{SELECT max_keys FROM apikeys.plans WHERE name = 'free'}), '2',
+	is(sql($node, $db, q{SELECT max_keys FROM apikeys.plans WHERE name = 'free'}), '2',
 		"$how: free still allows 2");
 
 	# The restored chain goes on: the keys made above are logged after the
 	# restored rows, and the whole log still verifies.
-	is( sql($db, qq{SELECT count(*) FROM apikeys.audit_log
+	is( sql($node, $db, qq{SELECT count(*) FROM apikeys.audit_log
 		             WHERE id > $src_audit_max AND event = 'key_created'
 		               AND key_id IN ('$dave2_id', '$gina_id', '$nid')}),
 		'3', "$how: keys created after the restore are logged after the restored rows");
-	my $rows = sql($db, q{SELECT count(*) FROM apikeys.audit_log});
-	is(sql($db, q{SELECT ok, rows_checked, first_bad_id FROM apikeys.audit_verify()}),
+	my $rows = sql($node, $db, q{SELECT count(*) FROM apikeys.audit_log});
+	is(sql($node, $db, q{SELECT ok, rows_checked, first_bad_id FROM apikeys.audit_verify()}),
 		"t|$rows|", "$how: audit hash chain still verifies after new rows ($rows)");
 	return;
 }
@@ -416,7 +392,7 @@ $node->command_checks_all(
 check_restored('dst2', 'plain dump');
 
 # src is untouched by everything that happened in dst and dst2.
-is(sql('src', $snapshot_sql{keys}), $src_snap->{keys}, 'src: keys unchanged');
+is(sql($node, 'src', $snapshot_sql{keys}), $src_snap->{keys}, 'src: keys unchanged');
 
 $node->stop;
 

@@ -22,8 +22,8 @@
 # ON_ERROR_STOP a statement whose acknowledgement never came (the server went
 # away) stops the script before its \echo.
 #
-# The test references no file of the repository: CI runs it as the postgres
-# OS user from a copy.
+# Run from the repository root (make prove_installcheck), with the helpers
+# of test/perl/ApikeysTest.pm.
 
 use strict;
 use warnings;
@@ -31,30 +31,23 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/../perl";    # test/perl: ApikeysTest
+use ApikeysTest;
 use IPC::Run;
 use Time::HiRes qw(time usleep);
 
 my $t0 = time();
 
-my $node = PostgreSQL::Test::Cluster->new('crash');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'apikeys'
-apikeys.flush_interval = 1
-apikeys.usage_flush_interval = 1
-log_statement = none
-});
-$node->start;
+my $node = new_node('crash', "log_statement = none\n");
 
 $node->safe_psql('postgres', 'CREATE DATABASE crashdb');
 $node->safe_psql('crashdb', 'CREATE EXTENSION apikeys');
 
-sub sql { return $node->safe_psql('crashdb', $_[0]); }
-
 # Owners: "shared" is written by two sessions at once (creates, revokes and
 # revoke_all racing each other); "solo2" and "solo3" belong to one session
 # each, which also rotates keys; solo3 moves between plans.
-sql(q{
+sql($node, 'crashdb', q{
 	SELECT apikeys.set_plan('shared', 'enterprise');
 	SELECT apikeys.set_plan('solo2', 'enterprise');
 	SELECT apikeys.set_plan('solo3', 'pro');
@@ -182,7 +175,7 @@ sub wait_for_keys
 				return -1;
 			}
 		}
-		my $c = sql('SELECT count(*) FROM apikeys.keys');
+		my $c = sql($node, 'crashdb', 'SELECT count(*) FROM apikeys.keys');
 		return $c if $c >= $n;
 		usleep(50_000);
 	}
@@ -235,35 +228,24 @@ sub collect_acks
 	return $ops;
 }
 
-# No statement and no worker failed: the server log has no ERROR since $from.
-sub log_has_no_errors
-{
-	my ($label, $from) = @_;
-	my @errors = grep { /\b(ERROR|FATAL|PANIC):/ }
-	  split /\n/, slurp_file($node->logfile, $from);
-	is(scalar(@errors), 0, "$label: no ERROR in the server log")
-	  or diag(join("\n", @errors[ 0 .. ($#errors < 20 ? $#errors : 20) ]));
-	return;
-}
-
 # The audit log and keys as the server has them now, checked against the
 # invariants and against what the clients saw acknowledged.
 sub check_after_recovery
 {
 	my ($label) = @_;
 
-	my $verify = sql('SELECT ok, rows_checked, first_bad_id FROM apikeys.audit_verify()');
-	my $rows   = sql('SELECT count(*) FROM apikeys.audit_log');
+	my $verify = sql($node, 'crashdb', 'SELECT ok, rows_checked, first_bad_id FROM apikeys.audit_verify()');
+	my $rows   = sql($node, 'crashdb', 'SELECT count(*) FROM apikeys.audit_log');
 	is($verify, "t|$rows|", "$label: audit_verify() ok over all $rows rows");
 
 	# Key-level invariants, computed server-side.
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.keys k
 		 WHERE (SELECT count(*) FROM apikeys.audit_log a
 		         WHERE a.key_id = k.id AND a.event = 'key_created'
 		           AND a.owner = k.owner) <> 1}),
 		'0', "$label: every key has exactly one key_created row");
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.keys k
 		 WHERE k.revoked_at IS NOT NULL AND k.replaced_by IS NULL
 		   AND (SELECT count(*) FROM apikeys.audit_log a
@@ -271,7 +253,7 @@ sub check_after_recovery
 		           AND a.event IN ('key_revoked', 'keys_revoked_all', 'key_revoked_by_token',
 		                           'key_rotated')) <> 1}),
 		'0', "$label: every revoked key has exactly one revocation row");
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.keys k
 		 WHERE k.replaced_by IS NOT NULL
 		   AND ((SELECT count(*) FROM apikeys.audit_log a
@@ -281,7 +263,7 @@ sub check_after_recovery
 		                      AND a.event IN ('key_revoked', 'keys_revoked_all',
 		                                      'key_revoked_by_token')))}),
 		'0', "$label: every rotated key has exactly one key_rotated row and no other revocation");
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.keys k
 		 WHERE k.revoked_at IS NULL
 		   AND EXISTS (SELECT FROM apikeys.audit_log a
@@ -289,20 +271,20 @@ sub check_after_recovery
 		                  AND a.event IN ('key_revoked', 'keys_revoked_all', 'key_revoked_by_token',
 		                                  'key_rotated'))}),
 		'0', "$label: no revocation row for a key that is not revoked");
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.audit_log a
 		 WHERE a.key_id IS NOT NULL
 		   AND NOT EXISTS (SELECT FROM apikeys.keys k WHERE k.id = a.key_id)}),
 		'0', "$label: no audit row refers to a key that does not exist");
-	is(sql(q{SELECT count(*) FROM apikeys.audit_log WHERE event = 'key_created'}),
-		sql(q{SELECT count(*) FROM apikeys.keys}),
+	is(sql($node, 'crashdb', q{SELECT count(*) FROM apikeys.audit_log WHERE event = 'key_created'}),
+		sql($node, 'crashdb', q{SELECT count(*) FROM apikeys.keys}),
 		"$label: as many key_created rows as keys");
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.owners o
 		 WHERE (SELECT count(*) FROM apikeys.audit_log a
 		         WHERE a.owner = o.owner AND a.event = 'owner_created') <> 1}),
 		'0', "$label: every owner has exactly one owner_created row");
-	is(sql(q{
+	is(sql($node, 'crashdb', q{
 		SELECT count(*) FROM apikeys.owners o
 		 WHERE o.plan IS DISTINCT FROM (
 		       SELECT CASE a.event WHEN 'plan_changed' THEN a.details->>'to'
@@ -314,10 +296,10 @@ sub check_after_recovery
 
 	# Client-side acknowledgements.
 	my %keys = map { my ($id, $rev, $repl, $from) = split /\|/; ($id => [ $rev, $repl, $from ]) }
-	  split /\n/, sql(q{SELECT id, revoked_at IS NOT NULL, coalesce(replaced_by::text, ''),
+	  split /\n/, sql($node, 'crashdb', q{SELECT id, revoked_at IS NOT NULL, coalesce(replaced_by::text, ''),
 	                          coalesce(rotated_from::text, '') FROM apikeys.keys});
 	my %events;
-	for (split /\n/, sql(q{SELECT key_id, event FROM apikeys.audit_log WHERE key_id IS NOT NULL}))
+	for (split /\n/, sql($node, 'crashdb', q{SELECT key_id, event FROM apikeys.audit_log WHERE key_id IS NOT NULL}))
 	{
 		my ($id, $ev) = split /\|/;
 		$events{$id}{$ev}++;
@@ -376,7 +358,7 @@ ok($n >= 300, "round 1: burst under way ($n keys)");
 $node->stop('immediate');
 finish_burst($running, 'round 1');
 cmp_ok(collect_acks($running, 'round 1'), '>', 100, 'round 1: clients saw operations acknowledged');
-log_has_no_errors('round 1', $log_from);
+no_log_errors($node, $log_from, 'round 1: no ERROR in the server log');
 $log_from = -s $node->logfile;
 $node->start;
 check_after_recovery('round 1');
@@ -386,7 +368,7 @@ check_after_recovery('round 1');
 # key_created row written, not committed) and the others queue behind it;
 # crash then.
 #
-my $keys_before = sql('SELECT count(*) FROM apikeys.keys');
+my $keys_before = sql($node, 'crashdb', 'SELECT count(*) FROM apikeys.keys');
 $running = start_burst(2, 5000);
 $n = wait_for_keys($running, $keys_before + 150, 30);
 ok($n >= $keys_before + 150, "round 2: burst under way ($n keys)");
@@ -396,7 +378,7 @@ my $open_id = $open->query_safe(
 like($open_id, qr/^[0-9a-f-]{36}$/, 'round 2: an open transaction created a key');
 # Let the other sessions pile up behind the chain's lock.
 usleep(300_000);
-is( sql(q{SELECT count(*) > 0 FROM pg_stat_activity
+is( sql($node, 'crashdb', q{SELECT count(*) > 0 FROM pg_stat_activity
 	       WHERE datname = 'crashdb' AND wait_event_type = 'Lock' AND wait_event = 'transactionid'}),
 	't', 'round 2: sessions wait for the audit chain lock');
 $node->stop('immediate');
@@ -404,7 +386,7 @@ finish_burst($running, 'round 2');
 eval { $open->quit; };
 $rolledback{$open_id} = 'open';
 cmp_ok(collect_acks($running, 'round 2'), '>', 50, 'round 2: clients saw operations acknowledged');
-log_has_no_errors('round 2', $log_from);
+no_log_errors($node, $log_from, 'round 2: no ERROR in the server log');
 $log_from = -s $node->logfile;
 $node->start;
 check_after_recovery('round 2');
@@ -413,39 +395,28 @@ check_after_recovery('round 2');
 # The chain goes on after recovery: a new key's row links to the old tail.
 #
 my ($tail_id, $tail_hash) = split /\|/,
-  sql(q{SELECT id, encode(hash, 'hex') FROM apikeys.audit_log ORDER BY id DESC LIMIT 1});
-my $new_id = sql(q{SELECT key_id FROM apikeys.create_key('after', 'after recovery')});
-is( sql(qq{SELECT encode(prev_hash, 'hex') = '$tail_hash'
+  sql($node, 'crashdb', q{SELECT id, encode(hash, 'hex') FROM apikeys.audit_log ORDER BY id DESC LIMIT 1});
+my ($new_id) = new_key($node, 'crashdb', q{'after', 'after recovery'});
+is( sql($node, 'crashdb', qq{SELECT encode(prev_hash, 'hex') = '$tail_hash'
 	         FROM apikeys.audit_log WHERE id = $tail_id + 1}),
 	't', 'after recovery: the next audit row chains to the recovered tail');
-is( sql(qq{SELECT count(*) FROM apikeys.audit_log
+is( sql($node, 'crashdb', qq{SELECT count(*) FROM apikeys.audit_log
 	        WHERE id > $tail_id AND key_id = '$new_id' AND event = 'key_created'}),
 	'1', 'after recovery: the new key has its key_created row');
-sql(qq{SELECT apikeys.revoke('$new_id')});
-my $rows = sql('SELECT count(*) FROM apikeys.audit_log');
-is(sql('SELECT ok, rows_checked FROM apikeys.audit_verify()'), "t|$rows",
-	'after recovery: audit_verify() ok with the new rows');
+sql($node, 'crashdb', qq{SELECT apikeys.revoke('$new_id')});
+chain_ok($node, 'crashdb', 'after recovery, with the new rows');
 
 # Failed verifications after recovery still reach the log (a worker starts
 # again in the restarted server).
-my ($rev_id, $rev_tok) = split /\|/,
-  sql(q{SELECT key_id, token FROM apikeys.create_key('after', 'revoked after recovery')});
-sql(qq{SELECT apikeys.revoke('$rev_id')});
-sql(qq{SELECT code FROM apikeys.verify('$rev_tok')});
-my $deadline = time() + 20;
-my $seen = 0;
-while (!$seen && time() < $deadline)
-{
-	$seen = sql(qq{SELECT count(*) FROM apikeys.audit_log
-	                WHERE event = 'verify_failed' AND key_id = '$rev_id'}) > 0;
-	usleep(100_000) unless $seen;
-}
-ok($seen, 'after recovery: a failed verification is written by a worker');
-$rows = sql('SELECT count(*) FROM apikeys.audit_log');
-is(sql('SELECT ok, rows_checked FROM apikeys.audit_verify()'), "t|$rows",
-	'after recovery: audit_verify() still ok');
+my ($rev_id, $rev_tok) = new_key($node, 'crashdb', q{'after', 'revoked after recovery'});
+sql($node, 'crashdb', qq{SELECT apikeys.revoke('$rev_id')});
+sql($node, 'crashdb', qq{SELECT code FROM apikeys.verify('$rev_tok')});
+ok( defined wait_until($node, 'crashdb', qq{SELECT count(*) > 0 FROM apikeys.audit_log
+	                WHERE event = 'verify_failed' AND key_id = '$rev_id'}, 20),
+	'after recovery: a failed verification is written by a worker');
+chain_ok($node, 'crashdb', 'after recovery, still');
 
-log_has_no_errors('after recovery', $log_from);
+no_log_errors($node, $log_from, 'after recovery: no ERROR in the server log');
 
 $node->stop;
 note(sprintf('002_audit_crash took %.1f s', time() - $t0));

@@ -40,8 +40,8 @@
 # together inside one minute, then the test waits (bounded) for the next
 # minute once.
 #
-# The test references no file of the repository: CI runs it as the postgres
-# OS user from a copy.
+# Run from the repository root (make prove_installcheck), with the helpers
+# of test/perl/ApikeysTest.pm.
 
 use strict;
 use warnings;
@@ -49,6 +49,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/../perl";    # test/perl: ApikeysTest
+use ApikeysTest;
 use JSON::PP;
 use Time::HiRes qw(time usleep sleep);
 
@@ -58,44 +61,8 @@ my $t0 = time();
 # Helpers.
 #
 
-# Polls $query on $node until it returns $expected; bounded by $secs.
-# $quiet: no diagnostic on timeout (the caller only wants to know).
-sub poll_until
-{
-	my ($node, $db, $query, $expected, $secs, $quiet) = @_;
-	$secs //= 30;
-	my $deadline = time() + $secs;
-	my $last = '';
-	while (time() < $deadline)
-	{
-		my ($ret, $out, $err) = $node->psql($db, $query);
-		$last = $out;
-		return 1 if $ret == 0 && $out eq $expected;
-		usleep(100_000);
-	}
-	diag("poll_until timed out after $secs s: $query\nexpected: $expected\nlast: $last")
-	  unless $quiet;
-	return 0;
-}
-
-# The current Unix minute and second of the clock (the server's clock: same
-# machine).
+# The current Unix minute of the clock (the server's clock: same machine).
 sub minute_now { return int(time() / 60); }
-sub second_now { my $t = time(); return $t - 60 * int($t / 60); }
-
-# If fewer than 60 - $max_second seconds are left in this minute, sleeps
-# into the next one, so that what follows does not straddle a boundary.
-sub start_of_window
-{
-	my ($max_second) = @_;
-	my $s = second_now();
-	if ($s > $max_second)
-	{
-		note(sprintf('second %.1f > %d: waiting for the next minute', $s, $max_second));
-		sleep(60 - $s + 0.3);
-	}
-	return minute_now();
-}
 
 # Sleeps until the minute after $minute has begun (bounded: at most ~61 s).
 sub wait_for_minute_after
@@ -107,22 +74,12 @@ sub wait_for_minute_after
 	return minute_now();
 }
 
-# "key_id|token" of a new key.
-sub new_key
-{
-	my ($node, $db, $args) = @_;
-	my $row = $node->safe_psql($db, "SELECT key_id, token FROM apikeys.create_key($args)");
-	my ($id, $token) = split /\|/, $row;
-	die "create_key($args) returned '$row'" unless defined $token && $token ne '';
-	return ($id, $token);
-}
-
 # Codes of $n calls of verify (select list: one call per row), comma-joined.
 sub verify_n
 {
 	my ($node, $db, $token, $n, $scopes) = @_;
 	$scopes //= '{}';
-	return $node->safe_psql($db, qq{
+	return sql($node, $db, qq{
 		SELECT string_agg(c, ',' ORDER BY i)
 		  FROM (SELECT i, (apikeys.verify('$token', '$scopes')).code AS c
 		          FROM generate_series(1, $n) i) s});
@@ -140,7 +97,7 @@ sub codes
 sub listed
 {
 	my ($node, $db, $owner, $key_id) = @_;
-	return $node->safe_psql($db, qq{
+	return sql($node, $db, qq{
 		SELECT requests_today || '|' || failures_today
 		  FROM apikeys.list_keys('$owner') WHERE key_id = '$key_id'});
 }
@@ -149,43 +106,24 @@ sub listed
 sub usage_row
 {
 	my ($node, $db, $key_id) = @_;
-	return $node->safe_psql($db, qq{
+	return sql($node, $db, qq{
 		SELECT coalesce(sum(requests), 0) || '|' || coalesce(sum(failures), 0)
 		  FROM apikeys.key_usage WHERE key_id = '$key_id'});
 }
 
-# Lines of a log at or after byte offset $from matching ERROR/FATAL/PANIC,
-# minus those matching one of @allowed.
-sub bad_log_lines
-{
-	my ($node, $from, @allowed) = @_;
-	my $log = slurp_file($node->logfile, $from);
-	my @bad;
-	for my $line (split /\n/, $log)
-	{
-		next unless $line =~ /\b(?:ERROR|FATAL|PANIC):/
-		  || $line =~ /terminated by signal|exited with exit code [1-9]/;
-		next if grep { $line =~ $_ } @allowed;
-		push @bad, $line;
-	}
-	return @bad;
-}
+# The log lines no server may write, but for expected ones: errors, and a
+# process that crashed or exited with a failure.
+my $bad_line = qr/\b(?:ERROR|FATAL|PANIC):|terminated by signal|exited with exit code [1-9]/;
 
 #
 # The primary.
 #
-my $primary = PostgreSQL::Test::Cluster->new('primary');
-$primary->init(allows_streaming => 1);
-$primary->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'apikeys'
-apikeys.flush_interval = 1
-apikeys.usage_flush_interval = 1
+my $primary = new_node('primary', qq{
 max_connections = 20
 # Few background worker slots (the standby inherits this), so that a
 # standby which used them up would show it.
 max_worker_processes = 4
-});
-$primary->start;
+}, allows_streaming => 1);
 $primary->safe_psql('postgres', 'CREATE DATABASE app');
 $primary->safe_psql('app', 'CREATE EXTENSION apikeys');
 # A table for parallel queries on the standby.
@@ -194,7 +132,7 @@ $primary->safe_psql('app', q{
 	SELECT apikeys.set_plan(o, 'enterprise')
 	  FROM unnest(ARRAY['acme', 'limited', 'alert1', 'alert2', 'ro', 'sb', 'marker', 'restart']) o});
 
-sub p { return $primary->safe_psql('app', $_[0]); }
+sub p { return sql($primary, 'app', $_[0]); }
 
 is(p(q{SELECT preloaded AND usage_tracking AND rate_limits AND NOT in_recovery FROM apikeys.status()}),
 	't', 'primary: preloaded, tracking usage, not in recovery');
@@ -225,7 +163,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	          FROM apikeys.list_keys('acme') WHERE key_id = '$u1_id'}),
 		't', '1: list_keys shows last_used_at');
 
-	ok(poll_until($primary, 'app',
+	ok(defined poll_until($primary, 'app',
 			qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$u1_id'},
 			"$n|$m"),
 		'1: the worker flushed the counts into key_usage');
@@ -243,12 +181,12 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	# an hour before it writes: the only flush that can write what follows
 	# is the one at shutdown.
 	my $workers = q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker'};
-	ok(poll_until($primary, 'app', $workers, '0'), '1: the worker left once idle');
+	ok(defined poll_until($primary, 'app', $workers, '0'), '1: the worker left once idle');
 	p(q{ALTER SYSTEM SET apikeys.flush_interval = 3600});
 	p(q{SELECT pg_reload_conf()});
-	ok(poll_until($primary, 'app', q{SHOW apikeys.flush_interval}, '1h'),
+	ok(defined poll_until($primary, 'app', q{SHOW apikeys.flush_interval}, '1h'),
 		'1: flush interval raised to an hour');
-	ok(poll_until($primary, 'app', $workers, '0'), '1: no worker left from before the reload');
+	ok(defined poll_until($primary, 'app', $workers, '0'), '1: no worker left from before the reload');
 
 	# A lone request: the worker started for it waits the interval (an
 	# hour) before it writes.
@@ -273,7 +211,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 		"1: $m2 more refusals");
 	$tot_r += $n2;
 	$tot_f += $m2;
-	note(poll_until($primary, 'app', $blocked_q, '1', 5, 1)
+	note(defined poll_until($primary, 'app', $blocked_q, '1', 5, quiet => 1)
 		? 'a worker is blocked in the middle of a flush'
 		: 'no worker is writing (it waits its interval)');
 	is(listed($primary, 'app', 'acme', $u1_id), "$tot_r|$tot_f",
@@ -284,7 +222,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	$tot_r += $n3;
 	$blocker->query_safe('COMMIT');
 	$blocker->quit;
-	ok(poll_until($primary, 'app',
+	ok(defined poll_until($primary, 'app',
 			q{SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'apikeys worker' AND wait_event_type IS DISTINCT FROM 'Lock'},
 			'1'),
 		'1: a worker runs');
@@ -306,7 +244,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	# shutdown ends the session holding the lock.
 	p(q{ALTER SYSTEM SET apikeys.flush_interval = 1});
 	p(q{SELECT pg_reload_conf()});
-	ok(poll_until($primary, 'app', q{SHOW apikeys.flush_interval}, '1s'),
+	ok(defined poll_until($primary, 'app', q{SHOW apikeys.flush_interval}, '1s'),
 		'1: flush interval back to 1 s');
 	$blocker = $primary->background_psql('app');
 	$blocker->query_safe(q{BEGIN; LOCK TABLE apikeys.key_usage IN SHARE ROW EXCLUSIVE MODE});
@@ -314,7 +252,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	is(verify_n($primary, 'app', $u1, $n4, '{read}'), codes('VALID', $n4),
 		"1: $n4 more requests VALID");
 	$tot_r += $n4;
-	ok(poll_until($primary, 'app', $blocked_q, '1', 15),
+	ok(defined poll_until($primary, 'app', $blocked_q, '1', 15),
 		'1: the next flush is blocked by the lock');
 	my $n5 = 4;
 	is(verify_n($primary, 'app', $u1, $n5, '{read}'), codes('VALID', $n5),
@@ -338,19 +276,19 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	# row deleted by hand is written again.
 	my ($w1_id, $w1) = new_key($primary, 'app', q{'restart', 'written before the restart'});
 	is(verify_n($primary, 'app', $w1, 2), codes('VALID', 2), '1: w1: 2 requests');
-	ok(poll_until($primary, 'app', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$w1_id'}, '2'),
+	ok(defined poll_until($primary, 'app', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$w1_id'}, '2'),
 		'1: w1: its row is written');
 	$primary->restart;
 	my ($w2_id, $w2) = new_key($primary, 'app', q{'restart', 'new after the restart'});
 	is(verify_n($primary, 'app', $w1, 3), codes('VALID', 3), '1: w1: 3 requests after the restart');
 	is(verify_n($primary, 'app', $w2, 1), 'VALID', '1: w2: 1 request');
-	ok(poll_until($primary, 'app',
+	ok(defined poll_until($primary, 'app',
 			qq{SELECT string_agg(requests::text, ',' ORDER BY key_id = '$w1_id')
 			     FROM apikeys.key_usage WHERE key_id IN ('$w1_id', '$w2_id')}, '1,5'),
 		'1: after the restart: w1 added to its existing row (5), w2 inserted (1), one row each');
 	p(qq{DELETE FROM apikeys.key_usage WHERE key_id = '$w1_id'});
 	is(verify_n($primary, 'app', $w1, 1), 'VALID', '1: w1: 1 request after its row was deleted');
-	ok(poll_until($primary, 'app', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$w1_id'}, '1'),
+	ok(defined poll_until($primary, 'app', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$w1_id'}, '1'),
 		'1: a row deleted by hand is written again');
 }
 
@@ -370,7 +308,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	is($out, "on\nVALID\nVALID\nro\nINSUFFICIENT_SCOPE",
 		'4: verify and authenticate work in read-only transactions');
 	is(listed($primary, 'app', 'ro', $ro_id), '3|1', '4: ... and are counted');
-	ok(poll_until($primary, 'app',
+	ok(defined poll_until($primary, 'app',
 			qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$ro_id'},
 			'3|1'),
 		'4: ... and flushed');
@@ -391,7 +329,7 @@ my $standby_log_start = -s $standby->logfile // 0;
 $standby->start;
 $primary->wait_for_catchup($standby);
 
-sub sb { return $standby->safe_psql('app', $_[0]); }
+sub sb { return sql($standby, 'app', $_[0]); }
 
 # Workers a parallel query on the standby launched (of 2 planned).
 sub standby_parallel_workers
@@ -435,19 +373,13 @@ is(sb(qq{SELECT requests_today || '|' || failures_today FROM apikeys.list_keys('
 #
 # 5 (set-up). A node that tracks at most 100 keys.
 #
-my $small = PostgreSQL::Test::Cluster->new('small');
-$small->init;
-$small->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'apikeys'
-apikeys.flush_interval = 1
-apikeys.usage_flush_interval = 1
+my $small = new_node('small', qq{
 apikeys.max_tracked_keys = 100
 log_statement = none
 });
-$small->start;
 $small->safe_psql('postgres', 'CREATE DATABASE small');
 $small->safe_psql('small', 'CREATE EXTENSION apikeys');
-sub sm { return $small->safe_psql('small', $_[0]); }
+sub sm { return sql($small, 'small', $_[0]); }
 # 160 keys: 1..150 valid (149 with rate limit 1), 151..160 revoked.
 sm(q{
 	SELECT apikeys.set_plan('bulk', 'enterprise');
@@ -480,33 +412,16 @@ sub small_batch
 #
 p(q{ALTER SYSTEM SET apikeys.alert_requests_per_minute = 5});
 p(q{SELECT pg_reload_conf()});
-ok(poll_until($primary, 'app', q{SHOW apikeys.alert_requests_per_minute}, '5'),
+ok(defined poll_until($primary, 'app', q{SHOW apikeys.alert_requests_per_minute}, '5'),
 	'3: alert threshold set to 5');
 
-my $listener = $primary->background_psql('app');
-$listener->query_safe('LISTEN apikeys_alert');
-my $heard = '';
-my $sync = 0;
-
-# Runs a query in the listener so psql prints what arrived; returns the
-# payloads of every apikeys_alert notification heard so far.
-sub alerts_heard
-{
-	my $out = $listener->query_safe("SELECT 'sync " . $sync++ . "'");
-	$heard .= "$out\n";
-	my @payloads;
-	while ($heard =~ /Asynchronous notification "apikeys_alert" with payload "(.*)" received from server process with PID \d+\./g)
-	{
-		push @payloads, $1;
-	}
-	return @payloads;
-}
-is(scalar(alerts_heard()), 0, '3: no alert before the burst');
+my $listener = alert_listener($primary, 'app');
+is(scalar(alerts_heard($listener)), 0, '3: no alert before the burst');
 
 #
 # The minute: every check that must not straddle a minute boundary.
 #
-my $minute = start_of_window(45);
+my $minute = avoid_minute_edge(45);
 my $minute_start = p(qq{SELECT to_timestamp($minute * 60)});
 note("minute window starts at $minute_start");
 
@@ -561,15 +476,15 @@ is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.li
 	my $deadline = time() + 30;
 	while (time() < $deadline)
 	{
-		@payloads = alerts_heard();
+		@payloads = alerts_heard($listener);
 		last if @payloads >= 2;
 		sleep(0.2);
 	}
 	# Two more flushes: nothing more may come.
 	sleep(2.5);
-	@payloads = alerts_heard();
+	@payloads = alerts_heard($listener);
 	is(scalar(@payloads), 2, '3: exactly two apikeys_alert notifications')
-	  or diag("heard:\n$heard");
+	  or diag("heard:\n$listener->{heard}");
 
 	my %by_key;
 	for my $pl (@payloads)
@@ -634,7 +549,7 @@ cmp_ok($next, '>', $minute, 'a new minute has begun');
 # 2. Allowed again.
 is(verify_n($primary, 'app', $rl, 2), 'VALID,VALID', '2: next minute: the key is allowed again');
 is(listed($primary, 'app', 'limited', $rl_id), '7|3', '2: ... and counted (7 requests, 3 failures)');
-ok(poll_until($primary, 'app',
+ok(defined poll_until($primary, 'app',
 		qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$rl_id'},
 		'7|3'),
 	'2: key_usage: 7 requests, 3 failures');
@@ -642,7 +557,7 @@ is(sb(qq{SELECT code FROM apikeys.verify('$rl')}), 'VALID', '6: standby: next mi
 
 # 5. The first minute's counts were flushed (100 rows); now idle entries
 # make room for the other 50 keys.
-ok(poll_until($small, 'small', q{SELECT count(*) || '|' || sum(requests) FROM apikeys.key_usage},
+ok(defined poll_until($small, 'small', q{SELECT count(*) || '|' || sum(requests) FROM apikeys.key_usage},
 		'100|100'),
 	'5: the 100 tracked keys were flushed');
 is(small_batch(101, 160), '50|10|0', '5: the 60 other keys: every answer right');
@@ -650,14 +565,14 @@ is(verify_n($small, 'small', sm(q{SELECT token FROM toks WHERE i = 149}), 1), 'R
 	'5: key 149, now tracked, is rate limited again');
 is(sm(q{SELECT untracked_requests FROM apikeys.status()}), '63',
 	'5: no new untracked requests: idle entries were evicted');
-ok(poll_until($small, 'small',
+ok(defined poll_until($small, 'small',
 		q{SELECT count(*) || '|' || sum(requests) || '|' || sum(failures) FROM apikeys.key_usage},
 		'160|150|11'),
 	'5: key_usage: 160 keys, 150 requests, 11 failures');
 is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('bulk')}),
 	'150|11', '5: list_keys agrees');
 {
-	my @bad = bad_log_lines($small, $small_log_start);
+	my @bad = log_lines($small, $small_log_start, $bad_line);
 	is(scalar(@bad), 0, '5: no ERROR in the log of the small node') or diag(join("\n", @bad));
 }
 
@@ -665,7 +580,7 @@ is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.li
 # 6. Nothing the standby did reached the primary.
 #
 is(verify_n($primary, 'app', $mk, 1), 'VALID', '6: marker request on the primary');
-ok(poll_until($primary, 'app',
+ok(defined poll_until($primary, 'app',
 		qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$mk_id'}, '1'),
 	'6: the primary flushed since the standby worked');
 is(usage_row($primary, 'app', $sbo_id), '0|0', '6: no usage for the standby-only key');
@@ -689,7 +604,7 @@ $primary->wait_for_catchup($standby);
 is(sb(q{SELECT count(*) FROM apikeys.key_usage}), p(q{SELECT count(*) FROM apikeys.key_usage}),
 	'6: the standby replays the primary\'s key_usage');
 {
-	my @bad = bad_log_lines($standby, $standby_log_start,
+	my @bad = log_lines($standby, $standby_log_start, $bad_line,
 		qr/FATAL:  the database system is starting up/);
 	is(scalar(@bad), 0, '6: standby log: no unexpected ERROR or FATAL') or diag(join("\n", @bad));
 }
@@ -697,13 +612,13 @@ is(sb(q{SELECT count(*) FROM apikeys.key_usage}), p(q{SELECT count(*) FROM apike
 	# The logical replication launcher and the apikeys launcher exit with 1
 	# at every shutdown (the restart), so that they are restarted after any
 	# other exit.  The session blocking a flush is ended by a restart.
-	my @bad = bad_log_lines($primary, 0,
+	my @bad = log_lines($primary, 0, $bad_line,
 		qr/background worker "(logical replication|apikeys) launcher" \(PID \d+\) exited with exit code 1/,
 		qr/FATAL:  terminating connection due to administrator command/);
 	is(scalar(@bad), 0, 'primary log: no ERROR or FATAL') or diag(join("\n", @bad));
 }
 
-$listener->quit;
+$listener->{psql}->quit;
 $standby->stop;
 $small->stop;
 $primary->stop;

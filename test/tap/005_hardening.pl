@@ -32,8 +32,8 @@
 #      apikeys.apikey in PL/pgSQL stay out of the server log, while the
 #      errors themselves are logged.
 #
-# The test references no file of the repository: CI runs it as the postgres
-# OS user from a copy.
+# Run from the repository root (make prove_installcheck), with the helpers
+# of test/perl/ApikeysTest.pm.
 
 use strict;
 use warnings;
@@ -41,33 +41,25 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/../perl";    # test/perl: ApikeysTest
+use ApikeysTest;
 use Time::HiRes qw(time usleep);
 
 my $t0 = time();
 
-my $node = PostgreSQL::Test::Cluster->new('hardening');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'apikeys'
-apikeys.flush_interval = 1
-apikeys.usage_flush_interval = 1
+my $node = new_node('hardening', qq{
 apikeys.alert_requests_per_minute = 5
 log_statement = none
 log_min_error_statement = error
 });
-$node->start;
 
 my $tempdir = PostgreSQL::Test::Utils::tempdir;
 
-# Statements as an application would send them: a new session that takes
-# the database's settings (in "hijack", search_path = trap, pg_catalog,
-# public).  They name nothing outside schema apikeys, so that only the
-# extension could fire a trap.
-sub run
-{
-	my ($db, $sql, $user) = @_;
-	return $node->safe_psql($db, $sql, $user ? (extra_params => [ '-U', $user ]) : ());
-}
+# Statements as an application would send them, through sql(), new_key()
+# and run_error(): a new session that takes the database's settings (in
+# "hijack", search_path = trap, pg_catalog, public).  They name nothing
+# outside schema apikeys, so that only the extension could fire a trap.
 
 # The test's own checks: a superuser session that pins search_path first,
 # so that no trap can fire in it.
@@ -89,18 +81,8 @@ sub look
 sub run_error
 {
 	my ($db, $sql, $user) = @_;
-	my ($ret, $out, $err) = $node->psql($db, "\\set VERBOSITY verbose\n$sql",
-		on_error_stop => 0, $user ? (extra_params => [ '-U', $user ]) : ());
+	my (undef, $err) = sql_error($node, $db, $sql, on_error_stop => 0, user => $user);
 	return $err;
-}
-
-# create_key through run(): returns (key_id, token).
-sub new_key
-{
-	my ($db, $args, $user) = @_;
-	my ($id, $tok) = split /\|/, run($db, "SELECT key_id, token FROM apikeys.create_key($args)", $user);
-	die "create_key($args) failed" unless defined $tok && $tok ne '';
-	return ($id, $tok);
 }
 
 # n verify() calls of one token, one statement each; returns the codes.
@@ -108,47 +90,15 @@ sub verify_codes
 {
 	my ($db, $tok, $n, $user) = @_;
 	return join ',', split /\n/,
-	  run($db, "SELECT (apikeys.verify('$tok')).code;\n" x $n, $user);
+	  sql($node, $db, "SELECT (apikeys.verify('$tok')).code;\n" x $n, $user);
 }
 
-# Polls a check until it returns 't', for at most $timeout seconds.
-sub wait_until
+# Polls a check (search_path pinned) until it returns 't', for at most
+# $timeout seconds; returns whether it did.
+sub wait_pinned
 {
 	my ($db, $query, $timeout) = @_;
-	my $start = time();
-	while (time() - $start < $timeout)
-	{
-		my ($ret, $out) = $node->psql($db, $pinned . $query);
-		return 1 if $ret == 0 && $out eq 't';
-		usleep(100_000);
-	}
-	diag("timed out after $timeout s waiting for: $query");
-	return 0;
-}
-
-# Records merge per minute: keep a burst inside one.
-sub avoid_minute_edge
-{
-	my $s = time() - 60 * int(time() / 60);
-	usleep(int((60.3 - $s) * 1_000_000)) if $s > 52;
-	return;
-}
-
-sub chain_ok
-{
-	my ($db, $label) = @_;
-	my $rows = look($db, 'SELECT count(*) FROM apikeys.audit_log');
-	is(look($db, 'SELECT ok, rows_checked FROM apikeys.audit_verify()'), "t|$rows",
-		"$label: audit_verify() ok in $db ($rows rows)");
-	return;
-}
-
-sub queue_drained
-{
-	my ($db, $label) = @_;
-	ok(wait_until($db, 'SELECT queued_records = 0 FROM apikeys.status()', 15),
-		"$label: the queue drains");
-	return;
+	return defined wait_until($node, $db, $pinned . $query, $timeout);
 }
 
 # Row snapshots of the extension's tables, for dump/restore comparisons.
@@ -350,15 +300,15 @@ is( look('hijack', q{
 	 WHERE to_regoperator(s) IS NULL}),
 	'all there', '(1) ... and operators =, <>, <=, >, *, +, -, ||, ~, ->>, @>, ? with their signatures');
 
-run('hijack', 'ALTER DATABASE hijack SET search_path = trap, pg_catalog, public', 'mallory');
-is(run('hijack', 'SHOW search_path'), 'trap, pg_catalog, public',
+sql($node, 'hijack', 'ALTER DATABASE hijack SET search_path = trap, pg_catalog, public', 'mallory');
+is(sql($node, 'hijack', 'SHOW search_path'), 'trap, pg_catalog, public',
 	"(1) a new session, a superuser's too, gets mallory's search_path");
 
 # The trap is armed: mallory's own unqualified "=" fires it (and her
 # ALTER ROLE fails, as she is no superuser).
 my $log_from = -s $node->logfile;
-is(run('hijack', 'SELECT 1 = 1', 'mallory'), 't', '(1) mallory runs an unqualified 1 = 1');
-like(slurp_file($node->logfile, $log_from),
+is(sql($node, 'hijack', 'SELECT 1 = 1', 'mallory'), 't', '(1) mallory runs an unqualified 1 = 1');
+like(log_since($node, $log_from),
 	qr/LOG:  apikeys-trap fired: operator =\(a integer, b integer\)/,
 	'(1) ... and the trap fired: the log shows it (the trap is armed)');
 is(look('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}), 'f',
@@ -366,34 +316,25 @@ is(look('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}),
 my $armed = -s $node->logfile;
 
 # The listener, a session of the superuser with mallory's search_path.
-my $listener = $node->background_psql('hijack');
-$listener->query_safe('LISTEN apikeys_alert');
-my $heard = '';
-my $sync  = 0;
-
-sub alerts_heard
-{
-	$heard .= $listener->query_safe("SELECT 'sync " . $sync++ . "'") . "\n";
-	return $heard =~ /Asynchronous notification "apikeys_alert" with payload "(.*)" received/g;
-}
+my $listener = alert_listener($node, 'hijack');
 
 # A well-formed token that matches no key.
 my $unknown = look('hijack', q{SELECT apikeys._new_token('zz_test')::text});
 
 # Superuser: a refused create (53400), in a transaction rolled back.
-run('hijack', q{SELECT apikeys.set_plan('lim', 'free')});
-new_key('hijack', q{'lim', 'the one key'});
+sql($node, 'hijack', q{SELECT apikeys.set_plan('lim', 'free')});
+new_key($node, 'hijack', q{'lim', 'the one key'});
 like(run_error('hijack', "BEGIN;\nSELECT apikeys.create_key('lim', 'second');\nROLLBACK;"),
 	qr/ERROR:  53400: key limit reached/, '(1) superuser: a second key on plan free is refused (53400)');
 
 # Superuser: a key verified 7 times within a minute (threshold 5), a revoked
 # key, and an unknown token.
-run('hijack', q{SELECT apikeys.set_plan('acme', 'pro')});
-my ($hot_id, $hot) = new_key('hijack', q{'acme', 'hot key'});
-my ($rev_id, $rev) = new_key('hijack', q{'acme', 'revoked key'});
-ok(run('hijack', "SELECT apikeys.revoke('$rev_id', 'acme', 'test')") ne '',
+sql($node, 'hijack', q{SELECT apikeys.set_plan('acme', 'pro')});
+my ($hot_id, $hot) = new_key($node, 'hijack', q{'acme', 'hot key'});
+my ($rev_id, $rev) = new_key($node, 'hijack', q{'acme', 'revoked key'});
+ok(sql($node, 'hijack', "SELECT apikeys.revoke('$rev_id', 'acme', 'test')") ne '',
 	'(1) superuser: revoke with owner');
-avoid_minute_edge();
+avoid_minute_edge(52);
 is(verify_codes('hijack', $hot, 7), join(',', ('VALID') x 7), '(1) superuser: 7 valid verifications of one key');
 is(verify_codes('hijack', $rev, 3), join(',', ('API_KEY_REVOKED') x 3),
 	'(1) superuser: 3 verifications of a revoked key');
@@ -401,24 +342,24 @@ is(verify_codes('hijack', $unknown, 4), join(',', ('API_KEY_INVALID') x 4),
 	'(1) superuser: 4 verifications of an unknown well-formed token');
 
 # The app role: what apikeys_app may call, and a refusal for the rest.
-my ($app1_id, $app1) = new_key('hijack', q{'appco', 'app key'}, 'webapp');
+my ($app1_id, $app1) = new_key($node, 'hijack', q{'appco', 'app key'}, 'webapp');
 is(verify_codes('hijack', $app1, 2, 'webapp'), 'VALID,VALID', '(1) app: verify');
-is(run('hijack', "SELECT owner FROM apikeys.authenticate('$app1')", 'webapp'), 'appco',
+is(sql($node, 'hijack', "SELECT owner FROM apikeys.authenticate('$app1')", 'webapp'), 'appco',
 	'(1) app: authenticate');
 my ($app2_id, $app2) = split /\|/,
-  run('hijack', "SELECT key_id, token FROM apikeys.rotate('$app1_id', 'appco')", 'webapp');
+  sql($node, 'hijack', "SELECT key_id, token FROM apikeys.rotate('$app1_id', 'appco')", 'webapp');
 ok(defined $app2 && $app2 ne '', '(1) app: rotate with owner');
 like(run_error('hijack', "SELECT owner FROM apikeys.authenticate('$app1')", 'webapp'),
 	qr/ERROR:  28000: API_KEY_REVOKED/, '(1) app: the rotated key no longer authenticates');
 is(verify_codes('hijack', $app2, 1, 'webapp'), 'VALID', '(1) app: its replacement verifies');
-ok(run('hijack', "SELECT apikeys.revoke('$app2_id', 'appco', 'done')", 'webapp') ne '',
+ok(sql($node, 'hijack', "SELECT apikeys.revoke('$app2_id', 'appco', 'done')", 'webapp') ne '',
 	'(1) app: revoke with owner');
-is(run('hijack', q{SELECT status FROM apikeys.list_keys('appco')}, 'webapp'), "revoked\nrevoked",
+is(sql($node, 'hijack', q{SELECT status FROM apikeys.list_keys('appco')}, 'webapp'), "revoked\nrevoked",
 	'(1) app: list_keys');
-is( run('hijack', qq{SELECT apikeys.is_well_formed('$app2'), apikeys.prefix('$app2'),
+is( sql($node, 'hijack', qq{SELECT apikeys.is_well_formed('$app2'), apikeys.prefix('$app2'),
 	                  apikeys.start('$app2') IS NOT NULL, apikeys.digest('$app2') IS NOT NULL}, 'webapp'),
 	't|ak_live|t|t', '(1) app: is_well_formed, prefix, start, digest');
-is(run('hijack', q{SELECT preloaded FROM apikeys.status()}, 'webapp'), 't', '(1) app: status');
+is(sql($node, 'hijack', q{SELECT preloaded FROM apikeys.status()}, 'webapp'), 't', '(1) app: status');
 my $denied = () = run_error('hijack', q{
 		SELECT apikeys.set_plan('appco', 'pro');
 		SELECT apikeys.revoke_all('appco');
@@ -428,80 +369,80 @@ my $denied = () = run_error('hijack', q{
 is($denied, 4, '(1) app: set_plan, revoke_all, revoke_token and audit_verify are refused (42501)');
 
 # Superuser: every public function.
-my ($boss_id, $boss) = new_key('hijack', q{'boss', 'boss key', '{orders:read}'});
+my ($boss_id, $boss) = new_key($node, 'hijack', q{'boss', 'boss key', '{orders:read}'});
 is(verify_codes('hijack', $boss, 1), 'VALID', '(1) superuser: create_key and verify');
-is(run('hijack', qq{SELECT owner FROM apikeys.authenticate('$boss', '{orders:read}')}), 'boss',
+is(sql($node, 'hijack', qq{SELECT owner FROM apikeys.authenticate('$boss', '{orders:read}')}), 'boss',
 	'(1) superuser: authenticate with scopes');
 my ($boss2_id, $boss2) = split /\|/,
-  run('hijack', qq{SELECT key_id, token FROM apikeys.rotate('$boss_id', 'boss', '1 hour')});
+  sql($node, 'hijack', qq{SELECT key_id, token FROM apikeys.rotate('$boss_id', 'boss', '1 hour')});
 ok(defined $boss2 && $boss2 ne '', '(1) superuser: rotate with owner and grace');
-is(run('hijack', "SELECT apikeys.revoke_token('$boss')"), $boss_id,
+is(sql($node, 'hijack', "SELECT apikeys.revoke_token('$boss')"), $boss_id,
 	'(1) superuser: revoke_token of the rotating key');
-ok(run('hijack', "SELECT apikeys.revoke('$boss2_id', 'boss', 'done')") ne '',
+ok(sql($node, 'hijack', "SELECT apikeys.revoke('$boss2_id', 'boss', 'done')") ne '',
 	'(1) superuser: revoke with owner');
-run('hijack', q{SELECT apikeys.set_plan('gone', 'pro')});
-new_key('hijack', q{'gone', 'gone 1'});
-new_key('hijack', q{'gone', 'gone 2'});
-is(run('hijack', q{SELECT apikeys.revoke_all('gone', 'offboarded')}), '2', '(1) superuser: revoke_all');
-is(run('hijack', q{SELECT name, status FROM apikeys.list_keys('boss')}),
+sql($node, 'hijack', q{SELECT apikeys.set_plan('gone', 'pro')});
+new_key($node, 'hijack', q{'gone', 'gone 1'});
+new_key($node, 'hijack', q{'gone', 'gone 2'});
+is(sql($node, 'hijack', q{SELECT apikeys.revoke_all('gone', 'offboarded')}), '2', '(1) superuser: revoke_all');
+is(sql($node, 'hijack', q{SELECT name, status FROM apikeys.list_keys('boss')}),
 	"boss key|revoked\nboss key|revoked", '(1) superuser: list_keys');
-is(run('hijack', q{SELECT apikeys.purge_audit('2000-01-01')}), '0',
+is(sql($node, 'hijack', q{SELECT apikeys.purge_audit('2000-01-01')}), '0',
 	'(1) superuser: purge_audit (nothing that old)');
-is(run('hijack', q{SELECT ok FROM apikeys.audit_verify()}), 't', '(1) superuser: audit_verify');
-is(run('hijack', q{SELECT preloaded, failure_audit FROM apikeys.status()}), 't|t',
+is(sql($node, 'hijack', q{SELECT ok FROM apikeys.audit_verify()}), 't', '(1) superuser: audit_verify');
+is(sql($node, 'hijack', q{SELECT preloaded, failure_audit FROM apikeys.status()}), 't|t',
 	'(1) superuser: status');
 
 # What the worker writes.
-ok( wait_until('hijack', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 4
+ok( wait_pinned('hijack', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 4
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND details->>'prefix' = 'zz_test'}, 15),
 	'(1) verify_failed: the 4 unknown tokens are counted under their prefix');
-ok( wait_until('hijack', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 3
+ok( wait_pinned('hijack', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 3
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND key_id = '$rev_id'
 	 AND owner = 'acme' AND details->>'reason' = 'API_KEY_REVOKED'}, 15),
 	'(1) verify_failed: the revoked key, 3 times, naming its owner');
-ok( wait_until('hijack', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 1
+ok( wait_pinned('hijack', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 1
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND key_id = '$app1_id'
 	 AND db_user = 'webapp'}, 15),
 	"(1) verify_failed: the app's rotated key, recorded for webapp");
-ok( wait_until('hijack', q{SELECT coalesce(sum((details->>'count')::int), 0) = 1
+ok( wait_pinned('hijack', q{SELECT coalesce(sum((details->>'count')::int), 0) = 1
 	FROM apikeys.audit_log WHERE event = 'limit_exceeded' AND owner = 'lim'
 	 AND details->>'plan' = 'free' AND details->>'max_keys' = '1'}, 15),
 	'(1) limit_exceeded: the refused create, though it was rolled back');
-ok( wait_until('hijack', qq{SELECT count(*) = 1 FROM apikeys.audit_log
+ok( wait_pinned('hijack', qq{SELECT count(*) = 1 FROM apikeys.audit_log
 	WHERE event = 'usage_alert' AND key_id = '$hot_id' AND details->>'requests' = '6'
 	  AND details->>'threshold' = '5'}, 15),
 	'(1) usage_alert: one row for the key verified 7 times (requests 6, threshold 5)');
-ok( wait_until('hijack', qq{SELECT coalesce(sum(requests), 0) = 7 AND coalesce(sum(failures), 0) = 0
+ok( wait_pinned('hijack', qq{SELECT coalesce(sum(requests), 0) = 7 AND coalesce(sum(failures), 0) = 0
 	FROM apikeys.key_usage WHERE key_id = '$hot_id'}, 15),
 	'(1) key_usage: 7 requests for the hot key');
-ok( wait_until('hijack', qq{SELECT coalesce(sum(requests), 0) = 0 AND coalesce(sum(failures), 0) = 3
+ok( wait_pinned('hijack', qq{SELECT coalesce(sum(requests), 0) = 0 AND coalesce(sum(failures), 0) = 3
 	FROM apikeys.key_usage WHERE key_id = '$rev_id'}, 15),
 	'(1) key_usage: 3 failures for the revoked key');
-ok( wait_until('hijack', qq{SELECT coalesce(sum(requests), 0) = 3 AND coalesce(sum(failures), 0) = 1
+ok( wait_pinned('hijack', qq{SELECT coalesce(sum(requests), 0) = 3 AND coalesce(sum(failures), 0) = 1
 	FROM apikeys.key_usage WHERE key_id = '$app1_id'}, 15),
 	"(1) key_usage: 3 requests and 1 failure for the app's first key");
 my @alerts;
 my $deadline = time() + 10;
 while (time() < $deadline)
 {
-	@alerts = grep { /"key_id": "$hot_id"/ } alerts_heard();
+	@alerts = grep { /"key_id": "$hot_id"/ } alerts_heard($listener);
 	last if @alerts;
 	usleep(200_000);
 }
 is(scalar(@alerts), 1, '(1) NOTIFY apikeys_alert heard once for the hot key');
-queue_drained('hijack', '(1)');
-$listener->quit;
+queue_drained_ok($node, 'hijack', '(1)');
+$listener->{psql}->quit;
 
 # The verdict.
 is(look('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}), 'f',
 	'(1) mallory is not a superuser');
-my $since_armed = slurp_file($node->logfile, $armed);
+my $since_armed = log_since($node, $armed);
 my @fired = grep { /apikeys-trap fired/ } split /\n/, $since_armed;
 is(scalar(@fired), 0, '(1) no trap fired after it was armed')
   or diag(join("\n", @fired[ 0 .. ($#fired < 10 ? $#fired : 10) ]));
 like($since_armed, qr/ERROR:  key limit reached/,
 	'(1) ... in a server log that was written meanwhile');
-chain_ok('hijack', '(1)');
+chain_ok($node, 'hijack', '(1)');
 
 ###########################################################################
 # (2) check_function_bodies = off is no restore.
@@ -509,21 +450,21 @@ chain_ok('hijack', '(1)');
 
 $node->safe_psql('postgres', 'CREATE DATABASE nocheck OWNER mallory');
 look('nocheck', 'CREATE EXTENSION apikeys');
-run('nocheck', 'ALTER DATABASE nocheck SET check_function_bodies = off', 'mallory');
-is(run('nocheck', 'SHOW check_function_bodies'), 'off',
+sql($node, 'nocheck', 'ALTER DATABASE nocheck SET check_function_bodies = off', 'mallory');
+is(sql($node, 'nocheck', 'SHOW check_function_bodies'), 'off',
 	"(2) a superuser's new session in mallory's database has check_function_bodies off");
 
 # (a) the worker writes.
 my $nc_unknown = look('nocheck', q{SELECT apikeys._new_token('nc_test')::text});
 is(verify_codes('nocheck', $nc_unknown, 4), join(',', ('API_KEY_INVALID') x 4),
 	'(2a) 4 verifications of an unknown token');
-ok( wait_until('nocheck', q{SELECT coalesce(sum((details->>'count')::int), 0) = 4
+ok( wait_pinned('nocheck', q{SELECT coalesce(sum((details->>'count')::int), 0) = 4
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND details->>'prefix' = 'nc_test'}, 15),
 	'(2a) the worker writes their verify_failed rows');
-queue_drained('nocheck', '(2a)');
+queue_drained_ok($node, 'nocheck', '(2a)');
 
 # (b) create_key is limited and audited.
-my ($bob_id) = new_key('nocheck', q{'bob', 'first'});
+my ($bob_id) = new_key($node, 'nocheck', q{'bob', 'first'});
 is( look('nocheck', qq{SELECT string_agg(event, ',' ORDER BY id) FROM apikeys.audit_log
 	                    WHERE owner = 'bob' AND event IN ('owner_created', 'key_created')}),
 	'owner_created,key_created', "(2b) a superuser's create_key writes owner_created and key_created");
@@ -536,7 +477,7 @@ like(run_error('nocheck', q{SELECT apikeys.create_key('bob', 'second')}),
 like( run_error('nocheck', q{INSERT INTO apikeys.keys (owner, name, prefix, start, digest)
 	VALUES ('bob', 'by hand', 'ak_live', 'ak_live_hand', apikeys.digest(apikeys._new_token('ak_live')))}),
 	qr/ERROR:  53400: key limit reached/, "(2c) a superuser's INSERT beyond the limit gets 53400");
-run('nocheck', q{INSERT INTO apikeys.keys (owner, name, prefix, start, digest)
+sql($node, 'nocheck', q{INSERT INTO apikeys.keys (owner, name, prefix, start, digest)
 	VALUES ('carl', 'by hand', 'ak_live', 'ak_live_hand', apikeys.digest(apikeys._new_token('ak_live')))});
 is( look('nocheck', q{SELECT string_agg(event, ',' ORDER BY id) FROM apikeys.audit_log WHERE owner = 'carl'}),
 	'owner_created,key_created', '(2c) an allowed INSERT is audited and chained');
@@ -544,13 +485,13 @@ is(look('nocheck', q{SELECT count(*) FROM apikeys.keys WHERE owner = 'bob'}), '1
 	'(2c) bob still has one key');
 
 # (d) the refusals' limit_exceeded rows, written by the worker, and the chain.
-ok( wait_until('nocheck', q{SELECT coalesce(sum((details->>'count')::int), 0) = 2
+ok( wait_pinned('nocheck', q{SELECT coalesce(sum((details->>'count')::int), 0) = 2
 	FROM apikeys.audit_log WHERE event = 'limit_exceeded' AND owner = 'bob'}, 15),
 	'(2d) both refusals have their limit_exceeded record');
-chain_ok('nocheck', '(2d)');
+chain_ok($node, 'nocheck', '(2d)');
 
 # A real restore still keeps rows as dumped.
-queue_drained('nocheck', '(2)');
+queue_drained_ok($node, 'nocheck', '(2)');
 my %nc_src = map { $_ => snapshot('nocheck', $_) } qw(plans owners keys audit_log);
 dump_restore('nocheck', 'nocheck_copy', '', '(2)');
 for my $t (qw(plans owners keys audit_log))
@@ -559,7 +500,7 @@ for my $t (qw(plans owners keys audit_log))
 }
 is( look('nocheck_copy', 'SELECT count(*) FROM apikeys.audit_log'),
 	look('nocheck', 'SELECT count(*) FROM apikeys.audit_log'), '(2) restored audit log has as many rows');
-chain_ok('nocheck_copy', '(2) restored');
+chain_ok($node, 'nocheck_copy', '(2) restored');
 like(run_error('nocheck_copy', q{SELECT apikeys.create_key('bob', 'after restore')}),
 	qr/ERROR:  53400/, '(2) after the restore, limits hold');
 
@@ -567,14 +508,14 @@ like(run_error('nocheck_copy', q{SELECT apikeys.create_key('bob', 'after restore
 # verification works in read-only transactions, and the worker still writes.
 $node->safe_psql('postgres', 'CREATE DATABASE readonly OWNER mallory');
 look('readonly', 'CREATE EXTENSION apikeys');
-run('readonly', 'ALTER DATABASE readonly SET default_transaction_read_only = on', 'mallory');
+sql($node, 'readonly', 'ALTER DATABASE readonly SET default_transaction_read_only = on', 'mallory');
 my $ro_unknown = look('readonly', q{SELECT apikeys._new_token('ro_test')::text});
 is(verify_codes('readonly', $ro_unknown, 3), join(',', ('API_KEY_INVALID') x 3),
 	'(2e) 3 verifications in a database whose transactions default to read-only');
-ok( wait_until('readonly', q{SELECT coalesce(sum((details->>'count')::int), 0) = 3
+ok( wait_pinned('readonly', q{SELECT coalesce(sum((details->>'count')::int), 0) = 3
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND details->>'prefix' = 'ro_test'}, 15),
 	'(2e) the worker still writes their verify_failed rows');
-queue_drained('readonly', '(2e)');
+queue_drained_ok($node, 'readonly', '(2e)');
 
 ###########################################################################
 # (3) CREATE EXTENSION refuses a squatted schema.
@@ -596,7 +537,7 @@ my $holds = q{SELECT coalesce(string_agg(o, ', '), 'nothing') FROM (
 
 # (a) a schema mallory owns.
 $node->safe_psql('postgres', 'CREATE DATABASE squat_owner OWNER mallory');
-run('squat_owner', 'CREATE SCHEMA apikeys', 'mallory');
+sql($node, 'squat_owner', 'CREATE SCHEMA apikeys', 'mallory');
 like(run_error('squat_owner', 'CREATE EXTENSION apikeys'),
 	qr/ERROR:  42P06: schema "apikeys" is owned by role "mallory"/,
 	'(3a) a schema owned by mallory: 42P06 naming the schema and its owner');
@@ -629,7 +570,7 @@ is(run_error('squat_empty', 'CREATE EXTENSION apikeys'), '',
 	"(3d) a superuser's empty schema: CREATE EXTENSION succeeds");
 is(look('squat_empty', q{SELECT count(*) FROM pg_extension WHERE extname = 'apikeys'}), '1',
 	'(3d) ... the extension is installed');
-my (undef, $sq_tok) = new_key('squat_empty', q{'acme', 'k'});
+my (undef, $sq_tok) = new_key($node, 'squat_empty', q{'acme', 'k'});
 is(verify_codes('squat_empty', $sq_tok, 1), 'VALID', '(3d) ... and works');
 
 ###########################################################################
@@ -644,10 +585,10 @@ is(look('utf8src', 'SHOW server_encoding'), 'UTF8', '(4) the database is UTF8');
 # U+1F600 and U+1F680: 4 bytes each in UTF-8.
 my $owner = 'repeat(chr(128512), 200)';
 my $actor = 'repeat(chr(128640), 300)';
-my ($mb_rev_id, $mb_rev) = new_key('utf8src', "$owner, 'revoked'");
-run('utf8src', "SELECT apikeys.revoke('$mb_rev_id', $owner, 'test')");
-new_key('utf8src', "$owner, 'the one key'");
-avoid_minute_edge();
+my ($mb_rev_id, $mb_rev) = new_key($node, 'utf8src', "$owner, 'revoked'");
+sql($node, 'utf8src', "SELECT apikeys.revoke('$mb_rev_id', $owner, 'test')");
+new_key($node, 'utf8src', "$owner, 'the one key'");
+avoid_minute_edge(52);
 my $mb_err = run_error('utf8src', qq{
 	SELECT set_config('apikeys.actor', $actor, false) IS NOT NULL;
 	SELECT (apikeys.verify('$mb_rev')).code;
@@ -656,10 +597,10 @@ my $mb_err = run_error('utf8src', qq{
 	SELECT apikeys.create_key($owner, 'second');
 	ROLLBACK;});
 like($mb_err, qr/ERROR:  53400: key limit reached/, '(4) a second key for the owner is refused (53400)');
-ok( wait_until('utf8src', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 2
+ok( wait_pinned('utf8src', qq{SELECT coalesce(sum((details->>'count')::int), 0) = 2
 	FROM apikeys.audit_log WHERE event = 'verify_failed' AND key_id = '$mb_rev_id'}, 15),
 	'(4) the revoked key\'s verify_failed rows are written');
-ok( wait_until('utf8src', q{SELECT coalesce(sum((details->>'count')::int), 0) = 1
+ok( wait_pinned('utf8src', q{SELECT coalesce(sum((details->>'count')::int), 0) = 1
 	FROM apikeys.audit_log WHERE event = 'limit_exceeded'}, 15),
 	'(4) the limit_exceeded row is written');
 is( look('utf8src', qq{SELECT string_agg(DISTINCT concat_ws(',', event, owner = $owner,
@@ -669,8 +610,8 @@ is( look('utf8src', qq{SELECT string_agg(DISTINCT concat_ws(',', event, owner = 
 	               FROM apikeys.audit_log WHERE event IN ('verify_failed', 'limit_exceeded')}),
 	'limit_exceeded,t,t,200,800,200,800,t;verify_failed,t,t,200,800,200,800,t',
 	'(4) both rows: the whole 200-character owner, the first 200 characters of the actor, valid UTF-8');
-queue_drained('utf8src', '(4)');
-chain_ok('utf8src', '(4)');
+queue_drained_ok($node, 'utf8src', '(4)');
+chain_ok($node, 'utf8src', '(4)');
 
 my %mb_src = map { $_ => snapshot('utf8src', $_) } qw(owners keys audit_log);
 dump_restore('utf8src', 'utf8copy', q{ENCODING 'UTF8' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'},
@@ -682,7 +623,7 @@ for my $t (qw(owners keys audit_log))
 {
 	is(snapshot('utf8copy', $t), $mb_src{$t}, "(4) restored $t identical");
 }
-chain_ok('utf8copy', '(4) restored');
+chain_ok($node, 'utf8copy', '(4) restored');
 
 ###########################################################################
 # (5) Tokens in PL/pgSQL stay out of the server log.
@@ -695,8 +636,8 @@ is(look('logs', 'SHOW log_min_error_statement'), 'error', '(5) log_min_error_sta
 sub revoked_token
 {
 	my ($name) = @_;
-	my ($id, $tok) = new_key('logs', "'acme', '$name'");
-	run('logs', "SELECT apikeys.revoke('$id', 'acme', 'test')");
+	my ($id, $tok) = new_key($node, 'logs', "'acme', '$name'");
+	sql($node, 'logs', "SELECT apikeys.revoke('$id', 'acme', 'test')");
 	return $tok;
 }
 
@@ -744,7 +685,7 @@ like( run_error('logs', qq{DO \$\$ DECLARE k apikeys.apikey; BEGIN
 	qr/ERROR:  22P02: invalid input syntax for type apikey/,
 	'(5) a malformed apikey literal in PL/pgSQL raises 22P02');
 
-my $log = slurp_file($node->logfile, $log_from);
+my $log = log_since($node, $log_from);
 my $revoked_lines = () = $log =~ /ERROR:  API_KEY_REVOKED\n/g;
 is($revoked_lines, 2, '(5) the server log has both API_KEY_REVOKED errors');
 my $input_lines = () = $log =~ /ERROR:  invalid input syntax for type apikey/g;
@@ -757,7 +698,7 @@ unlike($log, qr/\Q@{[secret_of($tok_cast)]}\E/, '(5) no secret of the malformed 
 unlike($log, qr/\Q@{[secret_of($tok_lit)]}\E/, '(5) no secret of the malformed apikey literal');
 
 # Nothing in the whole run fired a trap.
-@fired = grep { /apikeys-trap fired/ } split /\n/, slurp_file($node->logfile, $armed);
+@fired = grep { /apikeys-trap fired/ } split /\n/, log_since($node, $armed);
 is(scalar(@fired), 0, 'no trap fired anywhere after it was armed');
 is(look('postgres', q{SELECT rolsuper FROM pg_roles WHERE rolname = 'mallory'}), 'f',
 	'mallory is still not a superuser at the end');

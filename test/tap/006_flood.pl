@@ -33,8 +33,8 @@
 # Figures (flood TPS, revoke latencies, rows added, overflow rows) are
 # reported with note().
 #
-# The test references no file of the repository: CI runs it as the postgres
-# OS user from a copy.
+# Run from the repository root (make prove_installcheck), with the helpers
+# of test/perl/ApikeysTest.pm.
 
 use strict;
 use warnings;
@@ -42,6 +42,9 @@ use warnings;
 use PostgreSQL::Test::Cluster;
 use PostgreSQL::Test::Utils;
 use Test::More;
+use FindBin;
+use lib "$FindBin::RealBin/../perl";    # test/perl: ApikeysTest
+use ApikeysTest;
 use IPC::Run;
 use Time::HiRes qw(time usleep);
 
@@ -54,39 +57,13 @@ my $flood_seconds = 22;
 my $flood_clients = 2;
 my $n_creates = 200;
 
-my $node = PostgreSQL::Test::Cluster->new('flood');
-$node->init;
-$node->append_conf('postgresql.conf', qq{
-shared_preload_libraries = 'apikeys'
+my $node = new_node('flood', qq{
 apikeys.flush_interval = $flush_interval
 log_statement = none
 max_connections = 20
 });
-$node->start;
 $node->safe_psql('postgres', 'CREATE DATABASE db1');
 $node->safe_psql('db1', 'CREATE EXTENSION apikeys');
-
-sub sql
-{
-	my ($query) = @_;
-	return $node->safe_psql('db1', $query);
-}
-
-# Polls $query until it returns 't', for at most $timeout seconds; returns
-# the seconds it took, or undef.
-sub wait_until
-{
-	my ($query, $timeout) = @_;
-	my $start = time();
-	while (time() - $start < $timeout)
-	{
-		my ($ret, $out) = $node->psql('db1', $query);
-		return time() - $start if $ret == 0 && $out eq 't';
-		usleep(100_000);
-	}
-	diag("timed out after $timeout s waiting for: $query");
-	return undef;
-}
 
 # Waits until nothing is queued and the audit rows after $from no longer
 # change over more than a flush interval; returns the seconds it took, or
@@ -101,7 +78,7 @@ sub wait_drained
 	my $last = '';
 	while (time() - $start < $timeout)
 	{
-		my $state = sql($state_sql);
+		my $state = sql($node, 'db1', $state_sql);
 		return time() - $start if $state eq $last && $state =~ /^0:/;
 		$last = $state;
 		usleep(int(($flush_interval + 0.5) * 1_000_000));
@@ -113,25 +90,26 @@ sub wait_drained
 my $log_from = -s $node->logfile;
 
 # Keys to revoke during the flood, and an owner on plan free with its one key.
-sql(q{SELECT apikeys.set_plan('victim', 'enterprise')});
-my @victims = split /\n/, sql(q{SELECT k.key_id
+sql($node, 'db1', q{SELECT apikeys.set_plan('victim', 'enterprise')});
+my @victims = split /\n/, sql($node, 'db1', q{SELECT k.key_id
 	FROM generate_series(1, 15) g, LATERAL apikeys.create_key('victim', 'victim ' || g) k});
 is(scalar(@victims), 15, 'setup: 15 keys to revoke during the flood');
-sql(q{SELECT apikeys.set_plan('lim', 'free')});
-sql(q{SELECT apikeys.create_key('lim', 'the one key')});
+sql($node, 'db1', q{SELECT apikeys.set_plan('lim', 'free')});
+sql($node, 'db1', q{SELECT apikeys.create_key('lim', 'the one key')});
 
 # The flood's statement: a fresh token with a random prefix of 'f' and up
 # to ten digits, which is valid (2 to 24 of [a-z0-9_], a letter first, no
 # '_' last).
 my $flood_sql = q{SELECT code FROM apikeys.verify(apikeys._new_token('f' || (random() * 1e9)::bigint)::text);};
-is(sql($flood_sql), 'API_KEY_INVALID', "setup: the flood's statement gets API_KEY_INVALID");
-ok(defined wait_until('SELECT queued_records = 0 FROM apikeys.status()', 20),
+is(sql($node, 'db1', $flood_sql), 'API_KEY_INVALID', "setup: the flood's statement gets API_KEY_INVALID");
+ok(defined wait_until($node, 'db1', 'SELECT queued_records = 0 FROM apikeys.status()', 20),
 	'setup: nothing queued before the flood');
 usleep(int(($flush_interval + 0.5) * 1_000_000));    # its flush transaction commits
 
-my $from = sql('SELECT coalesce(max(id), 0) FROM apikeys.audit_log');
-my ($q0, $d0) = split /\|/, sql('SELECT records_queued_total, records_dropped FROM apikeys.status()');
-my $flood_file = "${PostgreSQL::Test::Utils::tmp_check}/flood.sql";
+my $from = sql($node, 'db1', 'SELECT coalesce(max(id), 0) FROM apikeys.audit_log');
+my ($q0, $d0) = split /\|/, sql($node, 'db1', 'SELECT records_queued_total, records_dropped FROM apikeys.status()');
+my $tempdir = PostgreSQL::Test::Utils::tempdir;
+my $flood_file = "$tempdir/flood.sql";
 append_to_file($flood_file, "$flood_sql\n");
 
 #
@@ -152,9 +130,9 @@ usleep(500_000);
 # The creates run from a file and write to files: IPC::Run feeds and drains
 # pipes only while the harness is pumped, and nothing pumps this one until
 # the flood is over.
-my $lim_file = "${PostgreSQL::Test::Utils::tmp_check}/limit.sql";
-my $lim_errfile = "${PostgreSQL::Test::Utils::tmp_check}/limit.err";
-my $lim_outfile = "${PostgreSQL::Test::Utils::tmp_check}/limit.out";
+my $lim_file = "$tempdir/limit.sql";
+my $lim_errfile = "$tempdir/limit.err";
+my $lim_outfile = "$tempdir/limit.out";
 append_to_file($lim_file, "\\set VERBOSITY verbose\n"
 	  . "SELECT apikeys.create_key('lim', 'one too many');\nSELECT pg_sleep(0.05);\n" x $n_creates
 	  . "\\pset tuples_only on\nSELECT extract(epoch FROM clock_timestamp());\n");
@@ -210,7 +188,7 @@ cmp_ok($max_latency, '<', $flush_interval + 0.5,
 	sprintf('(1) the slowest revoke took %.3f s, under one flush interval + 0.5 s', $max_latency));
 my $in_list = join(', ', map { "'$_'" } @revoked);
 $in_list = 'NULL' if $in_list eq '';
-is( sql(qq{SELECT count(*) FILTER (WHERE revoked_at IS NOT NULL) || '|'
+is( sql($node, 'db1', qq{SELECT count(*) FILTER (WHERE revoked_at IS NOT NULL) || '|'
 	              || (SELECT count(*) FROM apikeys.audit_log
 	                   WHERE event = 'key_revoked' AND key_id IN ($in_list))
 	         FROM apikeys.keys WHERE id IN ($in_list)}),
@@ -228,7 +206,7 @@ my $drained = wait_drained($from, 60);
 ok(defined $drained, '(2) the worker drains the queue after the flood');
 note(sprintf('drained %.1f s after the flood ended', time() - $t_flood_end));
 
-my ($lim_rows, $lim_sum) = split /\|/, sql(qq{SELECT count(*), coalesce(sum((details->>'count')::bigint), 0)
+my ($lim_rows, $lim_sum) = split /\|/, sql($node, 'db1', qq{SELECT count(*), coalesce(sum((details->>'count')::bigint), 0)
 	FROM apikeys.audit_log WHERE id > $from AND event = 'limit_exceeded' AND owner = 'lim'});
 is($lim_sum, $n53400,
 	"(2) the limit_exceeded rows of the owner count every refusal ($lim_sum in $lim_rows rows)");
@@ -236,20 +214,20 @@ is($lim_sum, $n53400,
 #
 # (3) Bounded rows, every failure accounted for.
 #
-my ($q1, $d1) = split /\|/, sql('SELECT records_queued_total, records_dropped FROM apikeys.status()');
+my ($q1, $d1) = split /\|/, sql($node, 'db1', 'SELECT records_queued_total, records_dropped FROM apikeys.status()');
 my ($queued, $dropped) = ($q1 - $q0, $d1 - $d0);
 my $anon = qq{id > $from AND event = 'verify_failed' AND key_id IS NULL AND owner IS NULL};
 my ($anon_rows, $anon_sum, $prefix_rows, $overflow_rows, $overflow_sum, $minutes_seen) =
-  split /\|/, sql(qq{SELECT count(*), coalesce(sum((details->>'count')::bigint), 0),
+  split /\|/, sql($node, 'db1', qq{SELECT count(*), coalesce(sum((details->>'count')::bigint), 0),
 	                  count(*) FILTER (WHERE details ? 'prefix'),
 	                  count(*) FILTER (WHERE details->>'overflow' = 'true'),
 	                  coalesce(sum((details->>'count')::bigint)
 	                           FILTER (WHERE details->>'overflow' = 'true'), 0),
 	                  count(DISTINCT at)
 	                 FROM apikeys.audit_log WHERE $anon});
-my $other_rows = sql(qq{SELECT count(*) FROM apikeys.audit_log WHERE id > $from
+my $other_rows = sql($node, 'db1', qq{SELECT count(*) FROM apikeys.audit_log WHERE id > $from
 	AND NOT ($anon) AND event NOT IN ('limit_exceeded', 'key_revoked')});
-my $all_rows = sql("SELECT count(*) FROM apikeys.audit_log WHERE id > $from");
+my $all_rows = sql($node, 'db1', "SELECT count(*) FROM apikeys.audit_log WHERE id > $from");
 note("rows added: $all_rows in all; anonymous verify_failed: $anon_rows ($prefix_rows prefix rows, "
 	  . "$overflow_rows overflow rows counting $overflow_sum), limit_exceeded: $lim_rows, "
 	  . 'key_revoked: ' . scalar(@revoked));
@@ -266,7 +244,7 @@ cmp_ok($anon_rows, '<=', $bound,
 	"(3) anonymous verify_failed rows ($anon_rows) within $minutes minute(s) x "
 	  . "($prefixes_per_minute + 60 / $flush_interval + 1) = $bound");
 cmp_ok($minutes_seen, '<=', $minutes, "(3) ... stamped with the minutes of the flood ($minutes_seen)");
-is( sql(qq{SELECT coalesce(max(n), 0) <= $prefixes_per_minute FROM (
+is( sql($node, 'db1', qq{SELECT coalesce(max(n), 0) <= $prefixes_per_minute FROM (
 	       SELECT count(*) AS n FROM apikeys.audit_log WHERE $anon AND details ? 'prefix'
 	        GROUP BY at) s}),
 	't', "(3) at most $prefixes_per_minute prefix rows a minute");
@@ -288,13 +266,9 @@ is($anon_sum + $lim_sum, $queued, '(3) ... and everything queued was written');
 #
 # (4) The chain still verifies; nothing unexpected in the log.
 #
-my $rows = sql('SELECT count(*) FROM apikeys.audit_log');
-is(sql('SELECT ok, rows_checked FROM apikeys.audit_verify()'), "t|$rows",
-	"(4) audit_verify() ok ($rows rows)");
-my @errors = grep { /\b(ERROR|FATAL|PANIC):/ && !/ERROR:  key limit reached/ }
-  split /\n/, slurp_file($node->logfile, $log_from);
-is(scalar(@errors), 0, '(4) no unexpected error in the server log')
-  or diag(join("\n", @errors[ 0 .. ($#errors < 20 ? $#errors : 20) ]));
+chain_ok($node, 'db1', '(4)');
+no_log_errors($node, $log_from, '(4) no unexpected error in the server log',
+	qr/ERROR:  key limit reached/);
 
 $node->stop;
 note(sprintf('006_flood took %.1f s', time() - $t0));

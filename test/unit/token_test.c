@@ -20,6 +20,7 @@ static int	failed = 0;
 static const char alphabet[] =
 "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
+/* Whether the codec accepts s. */
 static int
 parses(const char *s)
 {
@@ -28,6 +29,7 @@ parses(const char *s)
 	return token_parse(s, strlen(s), &plen) == TOKEN_OK;
 }
 
+/* Known answers: the CRC-32 check value, independently computed tokens, a BLAKE2b-256 vector. */
 static void
 test_known_vectors(void)
 {
@@ -47,6 +49,7 @@ test_known_vectors(void)
 		  "blake2b-256(abc) = %s", hex);
 }
 
+/* The prefix rules. */
 static void
 test_prefix_rules(void)
 {
@@ -60,6 +63,7 @@ test_prefix_rules(void)
 		CHECK(!token_prefix_valid(bad[i], strlen(bad[i])), "prefix #%zu should be invalid", i);
 }
 
+/* Generated tokens parse and differ. */
 static void
 test_generated_tokens(void)
 {
@@ -105,6 +109,7 @@ test_generated_tokens(void)
 	CHECK(chi2 < 140.0, "secret characters are uniform (chi-square %.1f)", chi2);
 }
 
+/* No single-character substitution of a valid token parses. */
 static void
 test_single_substitutions(void)
 {
@@ -137,6 +142,7 @@ test_single_substitutions(void)
 		  undetected, tried);
 }
 
+/* Malformed tokens are refused with the right error. */
 static void
 test_malformed(void)
 {
@@ -161,6 +167,7 @@ test_malformed(void)
 	CHECK(token_parse("ak_live_0000000000000000\0000000000000004YzvZp", 46, &plen) != TOKEN_OK, "embedded NUL");
 }
 
+/* Runs every test; exits non-zero on a failure. */
 int
 main(void)
 {

@@ -1,5 +1,6 @@
 /*
- * shmem.c — the shared-memory queue of audit records and the worker registry.
+ * queue.c — the shared-memory queue of audit records that must survive the
+ * caller's rollback (library preloaded only), until a worker writes them.
  *
  * The queue is a fixed-size shared hash keyed by what records merge on, so a
  * flood of identical failures costs one entry.  Records that name no key or
@@ -16,40 +17,60 @@
 
 #include <time.h>
 
-#include "access/xlog.h"
 #include "common/hashfn.h"
 #include "miscadmin.h"
 #include "storage/ipc.h"
-#include "storage/latch.h"
-#include "storage/proc.h"
 #include "storage/procarray.h"
-#include "storage/shmem.h"
-#include "utils/hsearch.h"
-#include "utils/timestamp.h"
+#include "utils/guc.h"
 
-#include "launcher.h"
-#include "shmem.h"
-#include "usage.h"
+#include "queue.h"
 
-ApikeysShared *apikeys_shared = NULL;
-int			apikeys_audit_queue_size = 1024;
+/*
+ * Refusals of unknown or malformed tokens name no key: per database and
+ * minute, at most this many distinct prefixes get a record of their own;
+ * the rest are counted in one overflow record.
+ */
+#define APIKEYS_ANONYMOUS_PREFIXES_PER_MINUTE 100
 
+/* Databases whose anonymous records this minute are counted at once. */
+#define BUDGET_SLOTS	64
+
+/* How many anonymous records one database has started in one minute. */
+typedef struct AnonymousBudget
+{
+	Oid			dboid;
+	int64		minute;
+	int32		used;
+} AnonymousBudget;
+
+/* The queue's counters and lock; its records are in event_queue. */
+typedef struct QueueShared
+{
+	LWLock	   *lock;
+	int64		queued_total;
+	int64		dropped;		/* occurrences not queued: the queue was full */
+	int64		lost;			/* occurrences discarded: their database or extension went */
+	int32		anonymous_entries;	/* records that name no key or owner */
+	AnonymousBudget budgets[BUDGET_SLOTS];
+} QueueShared;
+
+/* GUC apikeys.audit_queue_size: records the queue holds. */
+static int	audit_queue_size = 1024;
+
+static QueueShared *queue = NULL;
 static HTAB *event_queue = NULL;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-
-/* Reserves the queue, the registry and the usage table (postmaster, preload only). */
+/* Reserves the queue and its lock (postmaster). */
 static void
-apikeys_shmem_request(void)
+queue_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(MAXALIGN(sizeof(ApikeysShared)));
-	RequestAddinShmemSpace(hash_estimate_size(apikeys_audit_queue_size, sizeof(QueuedEvent)));
+	RequestAddinShmemSpace(MAXALIGN(sizeof(QueueShared)));
+	RequestAddinShmemSpace(hash_estimate_size(audit_queue_size, sizeof(QueuedEvent)));
 	RequestNamedLWLockTranche("apikeys queue", 1);
-	usage_shmem_request();
-	launcher_shmem_request();
 }
 
 /* Hashes a queue key: its fixed part as bytes, its strings up to their NUL. */
@@ -77,9 +98,9 @@ queue_key_match(const void *key1, const void *key2, Size keysize)
 		strcmp(a->plan, b->plan) != 0;
 }
 
-/* Attaches to (or creates) the queue, the registry and the usage table. */
+/* Attaches to (or creates) the queue. */
 static void
-apikeys_shmem_startup(void)
+queue_shmem_startup(void)
 {
 	bool		found;
 	HASHCTL		info;
@@ -88,11 +109,11 @@ apikeys_shmem_startup(void)
 		prev_shmem_startup_hook();
 
 	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
-	apikeys_shared = ShmemInitStruct("apikeys", sizeof(ApikeysShared), &found);
+	queue = ShmemInitStruct("apikeys queue", sizeof(QueueShared), &found);
 	if (!found)
 	{
-		memset(apikeys_shared, 0, sizeof(ApikeysShared));
-		apikeys_shared->lock = &GetNamedLWLockTranche("apikeys queue")[0].lock;
+		memset(queue, 0, sizeof(QueueShared));
+		queue->lock = &GetNamedLWLockTranche("apikeys queue")[0].lock;
 	}
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(QueuedEventKey);
@@ -100,23 +121,40 @@ apikeys_shmem_startup(void)
 	info.hash = queue_key_hash;
 	info.match = queue_key_match;
 	event_queue = ShmemInitHash("apikeys event queue",
-								apikeys_audit_queue_size, apikeys_audit_queue_size,
+								audit_queue_size, audit_queue_size,
 								&info, HASH_ELEM | HASH_FUNCTION | HASH_COMPARE);
-	usage_shmem_init();
-	launcher_shmem_init();
 	LWLockRelease(AddinShmemInitLock);
 }
 
-/* Installs the shared-memory hooks (from _PG_init, preload only). */
+/*
+ * Defines apikeys.audit_queue_size and reserves the queue (from _PG_init,
+ * preload only: shared memory is sized at server start).
+ */
 void
-apikeys_shmem_init_hooks(void)
+queue_init(void)
 {
+	DefineCustomIntVariable("apikeys.audit_queue_size",
+							"Distinct audit records shared memory holds between flushes.",
+							NULL,
+							&audit_queue_size,
+							1024, 16, 1048576,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
 	prev_shmem_request_hook = shmem_request_hook;
-	shmem_request_hook = apikeys_shmem_request;
+	shmem_request_hook = queue_shmem_request;
 	prev_shmem_startup_hook = shmem_startup_hook;
-	shmem_startup_hook = apikeys_shmem_startup;
+	shmem_startup_hook = queue_shmem_startup;
 }
 
+/* Whether the queue exists: the library was preloaded. */
+bool
+queue_available(void)
+{
+	return queue != NULL;
+}
+
+/* Zeroes a key and sets what every record has. */
 void
 queue_key_init(QueuedEventKey *key, QueuedEventKind kind)
 {
@@ -127,6 +165,7 @@ queue_key_init(QueuedEventKey *key, QueuedEventKind kind)
 	key->minute = (int64) (time(NULL) / 60);
 }
 
+/* Copies text into a queue field of size bytes, cut at a character boundary. */
 void
 queue_copy_text(char *dst, size_t size, const char *src)
 {
@@ -158,9 +197,9 @@ take_anonymous_budget(Oid dboid, int64 minute)
 {
 	AnonymousBudget *free_slot = NULL;
 
-	for (int i = 0; i < APIKEYS_BUDGET_SLOTS; i++)
+	for (int i = 0; i < BUDGET_SLOTS; i++)
 	{
-		AnonymousBudget *b = &apikeys_shared->budgets[i];
+		AnonymousBudget *b = &queue->budgets[i];
 
 		if (b->dboid == dboid)
 		{
@@ -198,9 +237,9 @@ enter_record(const QueuedEventKey *key, const QueuedEvent *payload, int anonymou
 	bool		found;
 
 	/* A shared hash can outgrow its size into spare shared memory: cap it. */
-	if (hash_get_num_entries(event_queue) >= apikeys_audit_queue_size)
+	if (hash_get_num_entries(event_queue) >= audit_queue_size)
 		return NULL;
-	if (anonymous && apikeys_shared->anonymous_entries >= anonymous_room)
+	if (anonymous && queue->anonymous_entries >= anonymous_room)
 		return NULL;
 	entry = hash_search(event_queue, key, HASH_ENTER_NULL, &found);
 	if (entry == NULL)
@@ -211,17 +250,17 @@ enter_record(const QueuedEventKey *key, const QueuedEvent *payload, int anonymou
 		   sizeof(QueuedEvent) - offsetof(QueuedEvent, count));
 	entry->count = 0;
 	if (anonymous)
-		apikeys_shared->anonymous_entries++;
+		queue->anonymous_entries++;
 	return entry;
 }
 
-/* Caller holds the queue lock exclusively. */
+/* Adds one record's occurrences; caller holds the queue lock exclusively. */
 static bool
 enqueue_locked(const QueuedEvent *ev)
 {
 	QueuedEvent *entry;
 	/* A flood's prefix records leave an eighth of their half for overflow records. */
-	int			anonymous_half = apikeys_audit_queue_size / 2;
+	int			anonymous_half = audit_queue_size / 2;
 
 	entry = hash_search(event_queue, &ev->key, HASH_FIND, NULL);
 	if (entry == NULL && is_anonymous(&ev->key) && !ev->key.overflow)
@@ -248,39 +287,38 @@ enqueue_locked(const QueuedEvent *ev)
 
 	if (entry == NULL)
 	{
-		apikeys_shared->dropped += ev->count;
+		queue->dropped += ev->count;
 		return false;
 	}
 	entry->count += ev->count;
-	apikeys_shared->queued_total += ev->count;
+	queue->queued_total += ev->count;
 	return true;
 }
 
+/* Adds one record's occurrences, merging with a record of the same key. */
 bool
-apikeys_enqueue(const QueuedEvent *ev)
+queue_add(const QueuedEvent *ev)
 {
 	bool		queued;
 
-	if (apikeys_shared == NULL || event_queue == NULL)
+	if (queue == NULL)
 		return false;
 
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	queued = enqueue_locked(ev);
-	LWLockRelease(apikeys_shared->lock);
+	LWLockRelease(queue->lock);
 	return queued;
 }
 
+/* Moves up to max records of one database out of the queue. */
 int
-apikeys_dequeue(Oid dboid, QueuedEvent *out, int max)
+queue_take(Oid dboid, QueuedEvent *out, int max)
 {
 	HASH_SEQ_STATUS status;
 	QueuedEvent *entry;
 	int			n = 0;
 
-	if (apikeys_shared == NULL)
-		return 0;
-
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	hash_seq_init(&status, event_queue);
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
@@ -293,126 +331,121 @@ apikeys_dequeue(Oid dboid, QueuedEvent *out, int max)
 		}
 		out[n++] = *entry;
 		if (is_anonymous(&entry->key))
-			apikeys_shared->anonymous_entries--;
+			queue->anonymous_entries--;
 		/* Removing the element just returned is allowed during a scan. */
 		hash_search(event_queue, &entry->key, HASH_REMOVE, NULL);
 	}
-	LWLockRelease(apikeys_shared->lock);
+	LWLockRelease(queue->lock);
 	return n;
 }
 
+/* Puts back records a failed write had taken. */
 void
-apikeys_requeue(const QueuedEvent *events, int n)
+queue_put_back(const QueuedEvent *events, int n)
 {
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	for (int i = 0; i < n; i++)
 	{
 		QueuedEvent *entry = hash_search(event_queue, &events[i].key, HASH_FIND, NULL);
 
 		/* Admitted once already: no cap applies, only the queue's size. */
 		if (entry == NULL)
-			entry = enter_record(&events[i].key, &events[i], apikeys_audit_queue_size);
+			entry = enter_record(&events[i].key, &events[i], audit_queue_size);
 		if (entry == NULL)
-			apikeys_shared->dropped += events[i].count;
+			queue->dropped += events[i].count;
 		else
 			entry->count += events[i].count;
 	}
-	LWLockRelease(apikeys_shared->lock);
+	LWLockRelease(queue->lock);
 }
 
+/* Records of one database queued now. */
 int
-apikeys_queued_for(Oid dboid)
+queue_count(Oid dboid)
 {
 	HASH_SEQ_STATUS status;
 	QueuedEvent *entry;
 	int			n = 0;
 
-	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	LWLockAcquire(queue->lock, LW_SHARED);
 	hash_seq_init(&status, event_queue);
 	while ((entry = hash_seq_search(&status)) != NULL)
 		if (entry->key.dboid == dboid)
 			n++;
-	LWLockRelease(apikeys_shared->lock);
+	LWLockRelease(queue->lock);
 	return n;
 }
 
-/* Queue totals for status(). */
+/* Queue totals for status(); zeros without the preload. */
 void
-apikeys_queue_stats(int64 *queued_now, int64 *queued_total, int64 *dropped, int64 *lost)
+queue_stats(int64 *queued_now, int64 *queued_total, int64 *dropped, int64 *lost)
 {
 	*queued_now = *queued_total = *dropped = *lost = 0;
-	if (apikeys_shared == NULL)
+	if (queue == NULL)
 		return;
-	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	LWLockAcquire(queue->lock, LW_SHARED);
 	*queued_now = hash_get_num_entries(event_queue);
-	*queued_total = apikeys_shared->queued_total;
-	*dropped = apikeys_shared->dropped;
-	*lost = apikeys_shared->lost;
-	LWLockRelease(apikeys_shared->lock);
+	*queued_total = queue->queued_total;
+	*dropped = queue->dropped;
+	*lost = queue->lost;
+	LWLockRelease(queue->lock);
 }
 
-/* Whether the database has queued records; caller holds the queue lock. */
-static bool
+/* Whether the database has queued records. */
+bool
 queue_has_records(Oid dboid)
 {
 	HASH_SEQ_STATUS status;
 	QueuedEvent *entry;
+	bool		found = false;
 
+	LWLockAcquire(queue->lock, LW_SHARED);
 	hash_seq_init(&status, event_queue);
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
 		if (entry->key.dboid == dboid)
 		{
 			hash_seq_term(&status);
-			return true;
+			found = true;
+			break;
 		}
 	}
-	return false;
+	LWLockRelease(queue->lock);
+	return found;
 }
 
-bool
-apikeys_has_pending(Oid dboid)
-{
-	bool		pending;
-
-	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
-	pending = queue_has_records(dboid) || usage_has_pending(dboid);
-	LWLockRelease(apikeys_shared->lock);
-	return pending;
-}
-
+/* Discards the records of a database that is gone, counting them as lost. */
 void
-apikeys_discard_database(Oid dboid)
+queue_discard(Oid dboid)
 {
 	HASH_SEQ_STATUS status;
 	QueuedEvent *entry;
 
-	LWLockAcquire(apikeys_shared->lock, LW_EXCLUSIVE);
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
 	hash_seq_init(&status, event_queue);
 	while ((entry = hash_seq_search(&status)) != NULL)
 	{
 		if (entry->key.dboid != dboid)
 			continue;
-		apikeys_shared->lost += entry->count;
+		queue->lost += entry->count;
 		if (is_anonymous(&entry->key))
-			apikeys_shared->anonymous_entries--;
+			queue->anonymous_entries--;
 		hash_search(event_queue, &entry->key, HASH_REMOVE, NULL);
 	}
-	LWLockRelease(apikeys_shared->lock);
-	usage_discard(dboid);
+	LWLockRelease(queue->lock);
 }
 
+/* Adds the databases that have queued records to a list of OIDs (no duplicates). */
 List *
-apikeys_databases_with_work(void)
+queue_databases(List *dboids)
 {
 	HASH_SEQ_STATUS status;
 	QueuedEvent *entry;
-	List	   *dboids = NIL;
 
-	LWLockAcquire(apikeys_shared->lock, LW_SHARED);
+	LWLockAcquire(queue->lock, LW_SHARED);
 	hash_seq_init(&status, event_queue);
 	while ((entry = hash_seq_search(&status)) != NULL)
 		dboids = list_append_unique_oid(dboids, entry->key.dboid);
-	LWLockRelease(apikeys_shared->lock);
-	return usage_databases_with_counts(dboids);
+	LWLockRelease(queue->lock);
+	return dboids;
 }

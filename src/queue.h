@@ -1,17 +1,14 @@
 /*
- * shmem.h — apikeys' shared memory (library preloaded only): the queue of
- * audit records that must survive the caller's rollback.  Usage counters
- * live in usage.h, the registry of workers in launcher.h.
+ * queue.h — the shared-memory queue of audit records that must survive the
+ * caller's rollback (library preloaded only).
  */
-#ifndef APIKEYS_SHMEM_H
-#define APIKEYS_SHMEM_H
+#ifndef APIKEYS_QUEUE_H
+#define APIKEYS_QUEUE_H
 
 #include "postgres.h"
 
 #include "mb/pg_wchar.h"
 #include "nodes/pg_list.h"
-#include "storage/lwlock.h"
-#include "utils/timestamp.h"
 #include "utils/uuid.h"
 
 /* Owners, names and recorded actors are at most this many characters. */
@@ -24,16 +21,6 @@
 #define QUEUE_PLAN_LEN		(APIKEYS_PLAN_MAX_CHARS * MAX_MULTIBYTE_CHAR_LEN + 1)
 #define QUEUE_PREFIX_LEN	25	/* a token prefix (<= 24) and its NUL */
 #define QUEUE_START_LEN		30	/* a token's start (<= 29) and its NUL */
-
-/* Databases whose anonymous records this minute are counted at once. */
-#define APIKEYS_BUDGET_SLOTS	64
-
-/*
- * Refusals of unknown or malformed tokens name no key: per database and
- * minute, at most this many distinct prefixes get a record of their own;
- * the rest are counted in one overflow record.
- */
-#define APIKEYS_ANONYMOUS_PREFIXES_PER_MINUTE 100
 
 typedef enum QueuedEventKind
 {
@@ -72,31 +59,11 @@ typedef struct QueuedEvent
 	char		db_user[NAMEDATALEN];
 } QueuedEvent;
 
-/* How many anonymous records one database has started in one minute. */
-typedef struct AnonymousBudget
-{
-	Oid			dboid;
-	int64		minute;
-	int32		used;
-} AnonymousBudget;
+/* Defines apikeys.audit_queue_size and reserves the queue (from _PG_init, preload only). */
+extern void queue_init(void);
 
-typedef struct ApikeysShared
-{
-	LWLock	   *lock;			/* the queue */
-	int64		queued_total;
-	int64		dropped;		/* occurrences not queued: the queue was full */
-	int64		lost;			/* occurrences discarded: their database or extension went */
-	int32		anonymous_entries;	/* queue entries that name no key or owner */
-	AnonymousBudget budgets[APIKEYS_BUDGET_SLOTS];
-} ApikeysShared;
-
-/* NULL unless the library was preloaded. */
-extern ApikeysShared *apikeys_shared;
-
-/* GUC apikeys.audit_queue_size: records the queue holds. */
-extern int	apikeys_audit_queue_size;
-
-extern void apikeys_shmem_init_hooks(void);
+/* Whether the queue exists: the library was preloaded. */
+extern bool queue_available(void);
 
 /* Zeroes a key and sets what every record has. */
 extern void queue_key_init(QueuedEventKey *key, QueuedEventKind kind);
@@ -111,31 +78,27 @@ extern void queue_copy_text(char *dst, size_t size, const char *src);
  * fold into one overflow record; a full queue counts a drop.  Returns
  * false when dropped.
  */
-extern bool apikeys_enqueue(const QueuedEvent *ev);
+extern bool queue_add(const QueuedEvent *ev);
 
 /* Moves up to max records of one database out of the queue; returns how many. */
-extern int	apikeys_dequeue(Oid dboid, QueuedEvent *out, int max);
+extern int	queue_take(Oid dboid, QueuedEvent *out, int max);
 
 /* Puts records a failed write had taken back into the queue. */
-extern void apikeys_requeue(const QueuedEvent *events, int n);
+extern void queue_put_back(const QueuedEvent *events, int n);
 
 /* Records of the database queued now. */
-extern int	apikeys_queued_for(Oid dboid);
+extern int	queue_count(Oid dboid);
 
-/* Whether the database has queued records or usage counts to write. */
-extern bool apikeys_has_pending(Oid dboid);
+/* Whether the database has queued records. */
+extern bool queue_has_records(Oid dboid);
 
-/*
- * Discards what a database that is gone had queued (records are counted as
- * lost) and its usage counts.
- */
-extern void apikeys_discard_database(Oid dboid);
+/* Discards the records of a database that is gone (counted as lost). */
+extern void queue_discard(Oid dboid);
 
-/* The databases with queued records or usage counts (a list of OIDs). */
-extern List *apikeys_databases_with_work(void);
+/* Adds the databases that have queued records to a list of OIDs (no duplicates). */
+extern List *queue_databases(List *dboids);
 
-/* Queue totals for status(). */
-extern void apikeys_queue_stats(int64 *queued_now, int64 *queued_total, int64 *dropped,
-								int64 *lost);
+/* Queue totals for status(); zeros without the preload. */
+extern void queue_stats(int64 *queued_now, int64 *queued_total, int64 *dropped, int64 *lost);
 
-#endif							/* APIKEYS_SHMEM_H */
+#endif							/* APIKEYS_QUEUE_H */
