@@ -15,6 +15,8 @@
 #   - privileges on the extension's objects are the same,
 #   - plan limits are enforced again after the restore, with the restored
 #     (edited) limits rather than the seeded ones.
+# The server has no setting but the preload line, so it also shows that the
+# workers need no configuration: counts and refusals are written (part 6).
 #
 # Run from the repository root (make prove_installcheck), with the helpers
 # of test/perl/ApikeysTest.pm.
@@ -393,6 +395,22 @@ check_restored('dst2', 'plain dump');
 
 # src is untouched by everything that happened in dst and dst2.
 is(sql($node, 'src', $snapshot_sql{keys}), $src_snap->{keys}, 'src: keys unchanged');
+
+#
+# 6. No configuration beyond the preload line (default intervals, as
+#    shipped): the workers write usage counts and refusals.
+#
+my ($noconf_id, $noconf_token) = new_key($node, 'src', q{'noconf', 'k'});
+is(sql($node, 'src', qq{SELECT string_agg((apikeys.verify('$noconf_token')).code, ',')
+	FROM generate_series(1, 2)}), 'VALID,VALID', 'preload only: a key verifies twice');
+is(sql($node, 'src', q{SELECT (apikeys.verify(apikeys._new_token('noconf')::text)).code}),
+	'API_KEY_INVALID', 'preload only: an unknown token is refused');
+is(sql($node, 'src', q{SELECT apikeys.flush()}), 't', 'preload only: flush() completes');
+is(sql($node, 'src', qq{SELECT requests FROM apikeys.key_usage WHERE key_id = '$noconf_id'}),
+	'2', 'preload only: the worker wrote the usage counts');
+is(sql($node, 'src', q{SELECT sum((details->>'count')::int) FROM apikeys.audit_log
+	WHERE event = 'verify_failed' AND details->>'prefix' = 'noconf'}),
+	'1', 'preload only: the worker wrote the refusal');
 
 $node->stop;
 
