@@ -40,7 +40,9 @@
 #  (9) more databases waiting than there are slots (64) all get a worker
 #      once one is free, with no further call there; one dropped while it
 #      waited has its records counted as lost;
-#  (10) the launcher comes back after pg_terminate_backend.
+#  (10) the launcher comes back after pg_terminate_backend;
+#  (11) a worker still running when the launcher restarts is adopted: the
+#      new launcher frees its slot when it exits, and starts the next one.
 # Parts (1), (9) and (10) run last: on 1.0 part (1) leaves no worker for anyone.
 #
 # Run from the repository root (make prove_installcheck), with the helpers
@@ -482,6 +484,44 @@ ok( defined wait_until($node, 'live', qq{SELECT coalesce(sum((details->>'count')
 		FROM apikeys.audit_log WHERE event = 'verify_failed' AND id > $last_id
 		AND (details->>'prefix' = 'after' OR details ? 'overflow')}, 20),
 	'(10) ... and the refusals are written');
+
+#
+# (11) A worker still running when the launcher restarts is adopted: the new
+# launcher learns when it exits and frees its slot, so the database gets a
+# worker again for its next record.
+#
+# Refusals counted in live since $from_id: by prefix, or in the overflow record (see (10)).
+sub written_since
+{
+	my ($from_id, $prefix) = @_;
+	return qq{SELECT coalesce(sum((details->>'count')::bigint), 0) FROM apikeys.audit_log
+		WHERE event = 'verify_failed' AND id > $from_id
+		AND (details->>'prefix' = '$prefix' OR details ? 'overflow')};
+}
+workers_gone_ok($node, '(11)', 20);
+sql($node, 'postgres', q{ALTER SYSTEM SET apikeys.flush_interval = '1h'});
+sql($node, 'postgres', 'SELECT pg_reload_conf()');
+$last_id = sql($node, 'live', 'SELECT coalesce(max(id), 0) FROM apikeys.audit_log');
+is(fail_unknown('live', 'adopt', 1), '1', '(11) a refusal queued');
+ok( defined wait_until($node, 'postgres', q{SELECT count(*) = 1 FROM pg_stat_activity
+		WHERE backend_type = 'apikeys worker' AND datname = 'live'}, 20),
+	'(11) its worker runs, waiting an hour to flush');
+$launcher_pid = sql($node, 'postgres', q{SELECT pid FROM pg_stat_activity WHERE backend_type = 'apikeys launcher'});
+sql($node, 'postgres', "SELECT pg_terminate_backend($launcher_pid)");
+ok( defined wait_until($node, 'postgres', qq{SELECT count(*) = 1 FROM pg_stat_activity
+		WHERE backend_type = 'apikeys launcher' AND pid <> $launcher_pid}, 20),
+	'(11) a new launcher runs');
+is(sql($node, 'postgres', q{SELECT count(*) FROM pg_stat_activity
+		WHERE backend_type = 'apikeys worker' AND datname = 'live'}),
+	'1', '(11) the worker started by the old launcher still runs');
+sql($node, 'postgres', 'ALTER SYSTEM RESET apikeys.flush_interval');
+sql($node, 'postgres', 'SELECT pg_reload_conf()');
+ok(defined wait_until($node, 'live', 'SELECT (' . written_since($last_id, 'adopt') . ') = 1', 20),
+	'(11) after a reload to 1 s it writes the refusal');
+workers_gone_ok($node, '(11) ... and exits', 20);
+is(fail_unknown('live', 'again', 1), '1', '(11) another refusal queued');
+ok(defined wait_until($node, 'live', 'SELECT (' . written_since($last_id, 'again') . ') = 1', 20),
+	'(11) the new launcher freed the adopted slot: a new worker writes it');
 
 $node->stop;
 note(sprintf('007_workers took %.1f s', time() - $t0));
