@@ -74,6 +74,8 @@ SELECT event, details->>'reason' AS reason, sum((details->>'count')::int) AS cou
 -- flush() waits at most its timeout: 0 to 1 hour (22023 otherwise).
 SELECT pg_temp.try($$SELECT apikeys.flush('-1 second')$$) AS negative_timeout;
 SELECT pg_temp.try($$SELECT apikeys.flush('2 hours')$$) AS long_timeout;
+SELECT pg_temp.try($$SELECT apikeys.flush('1 month')$$) AS month_timeout;
+SELECT pg_temp.try($$SELECT apikeys.flush('2562047788 hours 1 day')$$) AS overflowing_timeout;
 SELECT apikeys.flush('0') IS NOT NULL AS zero_timeout_answers;
 
 -- The worker writes counts through the table's access methods only while

@@ -19,6 +19,7 @@
 #include "postgres.h"
 
 #include "access/xact.h"
+#include "common/int.h"
 #include "fmgr.h"
 #include "access/xlog.h"
 #include "miscadmin.h"
@@ -631,9 +632,10 @@ apikeys_flush(PG_FUNCTION_ARGS)
 	pid_t		pid;
 	Latch	   *launcher_latch;
 
-	timeout_us = timeout->time + (int64) timeout->day * USECS_PER_DAY +
-		(int64) timeout->month * DAYS_PER_MONTH * USECS_PER_DAY;
-	if (timeout_us < 0 || timeout_us > 3600 * USECS_PER_SEC)
+	/* Months and days are checked first, so that no product or sum overflows. */
+	if (timeout->month != 0 || timeout->day < -1 || timeout->day > 1 ||
+		pg_add_s64_overflow(timeout->time, (int64) timeout->day * USECS_PER_DAY, &timeout_us) ||
+		timeout_us < 0 || timeout_us > 3600 * USECS_PER_SEC)
 		ereport(ERROR,
 				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
 				 errmsg("timeout must be between 0 and 1 hour")));
