@@ -1,20 +1,24 @@
--- apikeys 1.0: API keys inside PostgreSQL.
+-- apikeys 1.1: API keys inside PostgreSQL.
 --
 -- This is sql/apikeys.sql, the source of the install script of the version
 -- being built: the build copies it to sql/apikeys--<version>.sql (the
 -- version is default_version in apikeys.control), the file CREATE EXTENSION
 -- runs.  Edit this file, never the copy.  README.md documents every object.
+-- Released versions' scripts are never edited: what changes after a release
+-- goes here and into an upgrade script (sql/apikeys--1.0--1.1.sql), and
+-- test/tap/008_upgrade.pl proves the two install the same objects.
 --
 -- Sections, in order:
 --    1. The schema: refuse one that is unsafe to install into.
 --    2. Roles: apikeys_admin, apikeys_app, apikeys_worker.
---    3. Types: apikey and its functions; the rows verify() and
---       authenticate() return.
+--    3. Types: apikey and its functions; the rows verify(), authenticate()
+--       and the key-management functions (key_info) return.
 --    4. Who is acting: functions the tables' defaults call.
 --    5. Tables: plans, owners, keys, key_usage, audit_log, _audit_chain_lock.
 --    6. Internal functions: the library's, argument checks, plan limits,
 --       the audit chain.
---    7. Public functions, with _rotate and _pending_usage beside their callers.
+--    7. Public functions, with _rotate, _pending_usage, _key_info and _usage
+--       beside their callers.
 --    8. Trigger functions.
 --    9. Triggers.
 --   10. Privileges.
@@ -157,7 +161,7 @@ CREATE TYPE apikeys.verify_result AS (
     scopes text[], metadata jsonb, expires_at timestamptz);
 COMMENT ON TYPE apikeys.verify_result IS 'The row verify() returns.';
 COMMENT ON COLUMN apikeys.verify_result.valid IS 'Whether the token was accepted: code is VALID.';
-COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, INSUFFICIENT_SCOPE or RATE_LIMITED.';
+COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, API_KEY_DISABLED, IP_NOT_ALLOWED, INSUFFICIENT_SCOPE or RATE_LIMITED.';
 COMMENT ON COLUMN apikeys.verify_result.key_id IS 'The key the token belongs to; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.owner IS 'The key''s owner; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.name IS 'The key''s name; NULL for API_KEY_INVALID.';
@@ -173,6 +177,38 @@ COMMENT ON COLUMN apikeys.authenticate_result.owner IS 'The key''s owner.';
 COMMENT ON COLUMN apikeys.authenticate_result.name IS 'The key''s name.';
 COMMENT ON COLUMN apikeys.authenticate_result.scopes IS 'The key''s granted scopes.';
 COMMENT ON COLUMN apikeys.authenticate_result.metadata IS 'The key''s metadata.';
+
+CREATE TYPE apikeys.key_info AS (
+    key_id uuid, name text, start text, scopes text[], status text,
+    created_at timestamptz, expires_at timestamptz, revoked_at timestamptz,
+    last_used_at timestamptz, requests_today bigint, failures_today bigint,
+    prefix text, metadata jsonb, rate_limit integer, revoke_reason text,
+    rotated_from uuid, replaced_by uuid, error_rate_today double precision,
+    disabled_at timestamptz, disable_reason text, allowed_ips cidr[],
+    alert_requests_per_minute integer);
+COMMENT ON TYPE apikeys.key_info IS 'One key''s public row, as get_key, list_keys and update_key return it: never a digest or token.';
+COMMENT ON COLUMN apikeys.key_info.key_id IS 'Key id.';
+COMMENT ON COLUMN apikeys.key_info.name IS 'The key''s label.';
+COMMENT ON COLUMN apikeys.key_info.start IS 'Prefix, "_" and the first four secret characters.';
+COMMENT ON COLUMN apikeys.key_info.scopes IS 'Granted scopes.';
+COMMENT ON COLUMN apikeys.key_info.status IS 'revoked, expired, disabled, rotating or active (the first that applies).';
+COMMENT ON COLUMN apikeys.key_info.created_at IS 'When the key was created.';
+COMMENT ON COLUMN apikeys.key_info.expires_at IS 'When the key expires (NULL: never); for a rotating key, the end of its grace.';
+COMMENT ON COLUMN apikeys.key_info.revoked_at IS 'When the key was revoked (NULL: not revoked).';
+COMMENT ON COLUMN apikeys.key_info.last_used_at IS 'The key''s last VALID answer, including counts not yet written.';
+COMMENT ON COLUMN apikeys.key_info.requests_today IS 'VALID answers this UTC day, including counts not yet written.';
+COMMENT ON COLUMN apikeys.key_info.failures_today IS 'Refusals of the key this UTC day, including counts not yet written.';
+COMMENT ON COLUMN apikeys.key_info.prefix IS 'The token''s prefix.';
+COMMENT ON COLUMN apikeys.key_info.metadata IS 'Application data.';
+COMMENT ON COLUMN apikeys.key_info.rate_limit IS 'Allowed requests per minute; NULL: no limit.';
+COMMENT ON COLUMN apikeys.key_info.revoke_reason IS 'Why the key was revoked.';
+COMMENT ON COLUMN apikeys.key_info.rotated_from IS 'The key this one replaced in a rotation.';
+COMMENT ON COLUMN apikeys.key_info.replaced_by IS 'The key that replaced this one in a rotation.';
+COMMENT ON COLUMN apikeys.key_info.error_rate_today IS 'failures_today / (requests_today + failures_today); NULL when both are zero.';
+COMMENT ON COLUMN apikeys.key_info.disabled_at IS 'When the key was disabled (NULL: not disabled).';
+COMMENT ON COLUMN apikeys.key_info.disable_reason IS 'Why the key was disabled.';
+COMMENT ON COLUMN apikeys.key_info.allowed_ips IS 'Client networks the key may be used from; NULL: any.';
+COMMENT ON COLUMN apikeys.key_info.alert_requests_per_minute IS 'The key''s own usage-alert threshold; NULL: its plan''s.';
 
 ------------------------------------------------------------------------------
 -- 4. Who is acting.  Before the tables: apikeys.keys.created_by defaults to
@@ -217,12 +253,18 @@ COMMENT ON FUNCTION apikeys._actor() IS 'Internal: apikeys.actor if set, else th
 CREATE TABLE apikeys.plans (
     name        text PRIMARY KEY CHECK (pg_catalog.length(name) OPERATOR(pg_catalog.<=) 63),
     max_keys    integer CHECK (max_keys IS NULL OR max_keys OPERATOR(pg_catalog.>=) 0),
-    description text CHECK (pg_catalog.length(description) OPERATOR(pg_catalog.<=) 1000)
+    description text CHECK (pg_catalog.length(description) OPERATOR(pg_catalog.<=) 1000),
+    max_key_lifetime interval
+        CHECK (max_key_lifetime OPERATOR(pg_catalog.>) '0'::interval),
+    alert_requests_per_minute integer
+        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0)
 );
 COMMENT ON TABLE apikeys.plans IS 'Plans and how many active keys each allows (NULL: unlimited).';
 COMMENT ON COLUMN apikeys.plans.name IS 'Plan name: 1 to 63 characters, not blank, no control characters.';
 COMMENT ON COLUMN apikeys.plans.max_keys IS 'Most active keys an owner on this plan may hold; NULL: unlimited.';
 COMMENT ON COLUMN apikeys.plans.description IS 'Free text, at most 1000 characters.';
+COMMENT ON COLUMN apikeys.plans.max_key_lifetime IS 'Longest a key of this plan may live: created and rotated keys expire no later than this after their creation; NULL: no limit.';
+COMMENT ON COLUMN apikeys.plans.alert_requests_per_minute IS 'Usage-alert threshold for this plan''s keys (0: off); NULL: apikeys.alert_requests_per_minute.';
 
 -- The seeded plans; apikeys_admin may add, change and delete plans.
 INSERT INTO apikeys.plans (name, max_keys, description) VALUES
@@ -263,7 +305,15 @@ CREATE TABLE apikeys.keys (
     revoked_by    text,
     revoke_reason text CHECK (pg_catalog.length(revoke_reason) OPERATOR(pg_catalog.<=) 1000),
     rotated_from  uuid,
-    replaced_by   uuid
+    replaced_by   uuid,
+    disabled_at   timestamptz,
+    disabled_by   text,
+    disable_reason text
+                  CHECK (pg_catalog.length(disable_reason) OPERATOR(pg_catalog.<=) 1000),
+    allowed_ips   cidr[]
+                  CHECK (pg_catalog.cardinality(allowed_ips) OPERATOR(pg_catalog.<=) 64),
+    alert_requests_per_minute integer
+                  CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0)
 );
 COMMENT ON TABLE apikeys.keys IS 'Every key ever issued; only the digest of a token is stored. Rows are never deleted.';
 COMMENT ON COLUMN apikeys.keys.id IS 'Key id.';
@@ -283,12 +333,25 @@ COMMENT ON COLUMN apikeys.keys.revoked_by IS 'Who revoked the key: apikeys.actor
 COMMENT ON COLUMN apikeys.keys.revoke_reason IS 'Why the key was revoked (rotated: a rotation without grace; leaked: revoke_token''s default); at most 1000 characters.';
 COMMENT ON COLUMN apikeys.keys.rotated_from IS 'The key this one replaced in a rotation.';
 COMMENT ON COLUMN apikeys.keys.replaced_by IS 'The key that replaced this one in a rotation.';
+COMMENT ON COLUMN apikeys.keys.disabled_at IS 'When disable_key suspended the key (NULL: not disabled); enable_key clears it.';
+COMMENT ON COLUMN apikeys.keys.disabled_by IS 'Who disabled the key: apikeys.actor, else the calling role.';
+COMMENT ON COLUMN apikeys.keys.disable_reason IS 'Why the key was disabled; at most 1000 characters.';
+COMMENT ON COLUMN apikeys.keys.allowed_ips IS 'Client addresses the key may be used from (at most 64 networks); NULL: any address.';
+COMMENT ON COLUMN apikeys.keys.alert_requests_per_minute IS 'Usage-alert threshold of this key (0: off); NULL: its plan''s.';
 
--- list_keys, revoke_all; the partial index keeps the plan-limit count cheap
--- for owners with many revoked or rotated keys.
-CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at);
+-- list_keys (its keyset cursor is (created_at, id)), revoke_all; the partial
+-- index keeps the plan-limit count cheap for owners with many revoked or
+-- rotated keys.
+CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at, id);
 CREATE INDEX keys_owner_live_idx ON apikeys.keys (owner)
     WHERE revoked_at IS NULL AND replaced_by IS NULL;
+-- Pages of list_keys filtered to the rarer statuses read only those keys.
+CREATE INDEX keys_owner_revoked_idx ON apikeys.keys (owner, created_at, id)
+    WHERE revoked_at IS NOT NULL;
+CREATE INDEX keys_owner_disabled_idx ON apikeys.keys (owner, created_at, id)
+    WHERE revoked_at IS NULL AND disabled_at IS NOT NULL;
+CREATE INDEX keys_owner_rotating_idx ON apikeys.keys (owner, created_at, id)
+    WHERE revoked_at IS NULL AND replaced_by IS NOT NULL;
 
 -- Written only by the background workers, which add counts of keys that
 -- exist (keys are never deleted).  No foreign key: its check would lock a
@@ -473,9 +536,28 @@ BEGIN
     IF k.rate_limit <= 0 THEN
         RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF k.alert_requests_per_minute < 0 THEN
+        RAISE EXCEPTION 'alert_requests_per_minute must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Zero turns alerts off for the key; NULL uses its plan''s threshold.';
+    END IF;
+    IF length(k.disable_reason) > 1000 THEN
+        RAISE EXCEPTION 'reason is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k.allowed_ips IS NOT NULL THEN
+        IF array_ndims(k.allowed_ips) > 1 THEN
+            RAISE EXCEPTION 'allowed_ips must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+        ELSIF cardinality(k.allowed_ips) = 0 THEN
+            RAISE EXCEPTION 'allowed_ips must not be empty' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'NULL lets the key be used from any address.';
+        ELSIF cardinality(k.allowed_ips) > 64 THEN
+            RAISE EXCEPTION 'a key allows at most 64 networks' USING ERRCODE = 'invalid_parameter_value';
+        ELSIF array_position(k.allowed_ips, NULL) IS NOT NULL THEN
+            RAISE EXCEPTION 'allowed_ips must not contain null elements' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
 END
 $$;
-COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata and rate limit.';
+COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata, rate limit, alert threshold and allowed networks.';
 
 -- Owners and plan limits.
 
@@ -591,6 +673,54 @@ END
 $$;
 COMMENT ON FUNCTION apikeys._enforce_plan_limit(text) IS 'Internal: raises 53400 when the owner has no free slot.';
 
+-- The longest life the owner's plan allows a key (NULL: no limit).  An owner
+-- without a row is on apikeys.default_plan.
+CREATE FUNCTION apikeys._plan_lifetime(p_owner text) RETURNS interval
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.max_key_lifetime FROM apikeys.plans p
+     WHERE p.name = COALESCE((SELECT o.plan FROM apikeys.owners o WHERE o.owner = p_owner),
+                             apikeys._default_plan())
+$$;
+COMMENT ON FUNCTION apikeys._plan_lifetime(text) IS 'Internal: max_key_lifetime of the owner''s plan.';
+
+-- An expiry within the plan's lifetime: 22023 when the requested one is
+-- later, or absent where the plan requires one.  NULL p_expires_at takes the
+-- longest allowed.
+CREATE FUNCTION apikeys._expiry_within_plan(p_owner text, p_expires_at timestamptz, p_default boolean)
+RETURNS timestamptz
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lifetime interval := apikeys._plan_lifetime(p_owner);
+BEGIN
+    IF v_lifetime IS NULL THEN
+        RETURN p_expires_at;
+    ELSIF p_expires_at IS NULL AND p_default THEN
+        RETURN now() + v_lifetime;
+    ELSIF p_expires_at IS NULL THEN
+        RAISE EXCEPTION 'the owner''s plan requires an expiry'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Keys of this plan live at most %s.', v_lifetime);
+    ELSIF p_expires_at > now() + v_lifetime THEN
+        RAISE EXCEPTION 'expires_at is later than the owner''s plan allows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Keys of this plan live at most %s.', v_lifetime),
+                  HINT = 'Choose an earlier expiry, or move the owner to a plan without max_key_lifetime.';
+    END IF;
+    RETURN p_expires_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys._expiry_within_plan(text, timestamptz, boolean) IS 'Internal: checks an expiry against max_key_lifetime of the owner''s plan (22023).';
+
+-- Statement-level trigger on plans and owners: tells every backend that the
+-- alert thresholds it cached for owners may have changed.
+CREATE FUNCTION apikeys._policy_changed() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'apikeys_policy_changed' LANGUAGE C;
+COMMENT ON FUNCTION apikeys._policy_changed() IS 'Internal: invalidates the plan thresholds cached by verify.';
+
 -- The audit chain.
 
 CREATE FUNCTION apikeys._audit_hash(prev bytea, payload text) RETURNS bytea
@@ -636,52 +766,59 @@ CREATE FUNCTION apikeys.create_key(
     expires_at timestamptz DEFAULT NULL,
     prefix     text DEFAULT NULL,
     metadata   jsonb DEFAULT '{}',
-    rate_limit integer DEFAULT NULL)
+    rate_limit integer DEFAULT NULL,
+    allowed_ips cidr[] DEFAULT NULL,
+    alert_requests_per_minute integer DEFAULT NULL)
 RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, created_at timestamptz)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 #variable_conflict use_column
 DECLARE
-    v_token apikeys.apikey;
-    v_id    uuid;
-    v_at    timestamptz;
+    v_token   apikeys.apikey;
+    v_id      uuid;
+    v_at      timestamptz;
+    v_expires timestamptz;
 BEGIN
-    -- Name, scopes, metadata and rate limit are checked by the insert's trigger.
+    -- Name, scopes, metadata, limits and networks are checked by the insert's trigger.
     PERFORM apikeys._require_text(create_key.owner, 'owner', 200);
     IF create_key.expires_at <= now() THEN
         RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    v_expires := apikeys._expiry_within_plan(create_key.owner, create_key.expires_at, true);
 
     v_token := apikeys._new_token(create_key.prefix);
     INSERT INTO apikeys.keys AS k (owner, name, prefix, start, digest, scopes, metadata,
-                                   rate_limit, expires_at)
+                                   rate_limit, expires_at, allowed_ips, alert_requests_per_minute)
     VALUES (create_key.owner, create_key.name, apikeys.prefix(v_token), apikeys.start(v_token),
             apikeys.digest(v_token), create_key.scopes, create_key.metadata,
-            create_key.rate_limit, create_key.expires_at)
+            create_key.rate_limit, v_expires, create_key.allowed_ips,
+            create_key.alert_requests_per_minute)
     RETURNING k.id, k.created_at INTO v_id, v_at;
 
     RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
 END
 $$;
-COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer) IS 'Issues a key; the only time its token is returned.';
+COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer) IS 'Issues a key; the only time its token is returned.';
 
 -- verify and authenticate run no SQL: they read apikeys.keys and its digest
 -- index by OID, through the table and index access methods, which check no
 -- privilege and resolve no name through search_path.  So the EXECUTE grant
 -- is the whole privilege gate, and they need neither SECURITY DEFINER nor
 -- a pinned search_path (which together cost about 5% of a verification).
-CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
+CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}',
+                               client_ip inet DEFAULT NULL)
 RETURNS apikeys.verify_result
     AS 'MODULE_PATHNAME', 'apikeys_verify'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION apikeys.verify(text, text[]) IS 'Checks a token; never raises for a bad one and never writes a row.';
+COMMENT ON FUNCTION apikeys.verify(text, text[], inet) IS 'Checks a token (from client_ip, for keys with allowed_ips); never raises for a bad one and never writes a row.';
 
-CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
+CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}',
+                                     client_ip inet DEFAULT NULL)
 RETURNS apikeys.authenticate_result
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION apikeys.authenticate(text, text[]) IS 'Like verify, but a refusal raises 28000 with the code as message.';
+COMMENT ON FUNCTION apikeys.authenticate(text, text[], inet) IS 'Like verify, but a refusal raises 28000 with the code as message.';
 
 CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -784,11 +921,12 @@ RETURNS TABLE (new_key_id uuid, new_token apikeys.apikey, new_start text,
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_old     apikeys.keys;
-    v_owner   text;
-    v_token   apikeys.apikey;
-    v_new_id  uuid := gen_random_uuid();
-    v_old_end timestamptz;
+    v_old      apikeys.keys;
+    v_owner    text;
+    v_token    apikeys.apikey;
+    v_new_id   uuid := gen_random_uuid();
+    v_old_end  timestamptz;
+    v_lifetime interval;
 BEGIN
     IF p_key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
@@ -858,12 +996,18 @@ BEGIN
          WHERE k.id = p_key_id;
     END IF;
 
+    -- On a plan with max_key_lifetime the new key starts a full term: that
+    -- is what a rotation policy asks for.  Otherwise it keeps the old expiry.
+    v_lifetime := apikeys._plan_lifetime(v_old.owner);
     v_token := apikeys._new_token(v_old.prefix);
     INSERT INTO apikeys.keys (id, owner, name, prefix, start, digest, scopes, metadata,
-                              rate_limit, expires_at, rotated_from)
+                              rate_limit, expires_at, rotated_from, disabled_at, disabled_by,
+                              disable_reason, allowed_ips, alert_requests_per_minute)
     VALUES (v_new_id, v_old.owner, v_old.name, v_old.prefix, apikeys.start(v_token),
             apikeys.digest(v_token), v_old.scopes, v_old.metadata, v_old.rate_limit,
-            v_old.expires_at, v_old.id);
+            CASE WHEN v_lifetime IS NULL THEN v_old.expires_at ELSE now() + v_lifetime END,
+            v_old.id, v_old.disabled_at, v_old.disabled_by, v_old.disable_reason,
+            v_old.allowed_ips, v_old.alert_requests_per_minute);
 
     RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
 END
@@ -885,40 +1029,371 @@ CREATE FUNCTION apikeys._pending_usage(key_id uuid,
     AS 'MODULE_PATHNAME', 'apikeys_pending_usage' LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION apikeys._pending_usage(uuid) IS 'Internal: today''s usage counts not yet written to apikeys.key_usage.';
 
-CREATE FUNCTION apikeys.list_keys(owner text)
-RETURNS TABLE (key_id uuid, name text, start text, scopes text[], status text,
-               created_at timestamptz, expires_at timestamptz, revoked_at timestamptz,
-               last_used_at timestamptz, requests_today bigint, failures_today bigint)
+-- The key of that id the caller may act on, locked for update: 42501 for
+-- apikeys_app without an owner, P0002 when the key is missing or another
+-- owner's.  As revoke() scopes its key.
+CREATE FUNCTION apikeys._key_for_change(p_key_id uuid, p_owner text, p_action text)
+RETURNS apikeys.keys
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    IF p_key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to % a key without naming its owner', p_action
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id = p_key_id
+       AND (p_owner IS NULL OR k.owner = p_owner)
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_key;
+END
+$$;
+COMMENT ON FUNCTION apikeys._key_for_change(uuid, text, text) IS 'Internal: the key a caller may change, locked (42501, P0002).';
+
+-- Public rows of the keys of those ids, with usage (counts still in shared memory
+-- included), in the order given.
+CREATE FUNCTION apikeys._key_info(p_key_ids uuid[]) RETURNS SETOF apikeys.key_info
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_column
+DECLARE
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
 BEGIN
-    PERFORM apikeys._require_text(list_keys.owner, 'owner', 200);
+    -- The key's latest usage row (today's, if any) is one probe of the
+    -- primary key (key_id, day).
     RETURN QUERY
     SELECT k.id, k.name, k.start, k.scopes,
+           -- The first of these that applies; list_keys filters on the same.
            CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
                 WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'expired'
+                WHEN k.disabled_at IS NOT NULL THEN 'disabled'
                 WHEN k.replaced_by IS NOT NULL THEN 'rotating'
                 ELSE 'active' END,
            k.created_at, k.expires_at, k.revoked_at,
-           CASE WHEN p.last_used_at IS NULL THEN u.last_used_at
-                ELSE GREATEST(u.last_used_at, p.last_used_at) END,
-           COALESCE(u.requests_today, 0) + p.requests,
-           COALESCE(u.failures_today, 0) + p.failures
-      FROM apikeys.keys k
+           CASE WHEN p.last_used_at IS NULL THEN t.last_used_at
+                ELSE GREATEST(t.last_used_at, p.last_used_at) END,
+           COALESCE(t.requests, 0) + p.requests,
+           COALESCE(t.failures, 0) + p.failures,
+           k.prefix, k.metadata, k.rate_limit, k.revoke_reason, k.rotated_from, k.replaced_by,
+           CASE WHEN COALESCE(t.requests, 0) + p.requests + COALESCE(t.failures, 0) + p.failures = 0
+                THEN NULL
+                ELSE (COALESCE(t.failures, 0) + p.failures)::double precision
+                     / (COALESCE(t.requests, 0) + p.requests + COALESCE(t.failures, 0) + p.failures) END,
+           k.disabled_at, k.disable_reason, k.allowed_ips, k.alert_requests_per_minute
+      FROM unnest(p_key_ids) WITH ORDINALITY AS o (id, position)
+      JOIN apikeys.keys k ON k.id = o.id
       CROSS JOIN LATERAL apikeys._pending_usage(k.id) p
       LEFT JOIN LATERAL (
-           SELECT max(ku.last_used_at) AS last_used_at,
-                  sum(ku.requests) FILTER (WHERE ku.day = (now() AT TIME ZONE 'UTC')::date)::bigint AS requests_today,
-                  sum(ku.failures) FILTER (WHERE ku.day = (now() AT TIME ZONE 'UTC')::date)::bigint AS failures_today
-             FROM apikeys.key_usage ku
-            WHERE ku.key_id = k.id) u ON true
-     WHERE k.owner = list_keys.owner
-     ORDER BY k.created_at, k.id;
+           SELECT ku.day, ku.requests, ku.failures, ku.last_used_at FROM apikeys.key_usage ku
+            WHERE ku.key_id = k.id
+            ORDER BY ku.day DESC
+            LIMIT 1) u ON true
+      CROSS JOIN LATERAL (
+           SELECT CASE WHEN u.day = v_today THEN u.requests END AS requests,
+                  CASE WHEN u.day = v_today THEN u.failures END AS failures,
+                  -- A day of refusals only has no last use: look further back.
+                  COALESCE(u.last_used_at,
+                           (SELECT ku.last_used_at FROM apikeys.key_usage ku
+                             WHERE ku.key_id = k.id AND ku.last_used_at IS NOT NULL
+                             ORDER BY ku.day DESC
+                             LIMIT 1)) AS last_used_at) t
+     ORDER BY o.position;
 END
 $$;
-COMMENT ON FUNCTION apikeys.list_keys(text) IS 'An owner''s keys with status and usage; never digests or tokens.';
+COMMENT ON FUNCTION apikeys._key_info(uuid[]) IS 'Internal: the public rows of keys, with usage.';
+
+-- The owner's keys in creation order, a page at a time: pass the key_id of
+-- a page's last row as after to get the next page.
+CREATE FUNCTION apikeys.list_keys(owner text, status text DEFAULT NULL,
+                                  "limit" integer DEFAULT NULL, after uuid DEFAULT NULL)
+RETURNS SETOF apikeys.key_info
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_after  apikeys.keys;
+    v_status text;
+BEGIN
+    PERFORM apikeys._require_text(list_keys.owner, 'owner', 200);
+    IF list_keys.status IS NOT NULL
+       AND list_keys.status NOT IN ('active', 'rotating', 'disabled', 'expired', 'revoked') THEN
+        RAISE EXCEPTION 'unknown status "%"', list_keys.status
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The statuses are active, rotating, disabled, expired and revoked.';
+    END IF;
+    IF list_keys."limit" < 1 OR list_keys."limit" > 1000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL returns every key.';
+    END IF;
+    IF list_keys.after IS NOT NULL THEN
+        SELECT * INTO v_after FROM apikeys.keys k
+         WHERE k.id = list_keys.after AND k.owner = list_keys.owner;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'key % not found', list_keys.after USING ERRCODE = 'no_data_found',
+                  DETAIL = 'after must be the key_id of a row of an earlier page.';
+        END IF;
+    END IF;
+    -- Each status is written as conditions on columns, so that the partial
+    -- indexes of revoked, disabled and rotating keys serve those pages.
+    v_status := CASE list_keys.status
+        WHEN 'revoked' THEN 'k.revoked_at IS NOT NULL'
+        WHEN 'expired' THEN 'k.revoked_at IS NULL AND k.expires_at <= now()'
+        WHEN 'disabled' THEN 'k.revoked_at IS NULL AND k.disabled_at IS NOT NULL'
+                             ' AND (k.expires_at IS NULL OR k.expires_at > now())'
+        WHEN 'rotating' THEN 'k.revoked_at IS NULL AND k.disabled_at IS NULL AND k.replaced_by IS NOT NULL'
+                             ' AND (k.expires_at IS NULL OR k.expires_at > now())'
+        WHEN 'active' THEN 'k.revoked_at IS NULL AND k.disabled_at IS NULL AND k.replaced_by IS NULL'
+                           ' AND (k.expires_at IS NULL OR k.expires_at > now())'
+        ELSE 'true' END;
+    RETURN QUERY EXECUTE format(
+        'SELECT i.* FROM apikeys._key_info(ARRAY('
+        '    SELECT k.id FROM apikeys.keys k'
+        '     WHERE k.owner = $1 AND %s AND %s'
+        '     ORDER BY k.created_at, k.id LIMIT $2)) i',
+        CASE WHEN v_after.id IS NULL THEN 'true' ELSE '(k.created_at, k.id) > ($3, $4)' END,
+        v_status)
+    USING list_keys.owner, list_keys."limit", v_after.created_at, v_after.id;
+END
+$$;
+COMMENT ON FUNCTION apikeys.list_keys(text, text, integer, uuid) IS 'An owner''s keys with status and usage, a page at a time; never digests or tokens.';
+
+CREATE FUNCTION apikeys.get_key(key_id uuid, owner text)
+RETURNS apikeys.key_info
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key  apikeys.keys;
+    v_info apikeys.key_info;
+BEGIN
+    IF get_key.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF get_key.owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to read a key without naming its owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id = get_key.key_id
+       AND (get_key.owner IS NULL OR k.owner = get_key.owner);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', get_key.key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
+    RETURN v_info;
+END
+$$;
+COMMENT ON FUNCTION apikeys.get_key(uuid, text) IS 'One key''s public row with status and usage; never its digest or token.';
+
+-- NULL leaves a field unchanged; clear names the fields to set to NULL.
+CREATE FUNCTION apikeys.update_key(
+    key_id     uuid,
+    owner      text,
+    name       text DEFAULT NULL,
+    scopes     text[] DEFAULT NULL,
+    metadata   jsonb DEFAULT NULL,
+    expires_at timestamptz DEFAULT NULL,
+    rate_limit integer DEFAULT NULL,
+    allowed_ips cidr[] DEFAULT NULL,
+    alert_requests_per_minute integer DEFAULT NULL,
+    clear      text[] DEFAULT '{}')
+RETURNS apikeys.key_info
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key     apikeys.keys;
+    v_field   text;
+    v_info    apikeys.key_info;
+    v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute'];
+BEGIN
+    IF update_key.clear IS NULL OR array_ndims(update_key.clear) > 1 THEN
+        RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_field IN ARRAY update_key.clear LOOP
+        IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN
+            RAISE EXCEPTION 'cannot clear "%"', v_field USING ERRCODE = 'invalid_parameter_value',
+                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips and alert_requests_per_minute.';
+        END IF;
+    END LOOP;
+    IF ('expires_at' = ANY (update_key.clear) AND update_key.expires_at IS NOT NULL)
+       OR ('rate_limit' = ANY (update_key.clear) AND update_key.rate_limit IS NOT NULL)
+       OR ('allowed_ips' = ANY (update_key.clear) AND update_key.allowed_ips IS NOT NULL)
+       OR ('alert_requests_per_minute' = ANY (update_key.clear)
+           AND update_key.alert_requests_per_minute IS NOT NULL) THEN
+        RAISE EXCEPTION 'a field cannot be both set and cleared' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF update_key.expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use revoke() to end a key now.';
+    END IF;
+
+    v_key := apikeys._key_for_change(update_key.key_id, update_key.owner, 'update');
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', update_key.key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be changed.';
+    END IF;
+
+    IF update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (update_key.clear) THEN
+        PERFORM apikeys._expiry_within_plan(v_key.owner, update_key.expires_at, false);
+    END IF;
+
+    -- Bounds, the plan limit for a revived key, the audit row and the
+    -- notification come from the table's triggers.
+    UPDATE apikeys.keys k
+       SET name = COALESCE(update_key.name, k.name),
+           scopes = COALESCE(update_key.scopes, k.scopes),
+           metadata = COALESCE(update_key.metadata, k.metadata),
+           expires_at = CASE WHEN 'expires_at' = ANY (update_key.clear) THEN NULL
+                             ELSE COALESCE(update_key.expires_at, k.expires_at) END,
+           rate_limit = CASE WHEN 'rate_limit' = ANY (update_key.clear) THEN NULL
+                             ELSE COALESCE(update_key.rate_limit, k.rate_limit) END,
+           allowed_ips = CASE WHEN 'allowed_ips' = ANY (update_key.clear) THEN NULL
+                              ELSE COALESCE(update_key.allowed_ips, k.allowed_ips) END,
+           alert_requests_per_minute = CASE WHEN 'alert_requests_per_minute' = ANY (update_key.clear) THEN NULL
+                                            ELSE COALESCE(update_key.alert_requests_per_minute,
+                                                          k.alert_requests_per_minute) END
+     WHERE k.id = v_key.id
+    RETURNING * INTO v_key;
+
+    SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
+    RETURN v_info;
+END
+$$;
+COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit, networks or alert threshold; NULL leaves a field as it is, clear empties fields.';
+
+CREATE FUNCTION apikeys.disable_key(key_id uuid, owner text, reason text DEFAULT NULL)
+RETURNS timestamptz
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    v_key := apikeys._key_for_change(disable_key.key_id, disable_key.owner, 'disable');
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', disable_key.key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be disabled or enabled.';
+    END IF;
+    IF v_key.disabled_at IS NOT NULL THEN
+        RETURN v_key.disabled_at;
+    END IF;
+    UPDATE apikeys.keys k
+       SET disabled_at = now(), disabled_by = apikeys._actor(), disable_reason = disable_key.reason
+     WHERE k.id = v_key.id
+    RETURNING k.disabled_at INTO v_key.disabled_at;
+    RETURN v_key.disabled_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys.disable_key(uuid, text, text) IS 'Suspends a key until enable_key: verify answers API_KEY_DISABLED; the key keeps its plan slot. Returns the original disabled_at when already disabled.';
+
+CREATE FUNCTION apikeys.enable_key(key_id uuid, owner text)
+RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    v_key := apikeys._key_for_change(enable_key.key_id, enable_key.owner, 'enable');
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', enable_key.key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be disabled or enabled.';
+    END IF;
+    IF v_key.disabled_at IS NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE apikeys.keys k
+       SET disabled_at = NULL, disabled_by = NULL, disable_reason = NULL
+     WHERE k.id = v_key.id;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION apikeys.enable_key(uuid, text) IS 'Resumes a disabled key; false when it was not disabled.';
+
+-- The work of usage(); PL/pgSQL cannot name an input and a result column
+-- alike (key_id), so usage() is a SQL wrapper around this.  Per key and UTC
+-- day; today's row includes the counts still in shared memory, as
+-- list_keys does.
+CREATE FUNCTION apikeys._usage(p_owner text, p_from_day date, p_to_day date, p_key_id uuid)
+RETURNS TABLE (usage_key_id uuid, usage_day date, usage_requests bigint, usage_failures bigint,
+               usage_error_rate double precision, usage_last_used_at timestamptz)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+BEGIN
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to read usage without naming an owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    IF p_from_day IS NULL OR p_to_day IS NULL THEN
+        RAISE EXCEPTION 'from_day and to_day must not be null' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_from_day > p_to_day THEN
+        RAISE EXCEPTION 'from_day is after to_day' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_to_day - p_from_day >= 366 THEN
+        RAISE EXCEPTION 'a usage query covers at most 366 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_key_id IS NOT NULL AND NOT EXISTS (
+           SELECT FROM apikeys.keys k
+            WHERE k.id = p_key_id AND (p_owner IS NULL OR k.owner = p_owner)) THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    WITH owned AS (
+        SELECT k.id FROM apikeys.keys k
+         WHERE (p_owner IS NULL OR k.owner = p_owner)
+           AND (p_key_id IS NULL OR k.id = p_key_id)),
+    counted AS (
+        SELECT ku.key_id AS id, ku.day AS d, ku.requests AS r, ku.failures AS f, ku.last_used_at AS l
+          FROM owned JOIN apikeys.key_usage ku ON ku.key_id = owned.id
+         WHERE ku.day BETWEEN p_from_day AND p_to_day
+        UNION ALL
+        SELECT owned.id, v_today, p.requests, p.failures, p.last_used_at
+          FROM owned CROSS JOIN LATERAL apikeys._pending_usage(owned.id) p
+         WHERE v_today BETWEEN p_from_day AND p_to_day
+           AND (p.requests > 0 OR p.failures > 0))
+    SELECT c.id, c.d, sum(c.r)::bigint, sum(c.f)::bigint,
+           CASE WHEN sum(c.r) + sum(c.f) = 0 THEN NULL
+                ELSE sum(c.f)::double precision / (sum(c.r) + sum(c.f)) END,
+           max(c.l)
+      FROM counted c
+     GROUP BY c.id, c.d
+     ORDER BY c.d, c.id;
+END
+$$;
+COMMENT ON FUNCTION apikeys._usage(text, date, date, uuid) IS 'Internal: the body of usage().';
+
+CREATE FUNCTION apikeys.usage(owner text, from_day date, to_day date, key_id uuid DEFAULT NULL)
+RETURNS TABLE (key_id uuid, day date, requests bigint, failures bigint,
+               error_rate double precision, last_used_at timestamptz)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._usage(owner, from_day, to_day, key_id)
+$$;
+COMMENT ON FUNCTION apikeys.usage(text, date, date, uuid) IS 'Requests, failures, error rate and last use per key and UTC day (at most 366 days), counts not yet written included.';
 
 CREATE FUNCTION apikeys.set_plan(owner text, plan text)
 RETURNS void
@@ -1107,10 +1582,11 @@ BEGIN
 
     IF OLD.revoked_at IS NOT NULL AND (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at
                                        OR NEW.revoked_by IS DISTINCT FROM OLD.revoked_by
-                                       OR NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason) THEN
+                                       OR NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason
+                                       OR NEW.disabled_at IS DISTINCT FROM OLD.disabled_at) THEN
         RAISE EXCEPTION 'key % is revoked', OLD.id
             USING ERRCODE = 'object_not_in_prerequisite_state',
-                  DETAIL = 'A revoked key stays revoked: its revoked_at, revoked_by and revoke_reason never change.',
+                  DETAIL = 'A revoked key stays revoked: its revoked_at, revoked_by, revoke_reason and disabled_at never change.',
                   HINT = 'Create a new key instead.';
     END IF;
 
@@ -1135,12 +1611,18 @@ BEGIN
     END IF;
 
     IF NEW.name IS DISTINCT FROM OLD.name OR NEW.scopes IS DISTINCT FROM OLD.scopes
-       OR NEW.metadata IS DISTINCT FROM OLD.metadata OR NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN
+       OR NEW.metadata IS DISTINCT FROM OLD.metadata OR NEW.rate_limit IS DISTINCT FROM OLD.rate_limit
+       OR NEW.allowed_ips IS DISTINCT FROM OLD.allowed_ips
+       OR NEW.alert_requests_per_minute IS DISTINCT FROM OLD.alert_requests_per_minute
+       OR NEW.disable_reason IS DISTINCT FROM OLD.disable_reason THEN
         PERFORM apikeys._require_key_fields(NEW);
     END IF;
 
     IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
         NEW.revoked_by := apikeys._actor();
+    END IF;
+    IF OLD.disabled_at IS NULL AND NEW.disabled_at IS NOT NULL AND NEW.disabled_by IS NULL THEN
+        NEW.disabled_by := apikeys._actor();
     END IF;
 
     -- Extending an expired key's expiry brings it back into the count.
@@ -1189,7 +1671,10 @@ AS $$
 BEGIN
     IF TG_OP = 'INSERT' AND apikeys._restoring(TG_RELID) THEN
         IF EXISTS (SELECT FROM apikeys.plans p WHERE p.name = NEW.name) THEN
-            UPDATE apikeys.plans p SET max_keys = NEW.max_keys, description = NEW.description
+            UPDATE apikeys.plans p
+               SET max_keys = NEW.max_keys, description = NEW.description,
+                   max_key_lifetime = NEW.max_key_lifetime,
+                   alert_requests_per_minute = NEW.alert_requests_per_minute
              WHERE p.name = NEW.name;
             RETURN NULL;
         END IF;
@@ -1202,6 +1687,14 @@ BEGIN
     END IF;
     IF length(NEW.description) > 1000 THEN
         RAISE EXCEPTION 'description is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.max_key_lifetime <= '0'::interval THEN
+        RAISE EXCEPTION 'max_key_lifetime must be positive' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means keys may live for ever.';
+    END IF;
+    IF NEW.alert_requests_per_minute < 0 THEN
+        RAISE EXCEPTION 'alert_requests_per_minute must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Zero turns alerts off for the plan; NULL uses apikeys.alert_requests_per_minute.';
     END IF;
     RETURN NEW;
 END
@@ -1250,16 +1743,22 @@ END
 $$;
 COMMENT ON FUNCTION apikeys._audit_refuse_change() IS 'Internal: the audit log is append-only.';
 
--- Lifecycle events, in the transaction of the change, whoever writes it.
--- Functions name their context (revoke_all, revoke_token) in the
--- superuser-only setting apikeys.audit_context, read through the library.
+-- Lifecycle events, in the transaction of the change, whoever writes it,
+-- each also sent as NOTIFY apikeys_event (delivered at commit) so that
+-- applications can drop what they cached.  Functions name their context
+-- (revoke_all, revoke_token) in the superuser-only setting
+-- apikeys.audit_context, read through the library.
 CREATE FUNCTION apikeys._keys_audit() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
     v_context text := apikeys._audit_context();
+    v_old     jsonb;
+    v_new     jsonb;
     v_changed text[];
+    v_events  text[] := '{}';
+    v_event   text;
 BEGIN
     IF apikeys._restoring(TG_RELID) THEN
         RETURN NULL;
@@ -1268,11 +1767,15 @@ BEGIN
         PERFORM apikeys._audit('key_created', NEW.id, NEW.owner,
             jsonb_build_object('name', NEW.name, 'start', NEW.start, 'scopes', NEW.scopes,
                 'expires_at', NEW.expires_at, 'rate_limit', NEW.rate_limit,
-                'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at));
+                'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at,
+                'allowed_ips', NEW.allowed_ips,
+                'alert_requests_per_minute', NEW.alert_requests_per_minute));
+        v_events := ARRAY['created'];
     ELSIF OLD.replaced_by IS NULL AND NEW.replaced_by IS NOT NULL THEN
         PERFORM apikeys._audit('key_rotated', NEW.id, NEW.owner,
             jsonb_build_object('replaced_by', NEW.replaced_by,
                 'valid_until', COALESCE(NEW.revoked_at, NEW.expires_at)));
+        v_events := ARRAY['rotated'];
     ELSIF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL THEN
         PERFORM apikeys._audit(
             CASE v_context WHEN 'revoke_all' THEN 'keys_revoked_all'
@@ -1280,24 +1783,40 @@ BEGIN
                            ELSE 'key_revoked' END,
             NEW.id, NEW.owner,
             jsonb_build_object('reason', NEW.revoke_reason, 'revoked_at', NEW.revoked_at));
+        v_events := ARRAY['revoked'];
     ELSE
-        v_changed := ARRAY(SELECT c FROM unnest(ARRAY[
-            CASE WHEN NEW.name IS DISTINCT FROM OLD.name THEN 'name' END,
-            CASE WHEN NEW.scopes IS DISTINCT FROM OLD.scopes THEN 'scopes' END,
-            CASE WHEN NEW.metadata IS DISTINCT FROM OLD.metadata THEN 'metadata' END,
-            CASE WHEN NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN 'rate_limit' END,
-            CASE WHEN NEW.expires_at IS DISTINCT FROM OLD.expires_at THEN 'expires_at' END]) c
-            WHERE c IS NOT NULL);
+        IF OLD.disabled_at IS NULL AND NEW.disabled_at IS NOT NULL THEN
+            PERFORM apikeys._audit('key_disabled', NEW.id, NEW.owner,
+                jsonb_build_object('reason', NEW.disable_reason, 'disabled_at', NEW.disabled_at));
+            v_events := v_events || 'disabled'::text;
+        ELSIF OLD.disabled_at IS NOT NULL AND NEW.disabled_at IS NULL THEN
+            PERFORM apikeys._audit('key_enabled', NEW.id, NEW.owner,
+                jsonb_build_object('disabled_at', OLD.disabled_at));
+            v_events := v_events || 'enabled'::text;
+        END IF;
+        -- The changed fields, old and new: never a digest (which cannot change).
+        v_old := to_jsonb(OLD);
+        v_new := to_jsonb(NEW);
+        v_changed := ARRAY(SELECT f FROM unnest(ARRAY['name', 'scopes', 'metadata', 'rate_limit',
+                                                      'expires_at', 'allowed_ips',
+                                                      'alert_requests_per_minute']) f
+                            WHERE v_old -> f IS DISTINCT FROM v_new -> f);
         IF cardinality(v_changed) > 0 THEN
             PERFORM apikeys._audit('key_updated', NEW.id, NEW.owner,
-                jsonb_build_object('changed', v_changed, 'name', NEW.name, 'scopes', NEW.scopes,
-                    'rate_limit', NEW.rate_limit, 'expires_at', NEW.expires_at));
+                jsonb_build_object('changed', v_changed,
+                    'old', (SELECT jsonb_object_agg(f, v_old -> f) FROM unnest(v_changed) f),
+                    'new', (SELECT jsonb_object_agg(f, v_new -> f) FROM unnest(v_changed) f)));
+            v_events := v_events || 'updated'::text;
         END IF;
     END IF;
+    FOREACH v_event IN ARRAY v_events LOOP
+        PERFORM pg_notify('apikeys_event',
+            jsonb_build_object('key_id', NEW.id, 'owner', NEW.owner, 'event', v_event)::text);
+    END LOOP;
     RETURN NULL;
 END
 $$;
-COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows for key changes.';
+COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows and NOTIFY apikeys_event for key changes.';
 
 CREATE FUNCTION apikeys._owners_audit() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1362,12 +1881,16 @@ CREATE TRIGGER owners_before_write BEFORE INSERT OR UPDATE OF owner ON apikeys.o
     FOR EACH ROW EXECUTE FUNCTION apikeys._owners_before_write();
 CREATE TRIGGER owners_audit AFTER INSERT OR UPDATE ON apikeys.owners
     FOR EACH ROW EXECUTE FUNCTION apikeys._owners_audit();
+CREATE TRIGGER owners_policy_changed AFTER UPDATE OF plan OR DELETE OR TRUNCATE ON apikeys.owners
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._policy_changed();
 
 -- apikeys.plans
 CREATE TRIGGER plans_before_write BEFORE INSERT OR UPDATE ON apikeys.plans
     FOR EACH ROW EXECUTE FUNCTION apikeys._plans_before_write();
 CREATE TRIGGER plans_audit AFTER INSERT OR UPDATE OR DELETE ON apikeys.plans
     FOR EACH ROW EXECUTE FUNCTION apikeys._plans_audit();
+CREATE TRIGGER plans_policy_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._policy_changed();
 
 -- apikeys.audit_log
 CREATE TRIGGER audit_before_insert BEFORE INSERT ON apikeys.audit_log
@@ -1379,8 +1902,8 @@ CREATE TRIGGER audit_refuse_truncate BEFORE TRUNCATE ON apikeys.audit_log
 
 ------------------------------------------------------------------------------
 -- 10. Privileges.  PUBLIC gets nothing.  apikeys_app may call verify,
--- authenticate, create_key, list_keys, revoke, rotate, the apikey functions
--- and status.  apikeys_admin may call those and revoke_all, revoke_token,
+-- authenticate, create_key, list_keys, get_key, update_key, disable_key,
+-- enable_key, usage, revoke, rotate, the apikey functions and status.  apikeys_admin may call those and revoke_all, revoke_token,
 -- set_plan, audit_verify, purge_audit and flush; it may read every table but
 -- _audit_chain_lock, write plans, and update the columns of keys that may
 -- change.  apikeys_worker writes what the background workers write.  No role
@@ -1390,17 +1913,23 @@ CREATE TRIGGER audit_refuse_truncate BEFORE TRUNCATE ON apikeys.audit_log
 REVOKE ALL ON SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
-REVOKE ALL ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result FROM PUBLIC;
+REVOKE ALL ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result,
+    apikeys.key_info FROM PUBLIC;
 
 GRANT USAGE ON SCHEMA apikeys TO apikeys_admin, apikeys_app, apikeys_worker;
-GRANT USAGE ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result
-    TO apikeys_admin, apikeys_app;
+GRANT USAGE ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result,
+    apikeys.key_info TO apikeys_admin, apikeys_app;
 
 GRANT EXECUTE ON FUNCTION
-    apikeys.verify(text, text[]),
-    apikeys.authenticate(text, text[]),
-    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer),
-    apikeys.list_keys(text),
+    apikeys.verify(text, text[], inet),
+    apikeys.authenticate(text, text[], inet),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer),
+    apikeys.list_keys(text, text, integer, uuid),
+    apikeys.get_key(uuid, text),
+    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]),
+    apikeys.disable_key(uuid, text, text),
+    apikeys.enable_key(uuid, text),
+    apikeys.usage(text, date, date, uuid),
     apikeys.revoke(uuid, text, text),
     apikeys.rotate(uuid, text, interval),
     apikeys.prefix(apikeys.apikey),
@@ -1422,7 +1951,8 @@ TO apikeys_admin;
 GRANT SELECT ON ALL TABLES IN SCHEMA apikeys TO apikeys_admin;
 REVOKE SELECT ON apikeys._audit_chain_lock FROM apikeys_admin;
 GRANT INSERT, UPDATE, DELETE ON apikeys.plans TO apikeys_admin;
-GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at) ON apikeys.keys TO apikeys_admin;
+GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at, allowed_ips, alert_requests_per_minute)
+    ON apikeys.keys TO apikeys_admin;
 
 -- The background workers: queued records into the audit log, counts into key_usage.
 GRANT INSERT ON apikeys.audit_log TO apikeys_worker;

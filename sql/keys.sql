@@ -101,7 +101,7 @@ SELECT left(name, 12) AS name, start ~ '^ak_live_[0-9A-Za-z]{4}$' AS start_ok, s
        last_used_at, requests_today, failures_today
   FROM apikeys.list_keys('keys-acme') ORDER BY name;
 SELECT count(*) AS columns_exposing_digest_or_token
-  FROM pg_catalog.pg_proc p, unnest(p.proargnames) a
- WHERE p.oid = 'apikeys.list_keys(text)'::regprocedure AND a IN ('digest', 'token');
+  FROM pg_catalog.pg_attribute a
+ WHERE a.attrelid = 'apikeys.key_info'::regclass AND a.attname IN ('digest', 'token');
 SELECT count(*) AS other_owner_rows FROM apikeys.list_keys('keys-nobody');
 SELECT pg_temp.try($$SELECT apikeys.list_keys(NULL)$$) AS null_owner;

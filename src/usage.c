@@ -309,8 +309,8 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 
 /* Counts a verification that would pass, enforcing the key's rate limit. */
 UsageOutcome
-usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requests,
-					int32 *alert_threshold)
+usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 *alert_threshold,
+					int64 *alert_requests)
 {
 	TimestampTz now;
 	int64		minute;
@@ -323,6 +323,8 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 	*alert_requests = 0;
 	if (usage_table == NULL)
 		return USAGE_UNTRACKED;
+	if (*alert_threshold < 0)
+		*alert_threshold = alert_requests_per_minute;
 
 	now_parts(&now, &minute, &day);
 	e = get_entry(key_id, day, minute, &lock);
@@ -352,13 +354,12 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int64 *alert_requ
 			e->pending.last_used_at = now;
 		}
 		outcome = USAGE_ALLOWED;
-		if (alert_requests_per_minute > 0 && !standby &&
-			e->minute_count > alert_requests_per_minute &&
+		if (*alert_threshold > 0 && !standby &&
+			e->minute_count > *alert_threshold &&
 			e->alerted_minute != minute)
 		{
 			e->alerted_minute = minute;
 			*alert_requests = e->minute_count;
-			*alert_threshold = alert_requests_per_minute;
 		}
 	}
 	SpinLockRelease(&e->mutex);

@@ -42,12 +42,13 @@ extern void usage_init(void);
 
 /*
  * Counts a verification that would return VALID, enforcing rate_limit
- * (<= 0: none).  When this request passes the alert threshold for the
- * first time this minute, *alert_requests is the minute's requests and
- * *alert_threshold the threshold; else *alert_requests is 0.
+ * (<= 0: none).  *alert_threshold is the key's (or its plan's) threshold,
+ * or -1 for apikeys.alert_requests_per_minute, which it then becomes.  When
+ * this request passes the threshold for the first time this minute,
+ * *alert_requests is the minute's requests; else 0.
  */
 extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limit,
-										int64 *alert_requests, int32 *alert_threshold);
+										int32 *alert_threshold, int64 *alert_requests);
 
 /* Counts a refusal of a key that exists (revoked, expired, scope). */
 extern void usage_count_failure(const pg_uuid_t *key_id);

@@ -13,20 +13,24 @@
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
+#include "utils/inet.h"
 #include "utils/inval.h"
 #include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
 
+#include <sys/socket.h>
 #include <sodium.h>
 
 #include "audit.h"
 #include "launcher.h"
+#include "policy.h"
 #include "queue.h"
 #include "token.h"
 #include "usage.h"
@@ -47,11 +51,17 @@ typedef struct FoundKey
 	Datum		expires_at;
 	bool		expires_null;
 	int32		rate_limit;		/* 0: none */
+	int32		alert_threshold;	/* the key's own; -1: its plan's */
 	bool		revoked;
+	bool		disabled;
+	ArrayType  *allowed_ips;	/* NULL: any address */
 	bool		created_here;	/* by this transaction, so it may yet roll back */
 } FoundKey;
 
-/* Column numbers of apikeys.keys, fixed by the install script's CREATE TABLE. */
+/*
+ * Column numbers of apikeys.keys that 1.0 created; a 1.0 install and an
+ * upgraded one share them (upgrades only append columns).
+ */
 #define KEYS_ATT_ID			1
 #define KEYS_ATT_OWNER		2
 #define KEYS_ATT_NAME		3
@@ -80,6 +90,10 @@ verify_code_name(VerifyCode code)
 			return "INSUFFICIENT_SCOPE";
 		case VERIFY_RATE_LIMITED:
 			return "RATE_LIMITED";
+		case VERIFY_DISABLED:
+			return "API_KEY_DISABLED";
+		case VERIFY_IP_NOT_ALLOWED:
+			return "IP_NOT_ALLOWED";
 	}
 	return "API_KEY_INVALID";
 }
@@ -89,7 +103,16 @@ static Oid	cached_keys_relid = InvalidOid;
 static Oid	cached_digest_indexid = InvalidOid;
 static bool relcache_callback_registered = false;
 
-/* Any change to either relation (or a drop of the extension) forgets them. */
+/*
+ * Column numbers of the columns 1.1 added, looked up by name with the OIDs:
+ * InvalidAttrNumber while the database's schema is still 1.0, so one library
+ * serves both.
+ */
+static AttrNumber att_disabled_at = InvalidAttrNumber;
+static AttrNumber att_allowed_ips = InvalidAttrNumber;
+static AttrNumber att_alert_threshold = InvalidAttrNumber;
+
+/* Any change to either relation (ALTER EXTENSION UPDATE, a drop) forgets them. */
 static void
 forget_keys_relation(Datum arg, Oid relid)
 {
@@ -98,6 +121,15 @@ forget_keys_relation(Datum arg, Oid relid)
 		cached_keys_relid = InvalidOid;
 		cached_digest_indexid = InvalidOid;
 	}
+}
+
+/* The column's number, or InvalidAttrNumber when this schema version lacks it. */
+static AttrNumber
+keys_column(Oid relid, const char *name)
+{
+	AttrNumber	attnum = get_attnum(relid, name);
+
+	return attnum > 0 ? attnum : InvalidAttrNumber;
 }
 
 /* The OIDs of apikeys.keys and its digest index, looked up once per backend. */
@@ -119,6 +151,9 @@ keys_relation_oids(Oid *relid, Oid *indexid)
 			CacheRegisterRelcacheCallback(forget_keys_relation, (Datum) 0);
 			relcache_callback_registered = true;
 		}
+		att_disabled_at = keys_column(heap, "disabled_at");
+		att_allowed_ips = keys_column(heap, "allowed_ips");
+		att_alert_threshold = keys_column(heap, "alert_requests_per_minute");
 		cached_keys_relid = heap;
 		cached_digest_indexid = index;
 	}
@@ -203,6 +238,28 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 		found->rate_limit = isnull ? 0 : DatumGetInt32(rate_limit);
 		(void) slot_getattr(slot, KEYS_ATT_REVOKED_AT, &isnull);
 		found->revoked = !isnull;
+		found->disabled = false;
+		found->allowed_ips = NULL;
+		found->alert_threshold = -1;
+		if (att_disabled_at != InvalidAttrNumber)
+		{
+			(void) slot_getattr(slot, att_disabled_at, &isnull);
+			found->disabled = !isnull;
+		}
+		if (att_allowed_ips != InvalidAttrNumber)
+		{
+			Datum		ips = copy_attr(slot, att_allowed_ips, &isnull);
+
+			if (!isnull)
+				found->allowed_ips = DatumGetArrayTypeP(ips);
+		}
+		if (att_alert_threshold != InvalidAttrNumber)
+		{
+			Datum		threshold = slot_getattr(slot, att_alert_threshold, &isnull);
+
+			if (!isnull)
+				found->alert_threshold = DatumGetInt32(threshold);
+		}
 		found->created_here = TransactionIdIsCurrentTransactionId(
 			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
 	}
@@ -305,10 +362,39 @@ check_required_scopes(ArrayType *required)
 				 errhidecontext(true)));
 }
 
+/*
+ * Whether a key with an allow-list may be used from client_ip: it must be a
+ * single host address inside one of the networks.  An unknown address
+ * (NULL), or a network given in its place, never is: fail closed.
+ */
+static bool
+address_allowed(ArrayType *allowed_ips, Datum client_ip, bool client_ip_null)
+{
+	inet	   *address;
+	Datum	   *networks;
+	bool	   *nulls;
+	int			n;
+
+	if (client_ip_null || ARR_ELEMTYPE(allowed_ips) != CIDROID)
+		return false;
+	address = DatumGetInetPP(client_ip);
+	if (ip_bits(address) != ip_maxbits(address))
+		return false;
+	deconstruct_array(allowed_ips, CIDROID, -1, false, TYPALIGN_INT, &networks, &nulls, &n);
+	for (int i = 0; i < n; i++)
+	{
+		CHECK_FOR_INTERRUPTS();
+		if (!nulls[i] &&
+			DatumGetBool(DirectFunctionCall2(network_subeq, PointerGetDatum(address), networks[i])))
+			return true;
+	}
+	return false;
+}
+
 /* The verify code of a token, from its format and its key's row alone. */
 static VerifyCode
-decide(text *token, ArrayType *required, FoundKey *key, bool *found_key,
-	   size_t *prefix_len)
+decide(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
+	   FoundKey *key, bool *found_key, size_t *prefix_len)
 {
 	unsigned char digest[TOKEN_DIGEST_LEN];
 
@@ -331,6 +417,11 @@ decide(text *token, ArrayType *required, FoundKey *key, bool *found_key,
 	if (!key->expires_null &&
 		DatumGetTimestampTz(key->expires_at) <= GetCurrentTransactionStartTimestamp())
 		return VERIFY_EXPIRED;
+	if (key->disabled)
+		return VERIFY_DISABLED;
+	if (key->allowed_ips != NULL &&
+		!address_allowed(key->allowed_ips, client_ip, client_ip_null))
+		return VERIFY_IP_NOT_ALLOWED;
 	if (!scopes_satisfied(key->scopes, required))
 		return VERIFY_INSUFFICIENT_SCOPE;
 	return VERIFY_VALID;
@@ -344,10 +435,12 @@ decide(text *token, ArrayType *required, FoundKey *key, bool *found_key,
  * matched one, else per prefix).
  */
 static VerifyCode
-verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
+verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
+			 FoundKey *key, bool *found_key)
 {
 	size_t		prefix_len = 0;
-	VerifyCode	code = decide(token, required, key, found_key, &prefix_len);
+	VerifyCode	code = decide(token, required, client_ip, client_ip_null, key, found_key,
+							  &prefix_len);
 
 	/*
 	 * Counts and audit records name a key only if it will still exist when
@@ -361,8 +454,10 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 		int64		alert_requests;
 		int32		alert_threshold;
 
+		alert_threshold = key->alert_threshold >= 0 ? key->alert_threshold
+			: policy_alert_threshold(key->owner);
 		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit,
-								&alert_requests, &alert_threshold) == USAGE_RATE_LIMITED)
+								&alert_threshold, &alert_requests) == USAGE_RATE_LIMITED)
 			code = VERIFY_RATE_LIMITED;
 		if (alert_requests > 0)
 			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
@@ -385,7 +480,7 @@ verify_token(text *token, ArrayType *required, FoundKey *key, bool *found_key)
 PG_FUNCTION_INFO_V1(apikeys_verify);
 
 /*
- * verify(token text, required_scopes text[]) returns
+ * verify(token text, required_scopes text[], client_ip inet) returns
  * (valid, code, key_id, owner, name, scopes, metadata, expires_at).
  * A refused key that exists still reports which key it was.
  */
@@ -394,6 +489,8 @@ apikeys_verify(PG_FUNCTION_ARGS)
 {
 	text	   *token = PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0);
 	ArrayType  *required = PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1);
+	bool		client_ip_null = PG_NARGS() < 3 || PG_ARGISNULL(2);
+	Datum		client_ip = client_ip_null ? (Datum) 0 : PG_GETARG_DATUM(2);
 	TupleDesc	tupdesc;
 	FoundKey	key;
 	bool		found;
@@ -403,7 +500,7 @@ apikeys_verify(PG_FUNCTION_ARGS)
 
 	tupdesc = result_tupdesc(fcinfo);
 	check_required_scopes(required);
-	code = verify_token(token, required, &key, &found);
+	code = verify_token(token, required, client_ip, client_ip_null, &key, &found);
 
 	values[0] = BoolGetDatum(code == VERIFY_VALID);
 	values[1] = CStringGetTextDatum(verify_code_name(code));
@@ -427,7 +524,7 @@ apikeys_verify(PG_FUNCTION_ARGS)
 PG_FUNCTION_INFO_V1(apikeys_authenticate);
 
 /*
- * authenticate(token text, required_scopes text[]) returns
+ * authenticate(token text, required_scopes text[], client_ip inet) returns
  * (key_id, owner, name, scopes, metadata), or raises 28000 whose message is
  * the verify code.
  */
@@ -436,6 +533,8 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 {
 	text	   *token = PG_ARGISNULL(0) ? NULL : PG_GETARG_TEXT_PP(0);
 	ArrayType  *required = PG_ARGISNULL(1) ? NULL : PG_GETARG_ARRAYTYPE_P(1);
+	bool		client_ip_null = PG_NARGS() < 3 || PG_ARGISNULL(2);
+	Datum		client_ip = client_ip_null ? (Datum) 0 : PG_GETARG_DATUM(2);
 	TupleDesc	tupdesc;
 	FoundKey	key;
 	bool		found;
@@ -445,7 +544,7 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 
 	tupdesc = result_tupdesc(fcinfo);
 	check_required_scopes(required);
-	code = verify_token(token, required, &key, &found);
+	code = verify_token(token, required, client_ip, client_ip_null, &key, &found);
 
 	/* The failing statement's text, or a caller's in the context, may hold the token. */
 	if (code != VERIFY_VALID)

@@ -8,6 +8,7 @@
 #   installcheck (isolation)       isolation specs, likewise
 #   installcheck-nopreload         pg_regress on a temporary server without the preload
 #   prove_installcheck             TAP tests (each starts its own servers)
+#   clientcheck                    client examples (test/clients) on their own server
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 WORK=$(mktemp -d /tmp/apikeys-work.XXXXXX)
@@ -40,11 +41,13 @@ suite regress installcheck TEMP_INSTANCE=1 ISOLATION= TAP_TESTS=
 suite isolation installcheck TEMP_INSTANCE=1 REGRESS= TAP_TESTS=
 suite nopreload installcheck-nopreload TEMP_INSTANCE=1
 suite tap prove_installcheck
+suite clients clientcheck
 
-echo "== benchmark smoke run (proves test/bench/run.sh works; figures are not judged)"
-APIKEYS_SKIP_BUILD=1 bash "$REPO/test/bench/run.sh" --smoke || failures+=("bench-smoke")
+echo "== benchmark smoke runs (prove test/bench/run.sh and manage.sh work; figures are not judged)"
+{ APIKEYS_SKIP_BUILD=1 bash "$REPO/test/bench/run.sh" --smoke &&
+  APIKEYS_SKIP_BUILD=1 bash "$REPO/test/bench/manage.sh" --smoke; } || failures+=("bench-smoke")
 
-suites=6
+suites=7
 echo "suites: $((suites - ${#failures[@]})) passed, ${#failures[@]} failed"
 if [ ${#failures[@]} -gt 0 ]; then
     echo "FAILED: ${failures[*]}"

@@ -15,7 +15,7 @@ as_postgres() {
 
 install_packages() {
     local pkgs=(build-essential postgresql-15 postgresql-server-dev-15
-                libsodium-dev libipc-run-perl)
+                libsodium-dev libipc-run-perl python3-psycopg)
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -1,0 +1,949 @@
+-- apikeys 1.0 -> 1.1: ALTER EXTENSION apikeys UPDATE runs this script.
+--
+-- Adds what an application needs to manage keys without an admin
+-- connection: update_key, get_key, a paged list_keys, usage history,
+-- disable_key/enable_key, NOTIFY apikeys_event, plan policies (key lifetime,
+-- alert thresholds) and client-IP allow-lists.  Every token, audit row and
+-- count is kept: columns are only added, and functions are replaced.
+--
+-- A fresh 1.1 install (sql/apikeys.sql) defines the same objects;
+-- test/tap/008_upgrade.pl compares the two from the catalogs.  So every
+-- definition below is written exactly as it is there.
+
+\echo Use "ALTER EXTENSION apikeys UPDATE TO '1.1'" to load this file. \quit
+
+------------------------------------------------------------------------------
+-- Columns.  Appended, so a 1.0 row keeps its layout and needs no rewrite.
+------------------------------------------------------------------------------
+ALTER TABLE apikeys.plans
+    ADD COLUMN max_key_lifetime interval
+        CHECK (max_key_lifetime OPERATOR(pg_catalog.>) '0'::interval),
+    ADD COLUMN alert_requests_per_minute integer
+        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0);
+COMMENT ON COLUMN apikeys.plans.max_key_lifetime IS 'Longest a key of this plan may live: created and rotated keys expire no later than this after their creation; NULL: no limit.';
+COMMENT ON COLUMN apikeys.plans.alert_requests_per_minute IS 'Usage-alert threshold for this plan''s keys (0: off); NULL: apikeys.alert_requests_per_minute.';
+
+ALTER TABLE apikeys.keys
+    ADD COLUMN disabled_at timestamptz,
+    ADD COLUMN disabled_by text,
+    ADD COLUMN disable_reason text
+        CHECK (pg_catalog.length(disable_reason) OPERATOR(pg_catalog.<=) 1000),
+    ADD COLUMN allowed_ips cidr[]
+        CHECK (pg_catalog.cardinality(allowed_ips) OPERATOR(pg_catalog.<=) 64),
+    ADD COLUMN alert_requests_per_minute integer
+        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0);
+COMMENT ON COLUMN apikeys.keys.disabled_at IS 'When disable_key suspended the key (NULL: not disabled); enable_key clears it.';
+COMMENT ON COLUMN apikeys.keys.disabled_by IS 'Who disabled the key: apikeys.actor, else the calling role.';
+COMMENT ON COLUMN apikeys.keys.disable_reason IS 'Why the key was disabled; at most 1000 characters.';
+COMMENT ON COLUMN apikeys.keys.allowed_ips IS 'Client addresses the key may be used from (at most 64 networks); NULL: any address.';
+COMMENT ON COLUMN apikeys.keys.alert_requests_per_minute IS 'Usage-alert threshold of this key (0: off); NULL: its plan''s.';
+
+-- Keyset paging of list_keys: (created_at, id) is the cursor.
+DROP INDEX apikeys.keys_owner_created_idx;
+CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at, id);
+-- Pages of list_keys filtered to the rarer statuses read only those keys.
+CREATE INDEX keys_owner_revoked_idx ON apikeys.keys (owner, created_at, id)
+    WHERE revoked_at IS NOT NULL;
+CREATE INDEX keys_owner_disabled_idx ON apikeys.keys (owner, created_at, id)
+    WHERE revoked_at IS NULL AND disabled_at IS NOT NULL;
+CREATE INDEX keys_owner_rotating_idx ON apikeys.keys (owner, created_at, id)
+    WHERE revoked_at IS NULL AND replaced_by IS NOT NULL;
+
+------------------------------------------------------------------------------
+-- Types.
+------------------------------------------------------------------------------
+COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, API_KEY_DISABLED, IP_NOT_ALLOWED, INSUFFICIENT_SCOPE or RATE_LIMITED.';
+
+CREATE TYPE apikeys.key_info AS (
+    key_id uuid, name text, start text, scopes text[], status text,
+    created_at timestamptz, expires_at timestamptz, revoked_at timestamptz,
+    last_used_at timestamptz, requests_today bigint, failures_today bigint,
+    prefix text, metadata jsonb, rate_limit integer, revoke_reason text,
+    rotated_from uuid, replaced_by uuid, error_rate_today double precision,
+    disabled_at timestamptz, disable_reason text, allowed_ips cidr[],
+    alert_requests_per_minute integer);
+COMMENT ON TYPE apikeys.key_info IS 'One key''s public row, as get_key, list_keys and update_key return it: never a digest or token.';
+COMMENT ON COLUMN apikeys.key_info.key_id IS 'Key id.';
+COMMENT ON COLUMN apikeys.key_info.name IS 'The key''s label.';
+COMMENT ON COLUMN apikeys.key_info.start IS 'Prefix, "_" and the first four secret characters.';
+COMMENT ON COLUMN apikeys.key_info.scopes IS 'Granted scopes.';
+COMMENT ON COLUMN apikeys.key_info.status IS 'revoked, expired, disabled, rotating or active (the first that applies).';
+COMMENT ON COLUMN apikeys.key_info.created_at IS 'When the key was created.';
+COMMENT ON COLUMN apikeys.key_info.expires_at IS 'When the key expires (NULL: never); for a rotating key, the end of its grace.';
+COMMENT ON COLUMN apikeys.key_info.revoked_at IS 'When the key was revoked (NULL: not revoked).';
+COMMENT ON COLUMN apikeys.key_info.last_used_at IS 'The key''s last VALID answer, including counts not yet written.';
+COMMENT ON COLUMN apikeys.key_info.requests_today IS 'VALID answers this UTC day, including counts not yet written.';
+COMMENT ON COLUMN apikeys.key_info.failures_today IS 'Refusals of the key this UTC day, including counts not yet written.';
+COMMENT ON COLUMN apikeys.key_info.prefix IS 'The token''s prefix.';
+COMMENT ON COLUMN apikeys.key_info.metadata IS 'Application data.';
+COMMENT ON COLUMN apikeys.key_info.rate_limit IS 'Allowed requests per minute; NULL: no limit.';
+COMMENT ON COLUMN apikeys.key_info.revoke_reason IS 'Why the key was revoked.';
+COMMENT ON COLUMN apikeys.key_info.rotated_from IS 'The key this one replaced in a rotation.';
+COMMENT ON COLUMN apikeys.key_info.replaced_by IS 'The key that replaced this one in a rotation.';
+COMMENT ON COLUMN apikeys.key_info.error_rate_today IS 'failures_today / (requests_today + failures_today); NULL when both are zero.';
+COMMENT ON COLUMN apikeys.key_info.disabled_at IS 'When the key was disabled (NULL: not disabled).';
+COMMENT ON COLUMN apikeys.key_info.disable_reason IS 'Why the key was disabled.';
+COMMENT ON COLUMN apikeys.key_info.allowed_ips IS 'Client networks the key may be used from; NULL: any.';
+COMMENT ON COLUMN apikeys.key_info.alert_requests_per_minute IS 'The key''s own usage-alert threshold; NULL: its plan''s.';
+
+------------------------------------------------------------------------------
+-- Internal functions.
+------------------------------------------------------------------------------
+-- The bounds on what a key holds, for every writer (functions and SQL alike).
+CREATE OR REPLACE FUNCTION apikeys._require_key_fields(k apikeys.keys) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM apikeys._require_text(k.name, 'name', 200);
+    PERFORM apikeys._require_scopes(k.scopes);
+    PERFORM apikeys._require_metadata(k.metadata);
+    IF k.rate_limit <= 0 THEN
+        RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k.alert_requests_per_minute < 0 THEN
+        RAISE EXCEPTION 'alert_requests_per_minute must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Zero turns alerts off for the key; NULL uses its plan''s threshold.';
+    END IF;
+    IF length(k.disable_reason) > 1000 THEN
+        RAISE EXCEPTION 'reason is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k.allowed_ips IS NOT NULL THEN
+        IF array_ndims(k.allowed_ips) > 1 THEN
+            RAISE EXCEPTION 'allowed_ips must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+        ELSIF cardinality(k.allowed_ips) = 0 THEN
+            RAISE EXCEPTION 'allowed_ips must not be empty' USING ERRCODE = 'invalid_parameter_value',
+                HINT = 'NULL lets the key be used from any address.';
+        ELSIF cardinality(k.allowed_ips) > 64 THEN
+            RAISE EXCEPTION 'a key allows at most 64 networks' USING ERRCODE = 'invalid_parameter_value';
+        ELSIF array_position(k.allowed_ips, NULL) IS NOT NULL THEN
+            RAISE EXCEPTION 'allowed_ips must not contain null elements' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata, rate limit, alert threshold and allowed networks.';
+
+-- The longest life the owner's plan allows a key (NULL: no limit).  An owner
+-- without a row is on apikeys.default_plan.
+CREATE FUNCTION apikeys._plan_lifetime(p_owner text) RETURNS interval
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT p.max_key_lifetime FROM apikeys.plans p
+     WHERE p.name = COALESCE((SELECT o.plan FROM apikeys.owners o WHERE o.owner = p_owner),
+                             apikeys._default_plan())
+$$;
+COMMENT ON FUNCTION apikeys._plan_lifetime(text) IS 'Internal: max_key_lifetime of the owner''s plan.';
+
+-- An expiry within the plan's lifetime: 22023 when the requested one is
+-- later, or absent where the plan requires one.  NULL p_expires_at takes the
+-- longest allowed.
+CREATE FUNCTION apikeys._expiry_within_plan(p_owner text, p_expires_at timestamptz, p_default boolean)
+RETURNS timestamptz
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lifetime interval := apikeys._plan_lifetime(p_owner);
+BEGIN
+    IF v_lifetime IS NULL THEN
+        RETURN p_expires_at;
+    ELSIF p_expires_at IS NULL AND p_default THEN
+        RETURN now() + v_lifetime;
+    ELSIF p_expires_at IS NULL THEN
+        RAISE EXCEPTION 'the owner''s plan requires an expiry'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Keys of this plan live at most %s.', v_lifetime);
+    ELSIF p_expires_at > now() + v_lifetime THEN
+        RAISE EXCEPTION 'expires_at is later than the owner''s plan allows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Keys of this plan live at most %s.', v_lifetime),
+                  HINT = 'Choose an earlier expiry, or move the owner to a plan without max_key_lifetime.';
+    END IF;
+    RETURN p_expires_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys._expiry_within_plan(text, timestamptz, boolean) IS 'Internal: checks an expiry against max_key_lifetime of the owner''s plan (22023).';
+
+-- The key of that id the caller may act on, locked for update: 42501 for
+-- apikeys_app without an owner, P0002 when the key is missing or another
+-- owner's.  As revoke() scopes its key.
+CREATE FUNCTION apikeys._key_for_change(p_key_id uuid, p_owner text, p_action text)
+RETURNS apikeys.keys
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    IF p_key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to % a key without naming its owner', p_action
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id = p_key_id
+       AND (p_owner IS NULL OR k.owner = p_owner)
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_key;
+END
+$$;
+COMMENT ON FUNCTION apikeys._key_for_change(uuid, text, text) IS 'Internal: the key a caller may change, locked (42501, P0002).';
+
+-- Public rows of the keys of those ids, with usage (counts still in shared memory
+-- included), in the order given.
+CREATE FUNCTION apikeys._key_info(p_key_ids uuid[]) RETURNS SETOF apikeys.key_info
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+BEGIN
+    -- The key's latest usage row (today's, if any) is one probe of the
+    -- primary key (key_id, day).
+    RETURN QUERY
+    SELECT k.id, k.name, k.start, k.scopes,
+           -- The first of these that applies; list_keys filters on the same.
+           CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
+                WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'expired'
+                WHEN k.disabled_at IS NOT NULL THEN 'disabled'
+                WHEN k.replaced_by IS NOT NULL THEN 'rotating'
+                ELSE 'active' END,
+           k.created_at, k.expires_at, k.revoked_at,
+           CASE WHEN p.last_used_at IS NULL THEN t.last_used_at
+                ELSE GREATEST(t.last_used_at, p.last_used_at) END,
+           COALESCE(t.requests, 0) + p.requests,
+           COALESCE(t.failures, 0) + p.failures,
+           k.prefix, k.metadata, k.rate_limit, k.revoke_reason, k.rotated_from, k.replaced_by,
+           CASE WHEN COALESCE(t.requests, 0) + p.requests + COALESCE(t.failures, 0) + p.failures = 0
+                THEN NULL
+                ELSE (COALESCE(t.failures, 0) + p.failures)::double precision
+                     / (COALESCE(t.requests, 0) + p.requests + COALESCE(t.failures, 0) + p.failures) END,
+           k.disabled_at, k.disable_reason, k.allowed_ips, k.alert_requests_per_minute
+      FROM unnest(p_key_ids) WITH ORDINALITY AS o (id, position)
+      JOIN apikeys.keys k ON k.id = o.id
+      CROSS JOIN LATERAL apikeys._pending_usage(k.id) p
+      LEFT JOIN LATERAL (
+           SELECT ku.day, ku.requests, ku.failures, ku.last_used_at FROM apikeys.key_usage ku
+            WHERE ku.key_id = k.id
+            ORDER BY ku.day DESC
+            LIMIT 1) u ON true
+      CROSS JOIN LATERAL (
+           SELECT CASE WHEN u.day = v_today THEN u.requests END AS requests,
+                  CASE WHEN u.day = v_today THEN u.failures END AS failures,
+                  -- A day of refusals only has no last use: look further back.
+                  COALESCE(u.last_used_at,
+                           (SELECT ku.last_used_at FROM apikeys.key_usage ku
+                             WHERE ku.key_id = k.id AND ku.last_used_at IS NOT NULL
+                             ORDER BY ku.day DESC
+                             LIMIT 1)) AS last_used_at) t
+     ORDER BY o.position;
+END
+$$;
+COMMENT ON FUNCTION apikeys._key_info(uuid[]) IS 'Internal: the public rows of keys, with usage.';
+
+-- Statement-level trigger on plans and owners: tells every backend that the
+-- alert thresholds it cached for owners may have changed.
+CREATE FUNCTION apikeys._policy_changed() RETURNS trigger
+    AS 'MODULE_PATHNAME', 'apikeys_policy_changed' LANGUAGE C;
+COMMENT ON FUNCTION apikeys._policy_changed() IS 'Internal: invalidates the plan thresholds cached by verify.';
+
+------------------------------------------------------------------------------
+-- Public functions.
+------------------------------------------------------------------------------
+DROP FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer);
+CREATE FUNCTION apikeys.create_key(
+    owner      text,
+    name       text,
+    scopes     text[] DEFAULT '{}',
+    expires_at timestamptz DEFAULT NULL,
+    prefix     text DEFAULT NULL,
+    metadata   jsonb DEFAULT '{}',
+    rate_limit integer DEFAULT NULL,
+    allowed_ips cidr[] DEFAULT NULL,
+    alert_requests_per_minute integer DEFAULT NULL)
+RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, created_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_token   apikeys.apikey;
+    v_id      uuid;
+    v_at      timestamptz;
+    v_expires timestamptz;
+BEGIN
+    -- Name, scopes, metadata, limits and networks are checked by the insert's trigger.
+    PERFORM apikeys._require_text(create_key.owner, 'owner', 200);
+    IF create_key.expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_expires := apikeys._expiry_within_plan(create_key.owner, create_key.expires_at, true);
+
+    v_token := apikeys._new_token(create_key.prefix);
+    INSERT INTO apikeys.keys AS k (owner, name, prefix, start, digest, scopes, metadata,
+                                   rate_limit, expires_at, allowed_ips, alert_requests_per_minute)
+    VALUES (create_key.owner, create_key.name, apikeys.prefix(v_token), apikeys.start(v_token),
+            apikeys.digest(v_token), create_key.scopes, create_key.metadata,
+            create_key.rate_limit, v_expires, create_key.allowed_ips,
+            create_key.alert_requests_per_minute)
+    RETURNING k.id, k.created_at INTO v_id, v_at;
+
+    RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer) IS 'Issues a key; the only time its token is returned.';
+
+DROP FUNCTION apikeys.verify(text, text[]);
+DROP FUNCTION apikeys.authenticate(text, text[]);
+-- verify and authenticate run no SQL: they read apikeys.keys and its digest
+-- index by OID, through the table and index access methods, which check no
+-- privilege and resolve no name through search_path.  So the EXECUTE grant
+-- is the whole privilege gate, and they need neither SECURITY DEFINER nor
+-- a pinned search_path (which together cost about 5% of a verification).
+CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}',
+                               client_ip inet DEFAULT NULL)
+RETURNS apikeys.verify_result
+    AS 'MODULE_PATHNAME', 'apikeys_verify'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys.verify(text, text[], inet) IS 'Checks a token (from client_ip, for keys with allowed_ips); never raises for a bad one and never writes a row.';
+
+CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}',
+                                     client_ip inet DEFAULT NULL)
+RETURNS apikeys.authenticate_result
+    AS 'MODULE_PATHNAME', 'apikeys_authenticate'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys.authenticate(text, text[], inet) IS 'Like verify, but a refusal raises 28000 with the code as message.';
+
+-- The work of rotate(); PL/pgSQL cannot name an input and a result column
+-- alike (key_id), so rotate() is a SQL wrapper around this.
+CREATE OR REPLACE FUNCTION apikeys._rotate(p_key_id uuid, p_owner text, grace interval)
+RETURNS TABLE (new_key_id uuid, new_token apikeys.apikey, new_start text,
+               old_key_expires_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old      apikeys.keys;
+    v_owner    text;
+    v_token    apikeys.apikey;
+    v_new_id   uuid := gen_random_uuid();
+    v_old_end  timestamptz;
+    v_lifetime interval;
+BEGIN
+    IF p_key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF grace IS NULL OR grace < '0'::interval THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF grace > apikeys._max_rotation_grace() THEN
+        RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
+                  HINT = 'A superuser can raise apikeys.max_rotation_grace.';
+    END IF;
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to rotate a key without naming its owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+
+    SELECT k.owner INTO v_owner FROM apikeys.keys k
+     WHERE k.id = p_key_id
+       AND (p_owner IS NULL OR k.owner = p_owner);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    -- Owner first, then key: the same order as revoke_all, so they cannot deadlock.
+    PERFORM apikeys._lock_owner(v_owner);
+    SELECT * INTO v_old FROM apikeys.keys k WHERE k.id = p_key_id FOR NO KEY UPDATE;
+
+    -- A rotated key is also revoked (grace 0) or expiring: name the rotation.
+    IF v_old.replaced_by IS NOT NULL THEN
+        RAISE EXCEPTION 'key % was already rotated', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('It was replaced by key %s.', v_old.replaced_by);
+    ELSIF v_old.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only active keys can be rotated.';
+    ELSIF v_old.expires_at IS NOT NULL AND v_old.expires_at <= now() THEN
+        RAISE EXCEPTION 'key % has expired', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only active keys can be rotated.';
+    END IF;
+
+    -- A chain holds at most two valid keys: the grace of the key this one
+    -- replaced, if it is still rotating, ends now.
+    UPDATE apikeys.keys k SET expires_at = now()
+     WHERE k.id = v_old.rotated_from
+       AND k.revoked_at IS NULL
+       AND k.expires_at > now();
+
+    -- Retire the old key before inserting the new one, so an owner at its
+    -- plan limit can rotate: a rotating key no longer counts.
+    IF grace = '0'::interval THEN
+        UPDATE apikeys.keys k
+           SET replaced_by = v_new_id, revoked_at = now(),
+               revoked_by = apikeys._actor(), revoke_reason = 'rotated'
+         WHERE k.id = p_key_id;
+        v_old_end := now();
+    ELSE
+        v_old_end := now() + grace;
+        IF v_old.expires_at IS NOT NULL AND v_old.expires_at < v_old_end THEN
+            v_old_end := v_old.expires_at;
+        END IF;
+        UPDATE apikeys.keys k
+           SET replaced_by = v_new_id, expires_at = v_old_end
+         WHERE k.id = p_key_id;
+    END IF;
+
+    -- On a plan with max_key_lifetime the new key starts a full term: that
+    -- is what a rotation policy asks for.  Otherwise it keeps the old expiry.
+    v_lifetime := apikeys._plan_lifetime(v_old.owner);
+    v_token := apikeys._new_token(v_old.prefix);
+    INSERT INTO apikeys.keys (id, owner, name, prefix, start, digest, scopes, metadata,
+                              rate_limit, expires_at, rotated_from, disabled_at, disabled_by,
+                              disable_reason, allowed_ips, alert_requests_per_minute)
+    VALUES (v_new_id, v_old.owner, v_old.name, v_old.prefix, apikeys.start(v_token),
+            apikeys.digest(v_token), v_old.scopes, v_old.metadata, v_old.rate_limit,
+            CASE WHEN v_lifetime IS NULL THEN v_old.expires_at ELSE now() + v_lifetime END,
+            v_old.id, v_old.disabled_at, v_old.disabled_by, v_old.disable_reason,
+            v_old.allowed_ips, v_old.alert_requests_per_minute);
+
+    RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
+END
+$$;
+COMMENT ON FUNCTION apikeys._rotate(uuid, text, interval) IS 'Internal: the body of rotate().';
+
+DROP FUNCTION apikeys.list_keys(text);
+-- The owner's keys in creation order, a page at a time: pass the key_id of
+-- a page's last row as after to get the next page.
+CREATE FUNCTION apikeys.list_keys(owner text, status text DEFAULT NULL,
+                                  "limit" integer DEFAULT NULL, after uuid DEFAULT NULL)
+RETURNS SETOF apikeys.key_info
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_after  apikeys.keys;
+    v_status text;
+BEGIN
+    PERFORM apikeys._require_text(list_keys.owner, 'owner', 200);
+    IF list_keys.status IS NOT NULL
+       AND list_keys.status NOT IN ('active', 'rotating', 'disabled', 'expired', 'revoked') THEN
+        RAISE EXCEPTION 'unknown status "%"', list_keys.status
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'The statuses are active, rotating, disabled, expired and revoked.';
+    END IF;
+    IF list_keys."limit" < 1 OR list_keys."limit" > 1000 THEN
+        RAISE EXCEPTION 'limit must be between 1 and 1000' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL returns every key.';
+    END IF;
+    IF list_keys.after IS NOT NULL THEN
+        SELECT * INTO v_after FROM apikeys.keys k
+         WHERE k.id = list_keys.after AND k.owner = list_keys.owner;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'key % not found', list_keys.after USING ERRCODE = 'no_data_found',
+                  DETAIL = 'after must be the key_id of a row of an earlier page.';
+        END IF;
+    END IF;
+    -- Each status is written as conditions on columns, so that the partial
+    -- indexes of revoked, disabled and rotating keys serve those pages.
+    v_status := CASE list_keys.status
+        WHEN 'revoked' THEN 'k.revoked_at IS NOT NULL'
+        WHEN 'expired' THEN 'k.revoked_at IS NULL AND k.expires_at <= now()'
+        WHEN 'disabled' THEN 'k.revoked_at IS NULL AND k.disabled_at IS NOT NULL'
+                             ' AND (k.expires_at IS NULL OR k.expires_at > now())'
+        WHEN 'rotating' THEN 'k.revoked_at IS NULL AND k.disabled_at IS NULL AND k.replaced_by IS NOT NULL'
+                             ' AND (k.expires_at IS NULL OR k.expires_at > now())'
+        WHEN 'active' THEN 'k.revoked_at IS NULL AND k.disabled_at IS NULL AND k.replaced_by IS NULL'
+                           ' AND (k.expires_at IS NULL OR k.expires_at > now())'
+        ELSE 'true' END;
+    RETURN QUERY EXECUTE format(
+        'SELECT i.* FROM apikeys._key_info(ARRAY('
+        '    SELECT k.id FROM apikeys.keys k'
+        '     WHERE k.owner = $1 AND %s AND %s'
+        '     ORDER BY k.created_at, k.id LIMIT $2)) i',
+        CASE WHEN v_after.id IS NULL THEN 'true' ELSE '(k.created_at, k.id) > ($3, $4)' END,
+        v_status)
+    USING list_keys.owner, list_keys."limit", v_after.created_at, v_after.id;
+END
+$$;
+COMMENT ON FUNCTION apikeys.list_keys(text, text, integer, uuid) IS 'An owner''s keys with status and usage, a page at a time; never digests or tokens.';
+
+CREATE FUNCTION apikeys.get_key(key_id uuid, owner text)
+RETURNS apikeys.key_info
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key  apikeys.keys;
+    v_info apikeys.key_info;
+BEGIN
+    IF get_key.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF get_key.owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to read a key without naming its owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id = get_key.key_id
+       AND (get_key.owner IS NULL OR k.owner = get_key.owner);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', get_key.key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
+    RETURN v_info;
+END
+$$;
+COMMENT ON FUNCTION apikeys.get_key(uuid, text) IS 'One key''s public row with status and usage; never its digest or token.';
+
+-- NULL leaves a field unchanged; clear names the fields to set to NULL.
+CREATE FUNCTION apikeys.update_key(
+    key_id     uuid,
+    owner      text,
+    name       text DEFAULT NULL,
+    scopes     text[] DEFAULT NULL,
+    metadata   jsonb DEFAULT NULL,
+    expires_at timestamptz DEFAULT NULL,
+    rate_limit integer DEFAULT NULL,
+    allowed_ips cidr[] DEFAULT NULL,
+    alert_requests_per_minute integer DEFAULT NULL,
+    clear      text[] DEFAULT '{}')
+RETURNS apikeys.key_info
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key     apikeys.keys;
+    v_field   text;
+    v_info    apikeys.key_info;
+    v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute'];
+BEGIN
+    IF update_key.clear IS NULL OR array_ndims(update_key.clear) > 1 THEN
+        RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_field IN ARRAY update_key.clear LOOP
+        IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN
+            RAISE EXCEPTION 'cannot clear "%"', v_field USING ERRCODE = 'invalid_parameter_value',
+                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips and alert_requests_per_minute.';
+        END IF;
+    END LOOP;
+    IF ('expires_at' = ANY (update_key.clear) AND update_key.expires_at IS NOT NULL)
+       OR ('rate_limit' = ANY (update_key.clear) AND update_key.rate_limit IS NOT NULL)
+       OR ('allowed_ips' = ANY (update_key.clear) AND update_key.allowed_ips IS NOT NULL)
+       OR ('alert_requests_per_minute' = ANY (update_key.clear)
+           AND update_key.alert_requests_per_minute IS NOT NULL) THEN
+        RAISE EXCEPTION 'a field cannot be both set and cleared' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF update_key.expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use revoke() to end a key now.';
+    END IF;
+
+    v_key := apikeys._key_for_change(update_key.key_id, update_key.owner, 'update');
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', update_key.key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be changed.';
+    END IF;
+
+    IF update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (update_key.clear) THEN
+        PERFORM apikeys._expiry_within_plan(v_key.owner, update_key.expires_at, false);
+    END IF;
+
+    -- Bounds, the plan limit for a revived key, the audit row and the
+    -- notification come from the table's triggers.
+    UPDATE apikeys.keys k
+       SET name = COALESCE(update_key.name, k.name),
+           scopes = COALESCE(update_key.scopes, k.scopes),
+           metadata = COALESCE(update_key.metadata, k.metadata),
+           expires_at = CASE WHEN 'expires_at' = ANY (update_key.clear) THEN NULL
+                             ELSE COALESCE(update_key.expires_at, k.expires_at) END,
+           rate_limit = CASE WHEN 'rate_limit' = ANY (update_key.clear) THEN NULL
+                             ELSE COALESCE(update_key.rate_limit, k.rate_limit) END,
+           allowed_ips = CASE WHEN 'allowed_ips' = ANY (update_key.clear) THEN NULL
+                              ELSE COALESCE(update_key.allowed_ips, k.allowed_ips) END,
+           alert_requests_per_minute = CASE WHEN 'alert_requests_per_minute' = ANY (update_key.clear) THEN NULL
+                                            ELSE COALESCE(update_key.alert_requests_per_minute,
+                                                          k.alert_requests_per_minute) END
+     WHERE k.id = v_key.id
+    RETURNING * INTO v_key;
+
+    SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
+    RETURN v_info;
+END
+$$;
+COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit, networks or alert threshold; NULL leaves a field as it is, clear empties fields.';
+
+CREATE FUNCTION apikeys.disable_key(key_id uuid, owner text, reason text DEFAULT NULL)
+RETURNS timestamptz
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    v_key := apikeys._key_for_change(disable_key.key_id, disable_key.owner, 'disable');
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', disable_key.key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be disabled or enabled.';
+    END IF;
+    IF v_key.disabled_at IS NOT NULL THEN
+        RETURN v_key.disabled_at;
+    END IF;
+    UPDATE apikeys.keys k
+       SET disabled_at = now(), disabled_by = apikeys._actor(), disable_reason = disable_key.reason
+     WHERE k.id = v_key.id
+    RETURNING k.disabled_at INTO v_key.disabled_at;
+    RETURN v_key.disabled_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys.disable_key(uuid, text, text) IS 'Suspends a key until enable_key: verify answers API_KEY_DISABLED; the key keeps its plan slot. Returns the original disabled_at when already disabled.';
+
+CREATE FUNCTION apikeys.enable_key(key_id uuid, owner text)
+RETURNS boolean
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    v_key := apikeys._key_for_change(enable_key.key_id, enable_key.owner, 'enable');
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', enable_key.key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be disabled or enabled.';
+    END IF;
+    IF v_key.disabled_at IS NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE apikeys.keys k
+       SET disabled_at = NULL, disabled_by = NULL, disable_reason = NULL
+     WHERE k.id = v_key.id;
+    RETURN true;
+END
+$$;
+COMMENT ON FUNCTION apikeys.enable_key(uuid, text) IS 'Resumes a disabled key; false when it was not disabled.';
+
+-- The work of usage(); PL/pgSQL cannot name an input and a result column
+-- alike (key_id), so usage() is a SQL wrapper around this.  Per key and UTC
+-- day; today's row includes the counts still in shared memory, as
+-- list_keys does.
+CREATE FUNCTION apikeys._usage(p_owner text, p_from_day date, p_to_day date, p_key_id uuid)
+RETURNS TABLE (usage_key_id uuid, usage_day date, usage_requests bigint, usage_failures bigint,
+               usage_error_rate double precision, usage_last_used_at timestamptz)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_today date := (now() AT TIME ZONE 'UTC')::date;
+BEGIN
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to read usage without naming an owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    IF p_from_day IS NULL OR p_to_day IS NULL THEN
+        RAISE EXCEPTION 'from_day and to_day must not be null' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_from_day > p_to_day THEN
+        RAISE EXCEPTION 'from_day is after to_day' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_to_day - p_from_day >= 366 THEN
+        RAISE EXCEPTION 'a usage query covers at most 366 days' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_key_id IS NOT NULL AND NOT EXISTS (
+           SELECT FROM apikeys.keys k
+            WHERE k.id = p_key_id AND (p_owner IS NULL OR k.owner = p_owner)) THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN QUERY
+    WITH owned AS (
+        SELECT k.id FROM apikeys.keys k
+         WHERE (p_owner IS NULL OR k.owner = p_owner)
+           AND (p_key_id IS NULL OR k.id = p_key_id)),
+    counted AS (
+        SELECT ku.key_id AS id, ku.day AS d, ku.requests AS r, ku.failures AS f, ku.last_used_at AS l
+          FROM owned JOIN apikeys.key_usage ku ON ku.key_id = owned.id
+         WHERE ku.day BETWEEN p_from_day AND p_to_day
+        UNION ALL
+        SELECT owned.id, v_today, p.requests, p.failures, p.last_used_at
+          FROM owned CROSS JOIN LATERAL apikeys._pending_usage(owned.id) p
+         WHERE v_today BETWEEN p_from_day AND p_to_day
+           AND (p.requests > 0 OR p.failures > 0))
+    SELECT c.id, c.d, sum(c.r)::bigint, sum(c.f)::bigint,
+           CASE WHEN sum(c.r) + sum(c.f) = 0 THEN NULL
+                ELSE sum(c.f)::double precision / (sum(c.r) + sum(c.f)) END,
+           max(c.l)
+      FROM counted c
+     GROUP BY c.id, c.d
+     ORDER BY c.d, c.id;
+END
+$$;
+COMMENT ON FUNCTION apikeys._usage(text, date, date, uuid) IS 'Internal: the body of usage().';
+
+CREATE FUNCTION apikeys.usage(owner text, from_day date, to_day date, key_id uuid DEFAULT NULL)
+RETURNS TABLE (key_id uuid, day date, requests bigint, failures bigint,
+               error_rate double precision, last_used_at timestamptz)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._usage(owner, from_day, to_day, key_id)
+$$;
+COMMENT ON FUNCTION apikeys.usage(text, date, date, uuid) IS 'Requests, failures, error rate and last use per key and UTC day (at most 366 days), counts not yet written included.';
+
+------------------------------------------------------------------------------
+-- Trigger functions.
+------------------------------------------------------------------------------
+CREATE OR REPLACE FUNCTION apikeys._keys_before_update() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_column text;
+BEGIN
+    v_column := CASE
+        WHEN NEW.id IS DISTINCT FROM OLD.id THEN 'id'
+        WHEN NEW.owner IS DISTINCT FROM OLD.owner THEN 'owner'
+        WHEN NEW.prefix IS DISTINCT FROM OLD.prefix THEN 'prefix'
+        WHEN NEW.start IS DISTINCT FROM OLD.start THEN 'start'
+        WHEN NEW.digest IS DISTINCT FROM OLD.digest THEN 'digest'
+        WHEN NEW.created_at IS DISTINCT FROM OLD.created_at THEN 'created_at'
+        WHEN NEW.created_by IS DISTINCT FROM OLD.created_by THEN 'created_by'
+        WHEN NEW.rotated_from IS DISTINCT FROM OLD.rotated_from THEN 'rotated_from'
+    END;
+    IF v_column IS NOT NULL THEN
+        RAISE EXCEPTION 'column "%" of apikeys.keys cannot be changed', v_column
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'A key''s id, owner, prefix, start, digest, created_at, created_by and rotated_from are fixed when it is created.';
+    END IF;
+
+    IF OLD.revoked_at IS NOT NULL AND (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at
+                                       OR NEW.revoked_by IS DISTINCT FROM OLD.revoked_by
+                                       OR NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason
+                                       OR NEW.disabled_at IS DISTINCT FROM OLD.disabled_at) THEN
+        RAISE EXCEPTION 'key % is revoked', OLD.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key stays revoked: its revoked_at, revoked_by, revoke_reason and disabled_at never change.',
+                  HINT = 'Create a new key instead.';
+    END IF;
+
+    IF OLD.replaced_by IS NOT NULL AND NEW.replaced_by IS DISTINCT FROM OLD.replaced_by THEN
+        RAISE EXCEPTION 'key % was already rotated', OLD.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'The key that replaced a rotated key is fixed.';
+    END IF;
+
+    -- A rotated key's grace may end sooner, never later: it is capped by
+    -- apikeys.max_rotation_grace when rotate() sets it.
+    IF OLD.replaced_by IS NOT NULL AND OLD.expires_at IS NOT NULL
+       AND (NEW.expires_at IS NULL OR NEW.expires_at > OLD.expires_at) THEN
+        RAISE EXCEPTION 'the grace of rotated key % cannot be extended', OLD.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A rotated key stays valid at most until the end of the grace its rotation gave it.';
+    END IF;
+
+    IF NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason
+       AND length(NEW.revoke_reason) > 1000 THEN
+        RAISE EXCEPTION 'reason is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF NEW.name IS DISTINCT FROM OLD.name OR NEW.scopes IS DISTINCT FROM OLD.scopes
+       OR NEW.metadata IS DISTINCT FROM OLD.metadata OR NEW.rate_limit IS DISTINCT FROM OLD.rate_limit
+       OR NEW.allowed_ips IS DISTINCT FROM OLD.allowed_ips
+       OR NEW.alert_requests_per_minute IS DISTINCT FROM OLD.alert_requests_per_minute
+       OR NEW.disable_reason IS DISTINCT FROM OLD.disable_reason THEN
+        PERFORM apikeys._require_key_fields(NEW);
+    END IF;
+
+    IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
+        NEW.revoked_by := apikeys._actor();
+    END IF;
+    IF OLD.disabled_at IS NULL AND NEW.disabled_at IS NOT NULL AND NEW.disabled_by IS NULL THEN
+        NEW.disabled_by := apikeys._actor();
+    END IF;
+
+    -- Extending an expired key's expiry brings it back into the count.
+    IF NOT apikeys._counts(OLD) AND apikeys._counts(NEW) THEN
+        PERFORM apikeys._enforce_plan_limit(NEW.owner);
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._keys_before_update() IS 'Internal: immutable columns, no reactivation, plan limit on revived keys.';
+
+-- Checks what admins write to plans.  A restore replays plans over the
+-- seeded rows the extension script just wrote: the dumped row (perhaps an
+-- edited limit) replaces the seed.
+CREATE OR REPLACE FUNCTION apikeys._plans_before_write() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' AND apikeys._restoring(TG_RELID) THEN
+        IF EXISTS (SELECT FROM apikeys.plans p WHERE p.name = NEW.name) THEN
+            UPDATE apikeys.plans p
+               SET max_keys = NEW.max_keys, description = NEW.description,
+                   max_key_lifetime = NEW.max_key_lifetime,
+                   alert_requests_per_minute = NEW.alert_requests_per_minute
+             WHERE p.name = NEW.name;
+            RETURN NULL;
+        END IF;
+        RETURN NEW;
+    END IF;
+    PERFORM apikeys._require_text(NEW.name, 'plan name', 63);
+    IF NEW.max_keys < 0 THEN
+        RAISE EXCEPTION 'max_keys must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means unlimited.';
+    END IF;
+    IF length(NEW.description) > 1000 THEN
+        RAISE EXCEPTION 'description is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NEW.max_key_lifetime <= '0'::interval THEN
+        RAISE EXCEPTION 'max_key_lifetime must be positive' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means keys may live for ever.';
+    END IF;
+    IF NEW.alert_requests_per_minute < 0 THEN
+        RAISE EXCEPTION 'alert_requests_per_minute must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Zero turns alerts off for the plan; NULL uses apikeys.alert_requests_per_minute.';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._plans_before_write() IS 'Internal: bounds on plans; a restored plan row replaces the seeded one.';
+
+-- Lifecycle events, in the transaction of the change, whoever writes it,
+-- each also sent as NOTIFY apikeys_event (delivered at commit) so that
+-- applications can drop what they cached.  Functions name their context
+-- (revoke_all, revoke_token) in the superuser-only setting
+-- apikeys.audit_context, read through the library.
+CREATE OR REPLACE FUNCTION apikeys._keys_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_context text := apikeys._audit_context();
+    v_old     jsonb;
+    v_new     jsonb;
+    v_changed text[];
+    v_events  text[] := '{}';
+    v_event   text;
+BEGIN
+    IF apikeys._restoring(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        PERFORM apikeys._audit('key_created', NEW.id, NEW.owner,
+            jsonb_build_object('name', NEW.name, 'start', NEW.start, 'scopes', NEW.scopes,
+                'expires_at', NEW.expires_at, 'rate_limit', NEW.rate_limit,
+                'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at,
+                'allowed_ips', NEW.allowed_ips,
+                'alert_requests_per_minute', NEW.alert_requests_per_minute));
+        v_events := ARRAY['created'];
+    ELSIF OLD.replaced_by IS NULL AND NEW.replaced_by IS NOT NULL THEN
+        PERFORM apikeys._audit('key_rotated', NEW.id, NEW.owner,
+            jsonb_build_object('replaced_by', NEW.replaced_by,
+                'valid_until', COALESCE(NEW.revoked_at, NEW.expires_at)));
+        v_events := ARRAY['rotated'];
+    ELSIF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL THEN
+        PERFORM apikeys._audit(
+            CASE v_context WHEN 'revoke_all' THEN 'keys_revoked_all'
+                           WHEN 'revoke_token' THEN 'key_revoked_by_token'
+                           ELSE 'key_revoked' END,
+            NEW.id, NEW.owner,
+            jsonb_build_object('reason', NEW.revoke_reason, 'revoked_at', NEW.revoked_at));
+        v_events := ARRAY['revoked'];
+    ELSE
+        IF OLD.disabled_at IS NULL AND NEW.disabled_at IS NOT NULL THEN
+            PERFORM apikeys._audit('key_disabled', NEW.id, NEW.owner,
+                jsonb_build_object('reason', NEW.disable_reason, 'disabled_at', NEW.disabled_at));
+            v_events := v_events || 'disabled'::text;
+        ELSIF OLD.disabled_at IS NOT NULL AND NEW.disabled_at IS NULL THEN
+            PERFORM apikeys._audit('key_enabled', NEW.id, NEW.owner,
+                jsonb_build_object('disabled_at', OLD.disabled_at));
+            v_events := v_events || 'enabled'::text;
+        END IF;
+        -- The changed fields, old and new: never a digest (which cannot change).
+        v_old := to_jsonb(OLD);
+        v_new := to_jsonb(NEW);
+        v_changed := ARRAY(SELECT f FROM unnest(ARRAY['name', 'scopes', 'metadata', 'rate_limit',
+                                                      'expires_at', 'allowed_ips',
+                                                      'alert_requests_per_minute']) f
+                            WHERE v_old -> f IS DISTINCT FROM v_new -> f);
+        IF cardinality(v_changed) > 0 THEN
+            PERFORM apikeys._audit('key_updated', NEW.id, NEW.owner,
+                jsonb_build_object('changed', v_changed,
+                    'old', (SELECT jsonb_object_agg(f, v_old -> f) FROM unnest(v_changed) f),
+                    'new', (SELECT jsonb_object_agg(f, v_new -> f) FROM unnest(v_changed) f)));
+            v_events := v_events || 'updated'::text;
+        END IF;
+    END IF;
+    FOREACH v_event IN ARRAY v_events LOOP
+        PERFORM pg_notify('apikeys_event',
+            jsonb_build_object('key_id', NEW.id, 'owner', NEW.owner, 'event', v_event)::text);
+    END LOOP;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows and NOTIFY apikeys_event for key changes.';
+
+------------------------------------------------------------------------------
+-- Triggers.
+------------------------------------------------------------------------------
+CREATE TRIGGER owners_policy_changed AFTER UPDATE OF plan OR DELETE OR TRUNCATE ON apikeys.owners
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._policy_changed();
+CREATE TRIGGER plans_policy_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE ON apikeys.plans
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._policy_changed();
+
+------------------------------------------------------------------------------
+-- Privileges.
+------------------------------------------------------------------------------
+REVOKE ALL ON FUNCTION
+    apikeys.verify(text, text[], inet),
+    apikeys.authenticate(text, text[], inet),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer),
+    apikeys.list_keys(text, text, integer, uuid),
+    apikeys.get_key(uuid, text),
+    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]),
+    apikeys.disable_key(uuid, text, text),
+    apikeys.enable_key(uuid, text),
+    apikeys.usage(text, date, date, uuid),
+    apikeys._plan_lifetime(text),
+    apikeys._expiry_within_plan(text, timestamptz, boolean),
+    apikeys._key_for_change(uuid, text, text),
+    apikeys._key_info(uuid[]),
+    apikeys._usage(text, date, date, uuid),
+    apikeys._policy_changed()
+FROM PUBLIC;
+REVOKE ALL ON TYPE apikeys.key_info FROM PUBLIC;
+GRANT USAGE ON TYPE apikeys.key_info TO apikeys_admin, apikeys_app;
+
+GRANT EXECUTE ON FUNCTION
+    apikeys.verify(text, text[], inet),
+    apikeys.authenticate(text, text[], inet),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer),
+    apikeys.list_keys(text, text, integer, uuid),
+    apikeys.get_key(uuid, text),
+    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]),
+    apikeys.disable_key(uuid, text, text),
+    apikeys.enable_key(uuid, text),
+    apikeys.usage(text, date, date, uuid)
+TO apikeys_app, apikeys_admin;
+
+GRANT UPDATE (allowed_ips, alert_requests_per_minute) ON apikeys.keys TO apikeys_admin;

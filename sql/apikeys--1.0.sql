@@ -1,0 +1,1429 @@
+-- apikeys 1.0: API keys inside PostgreSQL.
+--
+-- This is sql/apikeys.sql, the source of the install script of the version
+-- being built: the build copies it to sql/apikeys--<version>.sql (the
+-- version is default_version in apikeys.control), the file CREATE EXTENSION
+-- runs.  Edit this file, never the copy.  README.md documents every object.
+--
+-- Sections, in order:
+--    1. The schema: refuse one that is unsafe to install into.
+--    2. Roles: apikeys_admin, apikeys_app, apikeys_worker.
+--    3. Types: apikey and its functions; the rows verify() and
+--       authenticate() return.
+--    4. Who is acting: functions the tables' defaults call.
+--    5. Tables: plans, owners, keys, key_usage, audit_log, _audit_chain_lock.
+--    6. Internal functions: the library's, argument checks, plan limits,
+--       the audit chain.
+--    7. Public functions, with _rotate and _pending_usage beside their callers.
+--    8. Trigger functions.
+--    9. Triggers.
+--   10. Privileges.
+-- Each object's COMMENT follows it.
+--
+-- Qualification: every SQL and PL/pgSQL function pins
+-- search_path = pg_catalog, pg_temp.  pg_catalog is searched first there,
+-- and pg_temp never for functions or operators, so their bodies call
+-- built-in functions and operators unqualified.  Wherever no path is
+-- pinned (the DO blocks below, column defaults, CHECK constraints) built-ins
+-- are written pg_catalog.f() and OPERATOR(pg_catalog.=).  The extension's
+-- own tables, types and functions are always written apikeys.name: schema
+-- apikeys is on no pinned path.
+
+\echo Use "CREATE EXTENSION apikeys" to load this file. \quit
+
+------------------------------------------------------------------------------
+-- 1. The schema.  CREATE EXTENSION made it, or it was made for us.  Refuse
+-- one that a role other than a superuser owns, or that anything already
+-- sits in: its owner could add objects beside ours (a verify(varchar) that
+-- captures tokens) or drop them all.
+------------------------------------------------------------------------------
+DO $schema$
+DECLARE
+    v_owner name;
+    v_super boolean;
+    v_grantee name;
+BEGIN
+    SELECT r.rolname, r.rolsuper INTO v_owner, v_super
+      FROM pg_catalog.pg_namespace n
+      JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) n.nspowner
+     WHERE n.nspname OPERATOR(pg_catalog.=) 'apikeys';
+    IF NOT v_super THEN
+        RAISE EXCEPTION 'schema "apikeys" is owned by role "%"', v_owner
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'apikeys installs only into a schema that a superuser owns, that holds nothing and that no other role may create objects in.',
+                  HINT = 'Drop the schema, or make a superuser its owner after checking what it holds, then run CREATE EXTENSION again.';
+    END IF;
+    SELECT r.rolname INTO v_grantee
+      FROM pg_catalog.pg_namespace n,
+           LATERAL pg_catalog.aclexplode(n.nspacl) a
+      LEFT JOIN pg_catalog.pg_roles r ON r.oid OPERATOR(pg_catalog.=) a.grantee
+     WHERE n.nspname OPERATOR(pg_catalog.=) 'apikeys'
+       AND a.privilege_type OPERATOR(pg_catalog.=) 'CREATE'
+       AND a.grantee OPERATOR(pg_catalog.<>) n.nspowner
+     LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'schema "apikeys" lets role "%" create objects in it', COALESCE(v_grantee, 'public')
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'apikeys installs only into a schema that a superuser owns, that holds nothing and that no other role may create objects in.',
+                  HINT = 'Revoke CREATE on the schema from every role but its owner, then run CREATE EXTENSION again.';
+    END IF;
+    -- Every object in a schema depends on it; so does this extension itself.
+    IF EXISTS (SELECT FROM pg_catalog.pg_depend d
+                WHERE d.refclassid OPERATOR(pg_catalog.=) 'pg_catalog.pg_namespace'::pg_catalog.regclass
+                  AND d.refobjid OPERATOR(pg_catalog.=) 'apikeys'::pg_catalog.regnamespace
+                  AND NOT (d.classid OPERATOR(pg_catalog.=) 'pg_catalog.pg_extension'::pg_catalog.regclass
+                           AND d.objid OPERATOR(pg_catalog.=) (SELECT e.oid FROM pg_catalog.pg_extension e
+                                                               WHERE e.extname OPERATOR(pg_catalog.=) 'apikeys'))) THEN
+        RAISE EXCEPTION 'schema "apikeys" is not empty'
+            USING ERRCODE = 'duplicate_schema',
+                  DETAIL = 'apikeys installs only into a schema that a superuser owns, that holds nothing and that no other role may create objects in.',
+                  HINT = 'Move or drop what the schema holds, then run CREATE EXTENSION again.';
+    END IF;
+END
+$schema$;
+
+------------------------------------------------------------------------------
+-- 2. Roles: created if absent; DBAs grant the first two to login roles.
+-- apikeys_worker is the role the background workers write as: no one logs
+-- in as it, and it holds only what writing queued records needs.
+------------------------------------------------------------------------------
+DO $roles$
+DECLARE
+    v_role text;
+BEGIN
+    FOREACH v_role IN ARRAY ARRAY['apikeys_admin', 'apikeys_app', 'apikeys_worker'] LOOP
+        IF NOT EXISTS (SELECT FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) v_role) THEN
+            EXECUTE pg_catalog.format('CREATE ROLE %I NOLOGIN', v_role);
+        END IF;
+    END LOOP;
+END
+$roles$;
+
+------------------------------------------------------------------------------
+-- 3. Types.
+------------------------------------------------------------------------------
+
+-- The apikey type: a well-formed token, binary-compatible with text.
+CREATE TYPE apikeys.apikey;
+
+CREATE FUNCTION apikeys.apikey_in(cstring) RETURNS apikeys.apikey
+    AS 'MODULE_PATHNAME', 'apikey_in' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.apikey_in(cstring) IS 'Input of apikey: checks format and checksum.';
+CREATE FUNCTION apikeys.apikey_out(apikeys.apikey) RETURNS cstring
+    AS 'MODULE_PATHNAME', 'apikey_out' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.apikey_out(apikeys.apikey) IS 'Output of apikey.';
+CREATE FUNCTION apikeys.apikey_recv(internal) RETURNS apikeys.apikey
+    AS 'MODULE_PATHNAME', 'apikey_recv' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.apikey_recv(internal) IS 'Binary input of apikey: checks format and checksum.';
+CREATE FUNCTION apikeys.apikey_send(apikeys.apikey) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'apikey_send' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.apikey_send(apikeys.apikey) IS 'Binary output of apikey.';
+
+CREATE TYPE apikeys.apikey (
+    INPUT = apikeys.apikey_in,
+    OUTPUT = apikeys.apikey_out,
+    RECEIVE = apikeys.apikey_recv,
+    SEND = apikeys.apikey_send,
+    INTERNALLENGTH = VARIABLE,
+    STORAGE = plain,
+    CATEGORY = 'S',
+    COLLATABLE = false
+);
+COMMENT ON TYPE apikeys.apikey IS 'A well-formed API key token: <prefix>_<secret><check>.';
+
+-- Same bytes as text, so the cast to text is free; text to apikey goes
+-- through the validating input function.
+CREATE CAST (apikeys.apikey AS text) WITHOUT FUNCTION AS IMPLICIT;
+
+-- Taking a token apart; is_well_formed tests text without raising.
+CREATE FUNCTION apikeys.prefix(apikeys.apikey) RETURNS text
+    AS 'MODULE_PATHNAME', 'apikey_prefix' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.prefix(apikeys.apikey) IS 'The prefix of a token, e.g. ak_live.';
+CREATE FUNCTION apikeys.start(apikeys.apikey) RETURNS text
+    AS 'MODULE_PATHNAME', 'apikey_start' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.start(apikeys.apikey) IS 'The prefix, "_" and the first four secret characters: the only part shown after creation.';
+CREATE FUNCTION apikeys.digest(apikeys.apikey) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'apikey_digest' LANGUAGE C IMMUTABLE STRICT PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.digest(apikeys.apikey) IS 'BLAKE2b-256 of the whole token, as stored in apikeys.keys.digest.';
+CREATE FUNCTION apikeys.is_well_formed(text) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'apikey_is_well_formed' LANGUAGE C IMMUTABLE PARALLEL SAFE;
+COMMENT ON FUNCTION apikeys.is_well_formed(text) IS 'Whether the text is a well-formed token (format and checksum); never raises.';
+
+-- The hot path returns one row, not a set, of a named row type rather than
+-- OUT parameters: the executor takes a row type's descriptor from the type
+-- cache, where OUT parameters are decoded from pg_proc on every execution.
+CREATE TYPE apikeys.verify_result AS (
+    valid boolean, code text, key_id uuid, owner text, name text,
+    scopes text[], metadata jsonb, expires_at timestamptz);
+COMMENT ON TYPE apikeys.verify_result IS 'The row verify() returns.';
+COMMENT ON COLUMN apikeys.verify_result.valid IS 'Whether the token was accepted: code is VALID.';
+COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, INSUFFICIENT_SCOPE or RATE_LIMITED.';
+COMMENT ON COLUMN apikeys.verify_result.key_id IS 'The key the token belongs to; NULL for API_KEY_INVALID.';
+COMMENT ON COLUMN apikeys.verify_result.owner IS 'The key''s owner; NULL for API_KEY_INVALID.';
+COMMENT ON COLUMN apikeys.verify_result.name IS 'The key''s name; NULL for API_KEY_INVALID.';
+COMMENT ON COLUMN apikeys.verify_result.scopes IS 'The key''s granted scopes; NULL for API_KEY_INVALID.';
+COMMENT ON COLUMN apikeys.verify_result.metadata IS 'The key''s metadata; NULL for API_KEY_INVALID.';
+COMMENT ON COLUMN apikeys.verify_result.expires_at IS 'The key''s expiry; NULL when it never expires, and for API_KEY_INVALID.';
+
+CREATE TYPE apikeys.authenticate_result AS (
+    key_id uuid, owner text, name text, scopes text[], metadata jsonb);
+COMMENT ON TYPE apikeys.authenticate_result IS 'The row authenticate() returns.';
+COMMENT ON COLUMN apikeys.authenticate_result.key_id IS 'The accepted key.';
+COMMENT ON COLUMN apikeys.authenticate_result.owner IS 'The key''s owner.';
+COMMENT ON COLUMN apikeys.authenticate_result.name IS 'The key''s name.';
+COMMENT ON COLUMN apikeys.authenticate_result.scopes IS 'The key''s granted scopes.';
+COMMENT ON COLUMN apikeys.authenticate_result.metadata IS 'The key''s metadata.';
+
+------------------------------------------------------------------------------
+-- 4. Who is acting.  Before the tables: apikeys.keys.created_by defaults to
+-- apikeys._actor().
+------------------------------------------------------------------------------
+
+-- The role that called into apikeys.  Inside a SECURITY DEFINER function
+-- current_user is the extension's owner, so this reads the session's role:
+-- the one set by SET ROLE, else the login role.
+CREATE FUNCTION apikeys._caller() RETURNS name
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN current_setting('role') = 'none'
+                THEN session_user
+                ELSE current_setting('role')::name END
+$$;
+COMMENT ON FUNCTION apikeys._caller() IS 'Internal: the role that called into apikeys (SET ROLE role, else session user).';
+
+CREATE FUNCTION apikeys._caller_is_admin() RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT pg_has_role(apikeys._caller(), 'apikeys_admin', 'MEMBER')
+$$;
+COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin.';
+
+-- apikeys.actor when the application sets it (its first 200 characters),
+-- else the calling role.
+CREATE FUNCTION apikeys._actor() RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT COALESCE(left(NULLIF(current_setting('apikeys.actor', true), ''), 200),
+                    apikeys._caller()::text)
+$$;
+COMMENT ON FUNCTION apikeys._actor() IS 'Internal: apikeys.actor if set, else the calling role.';
+
+------------------------------------------------------------------------------
+-- 5. Tables.  Only the digest of a token is stored, never the token.
+------------------------------------------------------------------------------
+CREATE TABLE apikeys.plans (
+    name        text PRIMARY KEY CHECK (pg_catalog.length(name) OPERATOR(pg_catalog.<=) 63),
+    max_keys    integer CHECK (max_keys IS NULL OR max_keys OPERATOR(pg_catalog.>=) 0),
+    description text CHECK (pg_catalog.length(description) OPERATOR(pg_catalog.<=) 1000)
+);
+COMMENT ON TABLE apikeys.plans IS 'Plans and how many active keys each allows (NULL: unlimited).';
+COMMENT ON COLUMN apikeys.plans.name IS 'Plan name: 1 to 63 characters, not blank, no control characters.';
+COMMENT ON COLUMN apikeys.plans.max_keys IS 'Most active keys an owner on this plan may hold; NULL: unlimited.';
+COMMENT ON COLUMN apikeys.plans.description IS 'Free text, at most 1000 characters.';
+
+-- The seeded plans; apikeys_admin may add, change and delete plans.
+INSERT INTO apikeys.plans (name, max_keys, description) VALUES
+    ('free', 1, 'One active key.'),
+    ('developer', 5, 'Up to five active keys.'),
+    ('pro', 20, 'Up to twenty active keys.'),
+    ('enterprise', NULL, 'Unlimited active keys.');
+
+CREATE TABLE apikeys.owners (
+    owner       text PRIMARY KEY CHECK (pg_catalog.length(owner) OPERATOR(pg_catalog.<=) 200),
+    plan        text NOT NULL REFERENCES apikeys.plans (name) ON UPDATE CASCADE,
+    created_at  timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    updated_at  timestamptz NOT NULL DEFAULT pg_catalog.now()
+);
+COMMENT ON TABLE apikeys.owners IS 'Owners (the application''s users, accounts or tenants) and their plans.';
+COMMENT ON COLUMN apikeys.owners.owner IS 'The application''s id of the user, account or tenant; at most 200 characters.';
+COMMENT ON COLUMN apikeys.owners.plan IS 'The owner''s plan.';
+COMMENT ON COLUMN apikeys.owners.created_at IS 'When the row was created: at the owner''s first key or first set_plan.';
+COMMENT ON COLUMN apikeys.owners.updated_at IS 'When apikeys last took the owner''s row lock (set_plan, revoke_all, rotate, a key counted against a limited plan).';
+
+CREATE TABLE apikeys.keys (
+    id            uuid PRIMARY KEY DEFAULT pg_catalog.gen_random_uuid(),
+    owner         text NOT NULL REFERENCES apikeys.owners (owner),
+    name          text NOT NULL
+                  CHECK (pg_catalog.length(name) OPERATOR(pg_catalog.>=) 1
+                         AND pg_catalog.length(name) OPERATOR(pg_catalog.<=) 200),
+    prefix        text NOT NULL,
+    start         text NOT NULL,
+    digest        bytea NOT NULL UNIQUE
+                  CHECK (pg_catalog.octet_length(digest) OPERATOR(pg_catalog.=) 32),
+    scopes        text[] NOT NULL DEFAULT '{}',
+    metadata      jsonb NOT NULL DEFAULT '{}',
+    rate_limit    integer CHECK (rate_limit OPERATOR(pg_catalog.>) 0),
+    created_at    timestamptz NOT NULL DEFAULT pg_catalog.now(),
+    created_by    text NOT NULL DEFAULT apikeys._actor(),
+    expires_at    timestamptz,
+    revoked_at    timestamptz,
+    revoked_by    text,
+    revoke_reason text CHECK (pg_catalog.length(revoke_reason) OPERATOR(pg_catalog.<=) 1000),
+    rotated_from  uuid,
+    replaced_by   uuid
+);
+COMMENT ON TABLE apikeys.keys IS 'Every key ever issued; only the digest of a token is stored. Rows are never deleted.';
+COMMENT ON COLUMN apikeys.keys.id IS 'Key id.';
+COMMENT ON COLUMN apikeys.keys.owner IS 'The key''s owner.';
+COMMENT ON COLUMN apikeys.keys.name IS 'Label: 1 to 200 characters, not blank, no control characters.';
+COMMENT ON COLUMN apikeys.keys.prefix IS 'The token''s prefix, e.g. ak_live.';
+COMMENT ON COLUMN apikeys.keys.start IS 'Prefix, "_" and the first four secret characters.';
+COMMENT ON COLUMN apikeys.keys.digest IS 'BLAKE2b-256 of the whole token.';
+COMMENT ON COLUMN apikeys.keys.scopes IS 'Granted scopes: at most 64, each 1 to 128 characters.';
+COMMENT ON COLUMN apikeys.keys.metadata IS 'Application data that verify and authenticate return: a JSON object of at most 8192 bytes.';
+COMMENT ON COLUMN apikeys.keys.rate_limit IS 'Allowed requests per minute, enforced with the preload; NULL: no limit.';
+COMMENT ON COLUMN apikeys.keys.created_at IS 'When the key was created.';
+COMMENT ON COLUMN apikeys.keys.created_by IS 'Who created the key: apikeys.actor, else the calling role.';
+COMMENT ON COLUMN apikeys.keys.expires_at IS 'When the key expires (NULL: never); for a rotating key, the end of its grace.';
+COMMENT ON COLUMN apikeys.keys.revoked_at IS 'When the key was revoked (NULL: not revoked).';
+COMMENT ON COLUMN apikeys.keys.revoked_by IS 'Who revoked the key: apikeys.actor, else the calling role.';
+COMMENT ON COLUMN apikeys.keys.revoke_reason IS 'Why the key was revoked (rotated: a rotation without grace; leaked: revoke_token''s default); at most 1000 characters.';
+COMMENT ON COLUMN apikeys.keys.rotated_from IS 'The key this one replaced in a rotation.';
+COMMENT ON COLUMN apikeys.keys.replaced_by IS 'The key that replaced this one in a rotation.';
+
+-- list_keys, revoke_all; the partial index keeps the plan-limit count cheap
+-- for owners with many revoked or rotated keys.
+CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at);
+CREATE INDEX keys_owner_live_idx ON apikeys.keys (owner)
+    WHERE revoked_at IS NULL AND replaced_by IS NULL;
+
+-- Written only by the background workers, which add counts of keys that
+-- exist (keys are never deleted).  No foreign key: its check would lock a
+-- keys row for every count written, on the busiest write path there is.
+-- Rows are updated at every flush, so pages keep room for HOT updates.
+CREATE TABLE apikeys.key_usage (
+    key_id       uuid NOT NULL,
+    day          date NOT NULL,
+    requests     bigint NOT NULL DEFAULT 0,
+    failures     bigint NOT NULL DEFAULT 0,
+    last_used_at timestamptz,
+    PRIMARY KEY (key_id, day)
+) WITH (fillfactor = 70);
+COMMENT ON TABLE apikeys.key_usage IS 'Per key and UTC day: successful and refused verifications.';
+COMMENT ON COLUMN apikeys.key_usage.key_id IS 'The key (an apikeys.keys id; no foreign key).';
+COMMENT ON COLUMN apikeys.key_usage.day IS 'The UTC day counted.';
+COMMENT ON COLUMN apikeys.key_usage.requests IS 'VALID answers for the key that day.';
+COMMENT ON COLUMN apikeys.key_usage.failures IS 'Refusals of the key that day: revoked, expired, insufficient scope or rate limited.';
+COMMENT ON COLUMN apikeys.key_usage.last_used_at IS 'Time of the key''s last VALID answer that day.';
+
+-- Append-only and hash-chained: the triggers of section 9 chain every new
+-- row (id, prev_hash, hash) and refuse UPDATE, DELETE and TRUNCATE.
+CREATE TABLE apikeys.audit_log (
+    id          bigint PRIMARY KEY,
+    at          timestamptz NOT NULL,
+    event       text NOT NULL,
+    key_id      uuid,
+    owner       text,
+    actor       text,
+    db_user     name,
+    client_addr inet,
+    details     jsonb NOT NULL DEFAULT '{}',
+    prev_hash   bytea NOT NULL,
+    hash        bytea NOT NULL
+);
+COMMENT ON TABLE apikeys.audit_log IS 'Append-only, hash-chained record of every key change and of refused verifications.';
+COMMENT ON COLUMN apikeys.audit_log.id IS 'Position in the chain: 1, 2, 3, ... without gaps (a purge removes a prefix).';
+COMMENT ON COLUMN apikeys.audit_log.at IS 'now() of the writing transaction; for records a worker writes, the start of their minute.';
+COMMENT ON COLUMN apikeys.audit_log.event IS 'What happened, e.g. key_created, key_revoked, verify_failed (README.md lists every event).';
+COMMENT ON COLUMN apikeys.audit_log.key_id IS 'The key, if any.';
+COMMENT ON COLUMN apikeys.audit_log.owner IS 'The owner, if any.';
+COMMENT ON COLUMN apikeys.audit_log.actor IS 'apikeys.actor (its first 200 characters), else the calling role.';
+COMMENT ON COLUMN apikeys.audit_log.db_user IS 'The calling role: the SET ROLE role, else the session user.';
+COMMENT ON COLUMN apikeys.audit_log.client_addr IS 'inet_client_addr() of the writing session; NULL over a Unix socket and for records a worker writes.';
+COMMENT ON COLUMN apikeys.audit_log.details IS 'Event details; NULL values are left out.';
+COMMENT ON COLUMN apikeys.audit_log.prev_hash IS 'hash of the row before (32 zero bytes for the first).';
+COMMENT ON COLUMN apikeys.audit_log.hash IS 'BLAKE2b-256 of prev_hash followed by apikeys._audit_payload(row).';
+CREATE INDEX audit_log_key_idx ON apikeys.audit_log (key_id);
+CREATE INDEX audit_log_owner_at_idx ON apikeys.audit_log (owner, at);
+
+-- The audit chain's lock: a writer locks this one row until it commits, so
+-- rows chain one at a time.  Locking a row takes UPDATE on its table, which
+-- no role but the extension's owner holds; an advisory lock, which any role
+-- that can connect may take and keep, would let that role stop every key
+-- change.  Not dumped: the install script writes the row.
+CREATE TABLE apikeys._audit_chain_lock (
+    id integer PRIMARY KEY CHECK (id OPERATOR(pg_catalog.=) 1)
+);
+COMMENT ON TABLE apikeys._audit_chain_lock IS 'Internal: one row whose lock serialises writers of the audit chain.';
+COMMENT ON COLUMN apikeys._audit_chain_lock.id IS 'Always 1: the one row.';
+INSERT INTO apikeys._audit_chain_lock VALUES (1);
+
+-- Rows of these tables are dumped (pg_dump, pg_restore); the chain lock's is
+-- not: this script writes it.
+SELECT pg_catalog.pg_extension_config_dump('apikeys.plans', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.owners', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.keys', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.key_usage', '');
+SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
+
+------------------------------------------------------------------------------
+-- 6. Internal functions: no role is granted EXECUTE on them.  First those
+-- the library implements.
+------------------------------------------------------------------------------
+
+-- A fresh token (NULL prefix: apikeys.default_prefix).
+CREATE FUNCTION apikeys._new_token(text) RETURNS apikeys.apikey
+    AS 'MODULE_PATHNAME', 'apikey_generate' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys._new_token(text) IS 'Internal: a fresh token from the CSPRNG.';
+
+-- apikeys.default_plan as the loaded library sees it.
+CREATE FUNCTION apikeys._default_plan() RETURNS text
+    AS 'MODULE_PATHNAME', 'apikeys_default_plan_name' LANGUAGE C STABLE;
+COMMENT ON FUNCTION apikeys._default_plan() IS 'Internal: the apikeys.default_plan setting.';
+
+-- Whether the row a trigger sees arrives from a restore: a superuser's
+-- COPY ... FROM into that very table, named with its schema, as pg_restore
+-- and pg_dump's scripts write it.  Such rows are kept as they were dumped:
+-- limits are not re-judged and no audit row is added.  No setting anyone
+-- can give a session makes another write look like one.
+CREATE FUNCTION apikeys._restoring(regclass) RETURNS boolean
+    AS 'MODULE_PATHNAME', 'apikeys_restoring' LANGUAGE C STABLE STRICT;
+COMMENT ON FUNCTION apikeys._restoring(regclass) IS 'Internal: whether the row a trigger sees comes from a superuser''s COPY into its table (a restore).';
+
+-- The library's superuser-only settings, read through the library: calling
+-- it loads it, and loading it refuses a value that an unprivileged session
+-- gave such a setting while it was still an unknown placeholder.
+CREATE FUNCTION apikeys._audit_context() RETURNS text
+    AS 'MODULE_PATHNAME', 'apikeys_audit_context_setting' LANGUAGE C STABLE;
+COMMENT ON FUNCTION apikeys._audit_context() IS 'Internal: which apikeys function is making a change, read through the library.';
+CREATE FUNCTION apikeys._max_rotation_grace() RETURNS interval
+    AS 'MODULE_PATHNAME', 'apikeys_max_rotation_grace_setting' LANGUAGE C STABLE;
+COMMENT ON FUNCTION apikeys._max_rotation_grace() IS 'Internal: apikeys.max_rotation_grace, read through the library.';
+CREATE FUNCTION apikeys._audit_retention_min() RETURNS interval
+    AS 'MODULE_PATHNAME', 'apikeys_audit_retention_min_setting' LANGUAGE C STABLE;
+COMMENT ON FUNCTION apikeys._audit_retention_min() IS 'Internal: apikeys.audit_retention_min, read through the library.';
+
+-- Argument checks shared by the public functions and the guard triggers.
+CREATE FUNCTION apikeys._require_text(p_value text, p_what text, p_max integer) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_value IS NULL THEN
+        RAISE EXCEPTION '% must not be null', p_what USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_value = '' THEN
+        RAISE EXCEPTION '% must not be empty', p_what USING ERRCODE = 'invalid_parameter_value';
+    ELSIF length(p_value) > p_max THEN
+        RAISE EXCEPTION '% is longer than % characters', p_what, p_max USING ERRCODE = 'invalid_parameter_value';
+    ELSIF btrim(p_value) = '' THEN
+        RAISE EXCEPTION '% must not be blank', p_what USING ERRCODE = 'invalid_parameter_value';
+    ELSIF p_value ~ E'[\\x01-\\x1f\\x7f-\\x9f]' THEN
+        RAISE EXCEPTION '% must not contain control characters', p_what USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION apikeys._require_text(text, text, integer) IS 'Internal: 22023 for a NULL, empty, blank, over-long or control-character argument.';
+
+-- invalid_parameter_value (22023) unless scopes is a one-dimensional array
+-- of at most 64 scopes, each 1 to 128 characters, not blank, free of control
+-- characters.
+CREATE FUNCTION apikeys._require_scopes(p_scopes text[]) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_scope text;
+BEGIN
+    IF p_scopes IS NULL THEN
+        RAISE EXCEPTION 'scopes must not be null' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Pass an empty array for a key without scopes.';
+    ELSIF array_ndims(p_scopes) > 1 THEN
+        RAISE EXCEPTION 'scopes must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF cardinality(p_scopes) > 64 THEN
+        RAISE EXCEPTION 'a key holds at most 64 scopes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_scope IN ARRAY p_scopes LOOP
+        IF v_scope IS NULL THEN
+            RAISE EXCEPTION 'scopes must not contain null elements' USING ERRCODE = 'invalid_parameter_value';
+        END IF;
+        PERFORM apikeys._require_text(v_scope, 'a scope', 128);
+    END LOOP;
+END
+$$;
+COMMENT ON FUNCTION apikeys._require_scopes(text[]) IS 'Internal: 22023 unless scopes are within their bounds.';
+
+-- invalid_parameter_value (22023) unless metadata is a JSON object of at
+-- most 8192 bytes as text.
+CREATE FUNCTION apikeys._require_metadata(p_metadata jsonb) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_metadata IS NULL OR jsonb_typeof(p_metadata) <> 'object' THEN
+        RAISE EXCEPTION 'metadata must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF octet_length(p_metadata::text) > 8192 THEN
+        RAISE EXCEPTION 'metadata is larger than 8192 bytes' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION apikeys._require_metadata(jsonb) IS 'Internal: 22023 unless metadata is a JSON object within its bound.';
+
+-- The bounds on what a key holds, for every writer (functions and SQL alike).
+CREATE FUNCTION apikeys._require_key_fields(k apikeys.keys) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM apikeys._require_text(k.name, 'name', 200);
+    PERFORM apikeys._require_scopes(k.scopes);
+    PERFORM apikeys._require_metadata(k.metadata);
+    IF k.rate_limit <= 0 THEN
+        RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata and rate limit.';
+
+-- Owners and plan limits.
+
+-- A key counts toward its owner's plan while neither revoked, rotated nor expired.
+CREATE FUNCTION apikeys._counts(k apikeys.keys) RETURNS boolean
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT k.revoked_at IS NULL AND k.replaced_by IS NULL
+       AND (k.expires_at IS NULL OR k.expires_at > now())
+$$;
+COMMENT ON FUNCTION apikeys._counts(apikeys.keys) IS 'Internal: whether a key counts toward its owner''s plan limit.';
+
+-- Makes sure the owner has a row (on apikeys.default_plan) and returns its plan.
+CREATE FUNCTION apikeys._ensure_owner(p_owner text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan text;
+BEGIN
+    SELECT o.plan INTO v_plan FROM apikeys.owners o WHERE o.owner = p_owner;
+    IF FOUND THEN
+        RETURN v_plan;
+    END IF;
+    v_plan := apikeys._default_plan();
+    IF NOT EXISTS (SELECT FROM apikeys.plans p WHERE p.name = v_plan) THEN
+        RAISE EXCEPTION 'unknown plan "%"', v_plan
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = 'apikeys.default_plan names a plan that is not in apikeys.plans.';
+    END IF;
+    INSERT INTO apikeys.owners (owner, plan) VALUES (p_owner, v_plan)
+        ON CONFLICT (owner) DO NOTHING;
+    SELECT o.plan INTO v_plan FROM apikeys.owners o WHERE o.owner = p_owner;
+    RETURN v_plan;
+END
+$$;
+COMMENT ON FUNCTION apikeys._ensure_owner(text) IS 'Internal: creates the owner''s row on the default plan if missing; returns its plan.';
+
+-- Serialises every change to one owner's set of keys: locks the owner's row
+-- by updating it, so concurrent writers queue and a REPEATABLE READ writer
+-- that raced gets a serialization failure instead of a stale count.
+CREATE FUNCTION apikeys._lock_owner(p_owner text) RETURNS text
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan text;
+BEGIN
+    PERFORM apikeys._ensure_owner(p_owner);
+    UPDATE apikeys.owners o SET updated_at = now()
+     WHERE o.owner = p_owner
+    RETURNING o.plan INTO v_plan;
+    RETURN v_plan;
+END
+$$;
+COMMENT ON FUNCTION apikeys._lock_owner(text) IS 'Internal: serialises changes to one owner''s keys.';
+
+-- Records that must survive the caller's rollback go to shared memory, from
+-- where a background worker writes them (no-op without the preload).
+CREATE FUNCTION apikeys._record_limit_exceeded(owner text, plan text, max_keys integer)
+RETURNS void
+    AS 'MODULE_PATHNAME', 'apikeys_record_limit_exceeded' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys._record_limit_exceeded(text, text, integer) IS 'Internal: queues a limit_exceeded record that survives rollback (preload only).';
+
+-- Raises configuration_limit_exceeded (53400) when one more counting key
+-- would exceed the owner's plan.  Unlimited plans count nothing and take
+-- only a share lock on the owner's row: creates do not queue behind each
+-- other, but revoke_all and set_plan (which update the row) do not slip past
+-- them.
+CREATE FUNCTION apikeys._enforce_plan_limit(p_owner text) RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_plan text;
+    v_max  integer;
+    v_live integer;
+BEGIN
+    v_plan := apikeys._ensure_owner(p_owner);
+    SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name = v_plan;
+    IF v_max IS NULL THEN
+        SELECT o.plan INTO v_plan FROM apikeys.owners o
+         WHERE o.owner = p_owner FOR SHARE;
+        SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name = v_plan;
+        IF v_max IS NULL THEN
+            RETURN;
+        END IF;
+    END IF;
+
+    v_plan := apikeys._lock_owner(p_owner);
+    SELECT p.max_keys INTO v_max FROM apikeys.plans p WHERE p.name = v_plan;
+    IF v_max IS NULL THEN
+        RETURN;
+    END IF;
+
+    -- Counting stops at the limit, so an owner with many keys costs no more.
+    SELECT count(*) INTO v_live
+      FROM (SELECT FROM apikeys.keys k
+             WHERE k.owner = p_owner
+               AND k.revoked_at IS NULL AND k.replaced_by IS NULL
+               AND (k.expires_at IS NULL OR k.expires_at > now())
+             LIMIT v_max) live;
+    IF v_live >= v_max THEN
+        PERFORM apikeys._record_limit_exceeded(p_owner, v_plan, v_max);
+        RAISE EXCEPTION 'key limit reached: plan "%" allows % active key%',
+                        v_plan, v_max, CASE WHEN v_max = 1 THEN '' ELSE 's' END
+            USING ERRCODE = 'configuration_limit_exceeded',
+                  DETAIL = format('Owner %s has no free slot on plan %s.', p_owner, v_plan),
+                  HINT = 'Revoke a key or move the owner to a larger plan with apikeys.set_plan().';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION apikeys._enforce_plan_limit(text) IS 'Internal: raises 53400 when the owner has no free slot.';
+
+-- The audit chain.
+
+CREATE FUNCTION apikeys._audit_hash(prev bytea, payload text) RETURNS bytea
+    AS 'MODULE_PATHNAME', 'apikeys_audit_hash' LANGUAGE C IMMUTABLE STRICT;
+COMMENT ON FUNCTION apikeys._audit_hash(bytea, text) IS 'Internal: BLAKE2b-256 of prev || payload.';
+
+-- The last row of the chain as of now, even in a REPEATABLE READ transaction.
+CREATE FUNCTION apikeys._audit_tail(OUT last_id bigint, OUT last_hash bytea)
+    AS 'MODULE_PATHNAME', 'apikeys_audit_tail' LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys._audit_tail() IS 'Internal: the audit chain''s last id and hash, read with the latest snapshot.';
+
+-- The canonical encoding a row's hash covers: a JSON array of id, at (UTC,
+-- microseconds), event, key_id, owner, actor, db_user, client_addr, details,
+-- in jsonb's normalised text form.
+CREATE FUNCTION apikeys._audit_payload(a apikeys.audit_log) RETURNS text
+    LANGUAGE sql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT jsonb_build_array(
+        a.id,
+        to_char(a.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"'),
+        a.event, a.key_id, a.owner, a.actor, a.db_user, a.client_addr, a.details)::text
+$$;
+COMMENT ON FUNCTION apikeys._audit_payload(apikeys.audit_log) IS 'The canonical encoding of an audit row that its hash covers.';
+
+CREATE FUNCTION apikeys._audit(p_event text, p_key_id uuid, p_owner text, p_details jsonb)
+RETURNS void
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    INSERT INTO apikeys.audit_log (event, key_id, owner, details)
+    VALUES (p_event, p_key_id, p_owner, jsonb_strip_nulls(p_details))
+$$;
+COMMENT ON FUNCTION apikeys._audit(text, uuid, text, jsonb) IS 'Internal: appends one audit row.';
+
+------------------------------------------------------------------------------
+-- 7. Public functions.
+------------------------------------------------------------------------------
+CREATE FUNCTION apikeys.create_key(
+    owner      text,
+    name       text,
+    scopes     text[] DEFAULT '{}',
+    expires_at timestamptz DEFAULT NULL,
+    prefix     text DEFAULT NULL,
+    metadata   jsonb DEFAULT '{}',
+    rate_limit integer DEFAULT NULL)
+RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, created_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_token apikeys.apikey;
+    v_id    uuid;
+    v_at    timestamptz;
+BEGIN
+    -- Name, scopes, metadata and rate limit are checked by the insert's trigger.
+    PERFORM apikeys._require_text(create_key.owner, 'owner', 200);
+    IF create_key.expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    v_token := apikeys._new_token(create_key.prefix);
+    INSERT INTO apikeys.keys AS k (owner, name, prefix, start, digest, scopes, metadata,
+                                   rate_limit, expires_at)
+    VALUES (create_key.owner, create_key.name, apikeys.prefix(v_token), apikeys.start(v_token),
+            apikeys.digest(v_token), create_key.scopes, create_key.metadata,
+            create_key.rate_limit, create_key.expires_at)
+    RETURNING k.id, k.created_at INTO v_id, v_at;
+
+    RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer) IS 'Issues a key; the only time its token is returned.';
+
+-- verify and authenticate run no SQL: they read apikeys.keys and its digest
+-- index by OID, through the table and index access methods, which check no
+-- privilege and resolve no name through search_path.  So the EXECUTE grant
+-- is the whole privilege gate, and they need neither SECURITY DEFINER nor
+-- a pinned search_path (which together cost about 5% of a verification).
+CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}')
+RETURNS apikeys.verify_result
+    AS 'MODULE_PATHNAME', 'apikeys_verify'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys.verify(text, text[]) IS 'Checks a token; never raises for a bad one and never writes a row.';
+
+CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}')
+RETURNS apikeys.authenticate_result
+    AS 'MODULE_PATHNAME', 'apikeys_authenticate'
+    LANGUAGE C VOLATILE;
+COMMENT ON FUNCTION apikeys.authenticate(text, text[]) IS 'Like verify, but a refusal raises 28000 with the code as message.';
+
+CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
+RETURNS timestamptz
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    IF revoke.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF revoke.owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to revoke a key without naming its owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id = revoke.key_id
+       AND (revoke.owner IS NULL OR k.owner = revoke.owner)
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', revoke.key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_key.revoked_at IS NOT NULL THEN
+        RETURN v_key.revoked_at;
+    END IF;
+
+    UPDATE apikeys.keys k
+       SET revoked_at = now(), revoked_by = apikeys._actor(),
+           revoke_reason = revoke.reason
+     WHERE k.id = revoke.key_id
+    RETURNING k.revoked_at INTO v_key.revoked_at;
+    RETURN v_key.revoked_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys.revoke(uuid, text, text) IS 'Revokes a key at once and for good; returns the original revoked_at when already revoked.';
+
+CREATE FUNCTION apikeys.revoke_all(owner text, reason text DEFAULT NULL)
+RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_count integer;
+BEGIN
+    PERFORM apikeys._require_text(revoke_all.owner, 'owner', 200);
+    IF NOT EXISTS (SELECT FROM apikeys.owners o WHERE o.owner = revoke_all.owner) THEN
+        RETURN 0;
+    END IF;
+    -- Queue behind any create_key or rotate of this owner, so none slips past.
+    PERFORM apikeys._lock_owner(revoke_all.owner);
+    PERFORM set_config('apikeys.audit_context', 'revoke_all', true);
+    UPDATE apikeys.keys k
+       SET revoked_at = now(), revoked_by = apikeys._actor(),
+           revoke_reason = revoke_all.reason
+     WHERE k.owner = revoke_all.owner
+       AND k.revoked_at IS NULL;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    PERFORM set_config('apikeys.audit_context', '', true);
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION apikeys.revoke_all(text, text) IS 'Revokes every active and rotating key of an owner; returns how many.';
+
+CREATE FUNCTION apikeys.revoke_token(token text, reason text DEFAULT NULL)
+RETURNS uuid
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_id uuid;
+BEGIN
+    IF NOT apikeys.is_well_formed(revoke_token.token) THEN
+        RETURN NULL;
+    END IF;
+    SELECT k.id INTO v_id FROM apikeys.keys k
+     WHERE k.digest = apikeys.digest(revoke_token.token::apikeys.apikey);
+    IF v_id IS NULL THEN
+        RETURN NULL;
+    END IF;
+    PERFORM set_config('apikeys.audit_context', 'revoke_token', true);
+    PERFORM apikeys.revoke(v_id, NULL, COALESCE(revoke_token.reason, 'leaked'));
+    PERFORM set_config('apikeys.audit_context', '', true);
+    RETURN v_id;
+END
+$$;
+COMMENT ON FUNCTION apikeys.revoke_token(text, text) IS 'Revokes the key a leaked token belongs to; NULL when unknown.';
+
+-- The work of rotate(); PL/pgSQL cannot name an input and a result column
+-- alike (key_id), so rotate() is a SQL wrapper around this.
+CREATE FUNCTION apikeys._rotate(p_key_id uuid, p_owner text, grace interval)
+RETURNS TABLE (new_key_id uuid, new_token apikeys.apikey, new_start text,
+               old_key_expires_at timestamptz)
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_old     apikeys.keys;
+    v_owner   text;
+    v_token   apikeys.apikey;
+    v_new_id  uuid := gen_random_uuid();
+    v_old_end timestamptz;
+BEGIN
+    IF p_key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF grace IS NULL OR grace < '0'::interval THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF grace > apikeys._max_rotation_grace() THEN
+        RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
+                  HINT = 'A superuser can raise apikeys.max_rotation_grace.';
+    END IF;
+    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
+        RAISE EXCEPTION 'permission denied to rotate a key without naming its owner'
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+
+    SELECT k.owner INTO v_owner FROM apikeys.keys k
+     WHERE k.id = p_key_id
+       AND (p_owner IS NULL OR k.owner = p_owner);
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    -- Owner first, then key: the same order as revoke_all, so they cannot deadlock.
+    PERFORM apikeys._lock_owner(v_owner);
+    SELECT * INTO v_old FROM apikeys.keys k WHERE k.id = p_key_id FOR NO KEY UPDATE;
+
+    -- A rotated key is also revoked (grace 0) or expiring: name the rotation.
+    IF v_old.replaced_by IS NOT NULL THEN
+        RAISE EXCEPTION 'key % was already rotated', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = format('It was replaced by key %s.', v_old.replaced_by);
+    ELSIF v_old.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only active keys can be rotated.';
+    ELSIF v_old.expires_at IS NOT NULL AND v_old.expires_at <= now() THEN
+        RAISE EXCEPTION 'key % has expired', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'Only active keys can be rotated.';
+    END IF;
+
+    -- A chain holds at most two valid keys: the grace of the key this one
+    -- replaced, if it is still rotating, ends now.
+    UPDATE apikeys.keys k SET expires_at = now()
+     WHERE k.id = v_old.rotated_from
+       AND k.revoked_at IS NULL
+       AND k.expires_at > now();
+
+    -- Retire the old key before inserting the new one, so an owner at its
+    -- plan limit can rotate: a rotating key no longer counts.
+    IF grace = '0'::interval THEN
+        UPDATE apikeys.keys k
+           SET replaced_by = v_new_id, revoked_at = now(),
+               revoked_by = apikeys._actor(), revoke_reason = 'rotated'
+         WHERE k.id = p_key_id;
+        v_old_end := now();
+    ELSE
+        v_old_end := now() + grace;
+        IF v_old.expires_at IS NOT NULL AND v_old.expires_at < v_old_end THEN
+            v_old_end := v_old.expires_at;
+        END IF;
+        UPDATE apikeys.keys k
+           SET replaced_by = v_new_id, expires_at = v_old_end
+         WHERE k.id = p_key_id;
+    END IF;
+
+    v_token := apikeys._new_token(v_old.prefix);
+    INSERT INTO apikeys.keys (id, owner, name, prefix, start, digest, scopes, metadata,
+                              rate_limit, expires_at, rotated_from)
+    VALUES (v_new_id, v_old.owner, v_old.name, v_old.prefix, apikeys.start(v_token),
+            apikeys.digest(v_token), v_old.scopes, v_old.metadata, v_old.rate_limit,
+            v_old.expires_at, v_old.id);
+
+    RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
+END
+$$;
+COMMENT ON FUNCTION apikeys._rotate(uuid, text, interval) IS 'Internal: the body of rotate().';
+
+CREATE FUNCTION apikeys.rotate(key_id uuid, owner text DEFAULT NULL, grace interval DEFAULT '0')
+RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, old_key_expires_at timestamptz)
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._rotate(key_id, owner, grace)
+$$;
+COMMENT ON FUNCTION apikeys.rotate(uuid, text, interval) IS 'Issues a replacement key; the old one is revoked now or valid until the grace ends.';
+
+-- Today's counts still in shared memory (zeros without the preload).
+CREATE FUNCTION apikeys._pending_usage(key_id uuid,
+    OUT requests bigint, OUT failures bigint, OUT last_used_at timestamptz)
+    AS 'MODULE_PATHNAME', 'apikeys_pending_usage' LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION apikeys._pending_usage(uuid) IS 'Internal: today''s usage counts not yet written to apikeys.key_usage.';
+
+CREATE FUNCTION apikeys.list_keys(owner text)
+RETURNS TABLE (key_id uuid, name text, start text, scopes text[], status text,
+               created_at timestamptz, expires_at timestamptz, revoked_at timestamptz,
+               last_used_at timestamptz, requests_today bigint, failures_today bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM apikeys._require_text(list_keys.owner, 'owner', 200);
+    RETURN QUERY
+    SELECT k.id, k.name, k.start, k.scopes,
+           CASE WHEN k.revoked_at IS NOT NULL THEN 'revoked'
+                WHEN k.expires_at IS NOT NULL AND k.expires_at <= now() THEN 'expired'
+                WHEN k.replaced_by IS NOT NULL THEN 'rotating'
+                ELSE 'active' END,
+           k.created_at, k.expires_at, k.revoked_at,
+           CASE WHEN p.last_used_at IS NULL THEN u.last_used_at
+                ELSE GREATEST(u.last_used_at, p.last_used_at) END,
+           COALESCE(u.requests_today, 0) + p.requests,
+           COALESCE(u.failures_today, 0) + p.failures
+      FROM apikeys.keys k
+      CROSS JOIN LATERAL apikeys._pending_usage(k.id) p
+      LEFT JOIN LATERAL (
+           SELECT max(ku.last_used_at) AS last_used_at,
+                  sum(ku.requests) FILTER (WHERE ku.day = (now() AT TIME ZONE 'UTC')::date)::bigint AS requests_today,
+                  sum(ku.failures) FILTER (WHERE ku.day = (now() AT TIME ZONE 'UTC')::date)::bigint AS failures_today
+             FROM apikeys.key_usage ku
+            WHERE ku.key_id = k.id) u ON true
+     WHERE k.owner = list_keys.owner
+     ORDER BY k.created_at, k.id;
+END
+$$;
+COMMENT ON FUNCTION apikeys.list_keys(text) IS 'An owner''s keys with status and usage; never digests or tokens.';
+
+CREATE FUNCTION apikeys.set_plan(owner text, plan text)
+RETURNS void
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+BEGIN
+    PERFORM apikeys._require_text(set_plan.owner, 'owner', 200);
+    IF set_plan.plan IS NULL THEN
+        RAISE EXCEPTION 'plan must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT EXISTS (SELECT FROM apikeys.plans p WHERE p.name = set_plan.plan) THEN
+        RAISE EXCEPTION 'unknown plan "%"', set_plan.plan USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'The plans are the rows of apikeys.plans.';
+    END IF;
+    INSERT INTO apikeys.owners (owner, plan) VALUES (set_plan.owner, set_plan.plan)
+        ON CONFLICT (owner) DO NOTHING;
+    PERFORM apikeys._lock_owner(set_plan.owner);
+    UPDATE apikeys.owners o SET plan = set_plan.plan, updated_at = now()
+     WHERE o.owner = set_plan.owner;
+END
+$$;
+COMMENT ON FUNCTION apikeys.set_plan(text, text) IS 'Moves an owner to a plan; existing keys keep working.';
+
+CREATE FUNCTION apikeys.audit_verify()
+RETURNS TABLE (ok boolean, rows_checked bigint, first_bad_id bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_zero  CONSTANT bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
+    v_row   apikeys.audit_log;
+    v_prev  apikeys.audit_log;
+    v_count bigint := 0;
+BEGIN
+    FOR v_row IN SELECT * FROM apikeys.audit_log a ORDER BY a.id LOOP
+        v_count := v_count + 1;
+        IF v_prev.id IS NULL THEN
+            -- The first row chains from zeros, or from the rows a purge removed,
+            -- as recorded by that purge's own (chained) audit_purged row.
+            IF v_row.prev_hash <> v_zero AND NOT EXISTS (
+                SELECT FROM apikeys.audit_log p
+                 WHERE p.event = 'audit_purged'
+                   AND p.details ->> 'last_purged_hash' = encode(v_row.prev_hash, 'hex')
+                   AND (p.details ->> 'purged_through_id')::bigint = v_row.id - 1) THEN
+                RETURN QUERY SELECT false, v_count, v_row.id;
+                RETURN;
+            END IF;
+        ELSIF v_row.id <> (v_prev.id + 1)
+              OR v_row.prev_hash <> v_prev.hash THEN
+            RETURN QUERY SELECT false, v_count, v_row.id;
+            RETURN;
+        END IF;
+        IF v_row.hash <> apikeys._audit_hash(v_row.prev_hash, apikeys._audit_payload(v_row)) THEN
+            RETURN QUERY SELECT false, v_count, v_row.id;
+            RETURN;
+        END IF;
+        v_prev := v_row;
+    END LOOP;
+    RETURN QUERY SELECT true, v_count, NULL::bigint;
+END
+$$;
+COMMENT ON FUNCTION apikeys.audit_verify() IS 'Walks the audit log''s hash chain; the first row that does not verify, if any.';
+
+CREATE FUNCTION apikeys.purge_audit(before timestamptz)
+RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_through apikeys.audit_log;
+    v_count   bigint;
+BEGIN
+    IF purge_audit.before IS NULL THEN
+        RAISE EXCEPTION 'before must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF purge_audit.before > (now() - apikeys._audit_retention_min()) THEN
+        RAISE EXCEPTION 'audit rows younger than apikeys.audit_retention_min are kept'
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('purge_audit() removes only rows older than %s.', apikeys._audit_retention_min()),
+                  HINT = 'A superuser can lower apikeys.audit_retention_min.';
+    END IF;
+    -- Only a prefix of the chain can go, so the rest still verifies.
+    PERFORM FROM apikeys._audit_chain_lock l FOR UPDATE;
+    SELECT * INTO v_through FROM apikeys.audit_log a
+     WHERE a.id = (SELECT max(b.id) FROM apikeys.audit_log b
+                    WHERE b.at < purge_audit.before);
+    IF v_through.id IS NULL THEN
+        RETURN 0;
+    END IF;
+
+    PERFORM apikeys._audit('audit_purged', NULL, NULL,
+        jsonb_build_object('before', purge_audit.before,
+            'purged_through_id', v_through.id,
+            'last_purged_hash', encode(v_through.hash, 'hex')));
+
+    -- The append-only trigger refuses every DELETE; this one is the exception.
+    SET LOCAL session_replication_role = replica;
+    DELETE FROM apikeys.audit_log a WHERE a.id <= v_through.id;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    SET LOCAL session_replication_role = origin;
+    RETURN v_count;
+END
+$$;
+COMMENT ON FUNCTION apikeys.purge_audit(timestamptz) IS 'Removes audit rows older than a time, keeping the chain verifiable; audited as audit_purged.';
+
+CREATE FUNCTION apikeys.status()
+RETURNS TABLE (preloaded boolean, usage_tracking boolean, rate_limits boolean,
+               failure_audit boolean, default_prefix text, queued_records bigint,
+               records_queued_total bigint, records_dropped bigint,
+               tracked_keys bigint, untracked_requests bigint, in_recovery boolean,
+               workers bigint, worker_start_failures bigint, flush_failures bigint,
+               records_lost bigint)
+    AS 'MODULE_PATHNAME', 'apikeys_status'
+    LANGUAGE C STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp;
+COMMENT ON FUNCTION apikeys.status() IS 'Which parts of apikeys are active on this server.';
+
+-- Asks this database's background worker to write what is queued and
+-- counted now; true once a flush that began after the call has completed.
+CREATE FUNCTION apikeys.flush(timeout interval DEFAULT '30 seconds')
+RETURNS boolean
+    AS 'MODULE_PATHNAME', 'apikeys_flush'
+    LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION apikeys.flush(interval) IS 'Has this database''s worker write queued records and usage counts now; false if that takes longer than timeout.';
+
+------------------------------------------------------------------------------
+-- 8. Trigger functions: the invariants hold for every writer, and every
+-- change is audited in its own transaction.  Section 9 attaches them.
+------------------------------------------------------------------------------
+
+-- The guards on apikeys.keys: bounds and the plan limit on a new key;
+-- columns fixed at creation, no reactivation, bounds and the plan limit on
+-- an update; no DELETE or TRUNCATE.
+CREATE FUNCTION apikeys._keys_before_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring(TG_RELID) THEN
+        RETURN NEW;
+    END IF;
+    PERFORM apikeys._require_key_fields(NEW);
+    -- A rotation's new key takes the place of the key it replaces, which no
+    -- longer counts: the owner's count does not grow, even above a lowered limit.
+    IF apikeys._counts(NEW) AND NOT EXISTS (
+           SELECT FROM apikeys.keys k
+            WHERE k.id = NEW.rotated_from
+              AND k.replaced_by = NEW.id
+              AND k.owner = NEW.owner) THEN
+        PERFORM apikeys._enforce_plan_limit(NEW.owner);
+    ELSE
+        PERFORM apikeys._ensure_owner(NEW.owner);
+    END IF;
+    IF NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
+        NEW.revoked_by := apikeys._actor();
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._keys_before_insert() IS 'Internal: plan limit on new keys.';
+
+CREATE FUNCTION apikeys._keys_before_update() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_column text;
+BEGIN
+    v_column := CASE
+        WHEN NEW.id IS DISTINCT FROM OLD.id THEN 'id'
+        WHEN NEW.owner IS DISTINCT FROM OLD.owner THEN 'owner'
+        WHEN NEW.prefix IS DISTINCT FROM OLD.prefix THEN 'prefix'
+        WHEN NEW.start IS DISTINCT FROM OLD.start THEN 'start'
+        WHEN NEW.digest IS DISTINCT FROM OLD.digest THEN 'digest'
+        WHEN NEW.created_at IS DISTINCT FROM OLD.created_at THEN 'created_at'
+        WHEN NEW.created_by IS DISTINCT FROM OLD.created_by THEN 'created_by'
+        WHEN NEW.rotated_from IS DISTINCT FROM OLD.rotated_from THEN 'rotated_from'
+    END;
+    IF v_column IS NOT NULL THEN
+        RAISE EXCEPTION 'column "%" of apikeys.keys cannot be changed', v_column
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'A key''s id, owner, prefix, start, digest, created_at, created_by and rotated_from are fixed when it is created.';
+    END IF;
+
+    IF OLD.revoked_at IS NOT NULL AND (NEW.revoked_at IS DISTINCT FROM OLD.revoked_at
+                                       OR NEW.revoked_by IS DISTINCT FROM OLD.revoked_by
+                                       OR NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason) THEN
+        RAISE EXCEPTION 'key % is revoked', OLD.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key stays revoked: its revoked_at, revoked_by and revoke_reason never change.',
+                  HINT = 'Create a new key instead.';
+    END IF;
+
+    IF OLD.replaced_by IS NOT NULL AND NEW.replaced_by IS DISTINCT FROM OLD.replaced_by THEN
+        RAISE EXCEPTION 'key % was already rotated', OLD.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'The key that replaced a rotated key is fixed.';
+    END IF;
+
+    -- A rotated key's grace may end sooner, never later: it is capped by
+    -- apikeys.max_rotation_grace when rotate() sets it.
+    IF OLD.replaced_by IS NOT NULL AND OLD.expires_at IS NOT NULL
+       AND (NEW.expires_at IS NULL OR NEW.expires_at > OLD.expires_at) THEN
+        RAISE EXCEPTION 'the grace of rotated key % cannot be extended', OLD.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A rotated key stays valid at most until the end of the grace its rotation gave it.';
+    END IF;
+
+    IF NEW.revoke_reason IS DISTINCT FROM OLD.revoke_reason
+       AND length(NEW.revoke_reason) > 1000 THEN
+        RAISE EXCEPTION 'reason is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    IF NEW.name IS DISTINCT FROM OLD.name OR NEW.scopes IS DISTINCT FROM OLD.scopes
+       OR NEW.metadata IS DISTINCT FROM OLD.metadata OR NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN
+        PERFORM apikeys._require_key_fields(NEW);
+    END IF;
+
+    IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
+        NEW.revoked_by := apikeys._actor();
+    END IF;
+
+    -- Extending an expired key's expiry brings it back into the count.
+    IF NOT apikeys._counts(OLD) AND apikeys._counts(NEW) THEN
+        PERFORM apikeys._enforce_plan_limit(NEW.owner);
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._keys_before_update() IS 'Internal: immutable columns, no reactivation, plan limit on revived keys.';
+
+CREATE FUNCTION apikeys._keys_refuse_delete() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'keys are never deleted'
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = 'Revoked and expired keys stay in apikeys.keys for audit.',
+              HINT = 'Use apikeys.revoke() to disable a key.';
+END
+$$;
+COMMENT ON FUNCTION apikeys._keys_refuse_delete() IS 'Internal: keys are never deleted or truncated.';
+
+-- The bounds on an owner, for every writer (functions and SQL alike).
+CREATE FUNCTION apikeys._owners_before_write() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT apikeys._restoring(TG_RELID) THEN
+        PERFORM apikeys._require_text(NEW.owner, 'owner', 200);
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._owners_before_write() IS 'Internal: the bounds on an owner, for every writer.';
+
+-- Checks what admins write to plans.  A restore replays plans over the
+-- seeded rows the extension script just wrote: the dumped row (perhaps an
+-- edited limit) replaces the seed.
+CREATE FUNCTION apikeys._plans_before_write() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF TG_OP = 'INSERT' AND apikeys._restoring(TG_RELID) THEN
+        IF EXISTS (SELECT FROM apikeys.plans p WHERE p.name = NEW.name) THEN
+            UPDATE apikeys.plans p SET max_keys = NEW.max_keys, description = NEW.description
+             WHERE p.name = NEW.name;
+            RETURN NULL;
+        END IF;
+        RETURN NEW;
+    END IF;
+    PERFORM apikeys._require_text(NEW.name, 'plan name', 63);
+    IF NEW.max_keys < 0 THEN
+        RAISE EXCEPTION 'max_keys must be zero or more' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means unlimited.';
+    END IF;
+    IF length(NEW.description) > 1000 THEN
+        RAISE EXCEPTION 'description is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._plans_before_write() IS 'Internal: bounds on plans; a restored plan row replaces the seeded one.';
+
+-- Chains every new row: one writer at a time (the lock on the row of
+-- apikeys._audit_chain_lock, held until commit), ids without gaps, hash
+-- over the previous hash and this row.  A restore keeps rows exactly as
+-- dumped.
+CREATE FUNCTION apikeys._audit_before_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tail record;
+BEGIN
+    IF apikeys._restoring(TG_RELID) THEN
+        RETURN NEW;
+    END IF;
+    PERFORM FROM apikeys._audit_chain_lock l FOR UPDATE;
+    SELECT * INTO v_tail FROM apikeys._audit_tail();
+    NEW.id := COALESCE(v_tail.last_id, 0) + 1;
+    NEW.prev_hash := COALESCE(v_tail.last_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+    NEW.at := COALESCE(NEW.at, now());
+    NEW.actor := COALESCE(NEW.actor, apikeys._actor());
+    NEW.db_user := COALESCE(NEW.db_user, apikeys._caller());
+    NEW.client_addr := COALESCE(NEW.client_addr, inet_client_addr());
+    NEW.details := COALESCE(NEW.details, '{}');
+    NEW.hash := apikeys._audit_hash(NEW.prev_hash, apikeys._audit_payload(NEW));
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._audit_before_insert() IS 'Internal: assigns id, prev_hash and hash to a new audit row.';
+
+CREATE FUNCTION apikeys._audit_refuse_change() RETURNS trigger
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    RAISE EXCEPTION 'apikeys.audit_log is append-only'
+        USING ERRCODE = 'insufficient_privilege',
+              DETAIL = format('%s on the audit log is refused for every role.', TG_OP),
+              HINT = 'Old rows are removed only by apikeys.purge_audit(), which keeps the chain verifiable.';
+END
+$$;
+COMMENT ON FUNCTION apikeys._audit_refuse_change() IS 'Internal: the audit log is append-only.';
+
+-- Lifecycle events, in the transaction of the change, whoever writes it.
+-- Functions name their context (revoke_all, revoke_token) in the
+-- superuser-only setting apikeys.audit_context, read through the library.
+CREATE FUNCTION apikeys._keys_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_context text := apikeys._audit_context();
+    v_changed text[];
+BEGIN
+    IF apikeys._restoring(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        PERFORM apikeys._audit('key_created', NEW.id, NEW.owner,
+            jsonb_build_object('name', NEW.name, 'start', NEW.start, 'scopes', NEW.scopes,
+                'expires_at', NEW.expires_at, 'rate_limit', NEW.rate_limit,
+                'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at));
+    ELSIF OLD.replaced_by IS NULL AND NEW.replaced_by IS NOT NULL THEN
+        PERFORM apikeys._audit('key_rotated', NEW.id, NEW.owner,
+            jsonb_build_object('replaced_by', NEW.replaced_by,
+                'valid_until', COALESCE(NEW.revoked_at, NEW.expires_at)));
+    ELSIF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL THEN
+        PERFORM apikeys._audit(
+            CASE v_context WHEN 'revoke_all' THEN 'keys_revoked_all'
+                           WHEN 'revoke_token' THEN 'key_revoked_by_token'
+                           ELSE 'key_revoked' END,
+            NEW.id, NEW.owner,
+            jsonb_build_object('reason', NEW.revoke_reason, 'revoked_at', NEW.revoked_at));
+    ELSE
+        v_changed := ARRAY(SELECT c FROM unnest(ARRAY[
+            CASE WHEN NEW.name IS DISTINCT FROM OLD.name THEN 'name' END,
+            CASE WHEN NEW.scopes IS DISTINCT FROM OLD.scopes THEN 'scopes' END,
+            CASE WHEN NEW.metadata IS DISTINCT FROM OLD.metadata THEN 'metadata' END,
+            CASE WHEN NEW.rate_limit IS DISTINCT FROM OLD.rate_limit THEN 'rate_limit' END,
+            CASE WHEN NEW.expires_at IS DISTINCT FROM OLD.expires_at THEN 'expires_at' END]) c
+            WHERE c IS NOT NULL);
+        IF cardinality(v_changed) > 0 THEN
+            PERFORM apikeys._audit('key_updated', NEW.id, NEW.owner,
+                jsonb_build_object('changed', v_changed, 'name', NEW.name, 'scopes', NEW.scopes,
+                    'rate_limit', NEW.rate_limit, 'expires_at', NEW.expires_at));
+        END IF;
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikeys._keys_audit() IS 'Internal: audit rows for key changes.';
+
+CREATE FUNCTION apikeys._owners_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring(TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    IF TG_OP = 'INSERT' THEN
+        PERFORM apikeys._audit('owner_created', NULL, NEW.owner,
+            jsonb_build_object('plan', NEW.plan));
+    ELSIF NEW.plan IS DISTINCT FROM OLD.plan THEN
+        PERFORM apikeys._audit('plan_changed', NULL, NEW.owner,
+            jsonb_build_object('from', OLD.plan, 'to', NEW.plan));
+    END IF;
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikeys._owners_audit() IS 'Internal: audit rows for owner and plan changes.';
+
+-- Every change an admin makes to a plan, with the row before and after.
+CREATE FUNCTION apikeys._plans_audit() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF apikeys._restoring(TG_RELID)
+       OR (TG_OP = 'UPDATE' AND NEW IS NOT DISTINCT FROM OLD) THEN
+        RETURN NULL;
+    END IF;
+    INSERT INTO apikeys.audit_log (event, details)
+    VALUES ('plan_updated', jsonb_build_object(
+        'plan', CASE TG_OP WHEN 'DELETE' THEN OLD.name ELSE NEW.name END,
+        'change', lower(TG_OP),
+        'old', CASE TG_OP WHEN 'INSERT' THEN NULL ELSE to_jsonb(OLD) END,
+        'new', CASE TG_OP WHEN 'DELETE' THEN NULL ELSE to_jsonb(NEW) END));
+    RETURN NULL;
+END
+$$;
+COMMENT ON FUNCTION apikeys._plans_audit() IS 'Internal: audit rows for changes to plans.';
+
+------------------------------------------------------------------------------
+-- 9. Triggers.  Before-triggers guard, after-triggers audit.  A table's
+-- triggers of one kind fire in the order of their names.
+------------------------------------------------------------------------------
+
+-- apikeys.keys
+CREATE TRIGGER keys_before_insert BEFORE INSERT ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_before_insert();
+CREATE TRIGGER keys_before_update BEFORE UPDATE ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_before_update();
+CREATE TRIGGER keys_refuse_delete BEFORE DELETE ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_refuse_delete();
+CREATE TRIGGER keys_refuse_truncate BEFORE TRUNCATE ON apikeys.keys
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._keys_refuse_delete();
+CREATE TRIGGER keys_audit AFTER INSERT OR UPDATE ON apikeys.keys
+    FOR EACH ROW EXECUTE FUNCTION apikeys._keys_audit();
+
+-- apikeys.owners
+CREATE TRIGGER owners_before_write BEFORE INSERT OR UPDATE OF owner ON apikeys.owners
+    FOR EACH ROW EXECUTE FUNCTION apikeys._owners_before_write();
+CREATE TRIGGER owners_audit AFTER INSERT OR UPDATE ON apikeys.owners
+    FOR EACH ROW EXECUTE FUNCTION apikeys._owners_audit();
+
+-- apikeys.plans
+CREATE TRIGGER plans_before_write BEFORE INSERT OR UPDATE ON apikeys.plans
+    FOR EACH ROW EXECUTE FUNCTION apikeys._plans_before_write();
+CREATE TRIGGER plans_audit AFTER INSERT OR UPDATE OR DELETE ON apikeys.plans
+    FOR EACH ROW EXECUTE FUNCTION apikeys._plans_audit();
+
+-- apikeys.audit_log
+CREATE TRIGGER audit_before_insert BEFORE INSERT ON apikeys.audit_log
+    FOR EACH ROW EXECUTE FUNCTION apikeys._audit_before_insert();
+CREATE TRIGGER audit_refuse_change BEFORE UPDATE OR DELETE ON apikeys.audit_log
+    FOR EACH ROW EXECUTE FUNCTION apikeys._audit_refuse_change();
+CREATE TRIGGER audit_refuse_truncate BEFORE TRUNCATE ON apikeys.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION apikeys._audit_refuse_change();
+
+------------------------------------------------------------------------------
+-- 10. Privileges.  PUBLIC gets nothing.  apikeys_app may call verify,
+-- authenticate, create_key, list_keys, revoke, rotate, the apikey functions
+-- and status.  apikeys_admin may call those and revoke_all, revoke_token,
+-- set_plan, audit_verify, purge_audit and flush; it may read every table but
+-- _audit_chain_lock, write plans, and update the columns of keys that may
+-- change.  apikeys_worker writes what the background workers write.  No role
+-- is granted any internal function.  README.md, "Roles and privileges", has
+-- the whole matrix.
+------------------------------------------------------------------------------
+REVOKE ALL ON SCHEMA apikeys FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA apikeys FROM PUBLIC;
+REVOKE ALL ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result FROM PUBLIC;
+
+GRANT USAGE ON SCHEMA apikeys TO apikeys_admin, apikeys_app, apikeys_worker;
+GRANT USAGE ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_result
+    TO apikeys_admin, apikeys_app;
+
+GRANT EXECUTE ON FUNCTION
+    apikeys.verify(text, text[]),
+    apikeys.authenticate(text, text[]),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer),
+    apikeys.list_keys(text),
+    apikeys.revoke(uuid, text, text),
+    apikeys.rotate(uuid, text, interval),
+    apikeys.prefix(apikeys.apikey),
+    apikeys.start(apikeys.apikey),
+    apikeys.digest(apikeys.apikey),
+    apikeys.is_well_formed(text),
+    apikeys.status()
+TO apikeys_app, apikeys_admin;
+
+GRANT EXECUTE ON FUNCTION
+    apikeys.revoke_all(text, text),
+    apikeys.revoke_token(text, text),
+    apikeys.set_plan(text, text),
+    apikeys.audit_verify(),
+    apikeys.purge_audit(timestamptz),
+    apikeys.flush(interval)
+TO apikeys_admin;
+
+GRANT SELECT ON ALL TABLES IN SCHEMA apikeys TO apikeys_admin;
+REVOKE SELECT ON apikeys._audit_chain_lock FROM apikeys_admin;
+GRANT INSERT, UPDATE, DELETE ON apikeys.plans TO apikeys_admin;
+GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at) ON apikeys.keys TO apikeys_admin;
+
+-- The background workers: queued records into the audit log, counts into key_usage.
+GRANT INSERT ON apikeys.audit_log TO apikeys_worker;
+GRANT SELECT, INSERT, UPDATE ON apikeys.key_usage TO apikeys_worker;

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The client examples' tests: test/clients/test_cache.py (the LISTEN-based
+# verify cache of cache.py) against a private cluster with the preload, on
+# port $APIKEYS_CLIENTS_PORT (default 54341), in a fresh directory under /tmp
+# that is removed on exit.  Needs the installed extension and python3-psycopg.
+#
+#   bash test/clients/run.sh        # as root, or as the postgres OS user
+#                                   # (make clientcheck, from run-tests.sh)
+source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
+PGPORT=${APIKEYS_CLIENTS_PORT:-54341}
+PYTHON=/usr/bin/python3          # Debian's, which has python3-psycopg
+
+# Run as postgres (no sudo needed): lib.sh's helpers run their commands directly.
+if [ "$(id -un)" = postgres ]; then as_postgres() { "$@"; }; fi
+
+if ! "$PYTHON" -c 'import psycopg' 2>/dev/null; then
+    echo "test/clients/run.sh: $PYTHON cannot import psycopg; install python3-psycopg" >&2
+    exit 1
+fi
+
+CLUSTER=$(mktemp -d /tmp/apikeys-clients.XXXXXX)
+cleanup() {
+    local rc=$?
+    stop_cluster "$CLUSTER"
+    if [ $rc -ne 0 ] && [ -f "$CLUSTER/server.log" ]; then
+        echo "-- $CLUSTER/server.log (last lines)"
+        tail -n 30 "$CLUSTER/server.log"
+    fi
+    rm -rf "$CLUSTER"
+    exit $rc
+}
+trap cleanup EXIT
+
+start_cluster "$CLUSTER" "shared_preload_libraries = 'apikeys'"
+
+DB=apikeys_clients
+as_postgres "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres \
+    -d postgres -c "CREATE DATABASE $DB"
+as_postgres "$PG_BIN/psql" -X -q -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres \
+    -d "$DB" <<'SQL'
+SET client_min_messages = warning;
+CREATE EXTENSION apikeys;
+CREATE ROLE cache_app LOGIN IN ROLE apikeys_app;
+CREATE ROLE cache_admin LOGIN IN ROLE apikeys_admin;
+SQL
+
+# The scripts run from the cluster's directory, which postgres owns, wherever
+# the tree is.
+mkdir -p "$CLUSTER/py"
+cp "$REPO/test/clients/cache.py" "$REPO/test/clients/test_cache.py" "$CLUSTER/py/"
+chown -R postgres:postgres "$CLUSTER/py" 2>/dev/null || true
+
+echo "== clients: test_cache.py (python3-psycopg $("$PYTHON" -c 'import psycopg; print(psycopg.__version__)'))"
+as_postgres env PGHOST="$PGHOST" PGPORT="$PGPORT" PYTHONDONTWRITEBYTECODE=1 \
+    APIKEYS_CLIENTS_DB="$DB" APIKEYS_CLIENTS_APP=cache_app \
+    APIKEYS_CLIENTS_ADMIN=cache_admin APIKEYS_CLIENTS_SU=postgres \
+    "$PYTHON" "$CLUSTER/py/test_cache.py"
