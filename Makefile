@@ -22,7 +22,7 @@ EXTRA_CLEAN = test/unit/token_test tmp_regress tmp_nopreload output_iso
 # make installcheck TEMP_INSTANCE=1: the regression and isolation suites on a
 # temporary server started with test/apikeys.conf (no server need run).
 # The TAP tests always start their own servers.
-REGRESS = token type keys verify limits lifecycle guards roles audit usage manage secrets search_path
+REGRESS = token type keys verify limits lifecycle guards roles audit usage ratelimit manage secrets search_path
 REGRESS_OPTS = --inputdir=. --load-extension=$(EXTENSION)
 ISOLATION = $(patsubst test/isolation/specs/%.spec,%,$(sort $(wildcard test/isolation/specs/*.spec)))
 ISOLATION_OPTS = --inputdir=test/isolation --outputdir=output_iso --load-extension=$(EXTENSION)

@@ -31,12 +31,16 @@ ALTER TABLE apikeys.keys
     ADD COLUMN allowed_ips cidr[]
         CHECK (pg_catalog.cardinality(allowed_ips) OPERATOR(pg_catalog.<=) 64),
     ADD COLUMN alert_requests_per_minute integer
-        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0);
+        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0),
+    ADD COLUMN rate_burst integer
+        CHECK (rate_burst OPERATOR(pg_catalog.>=) 0
+               AND rate_burst OPERATOR(pg_catalog.<=) 1000000);
 COMMENT ON COLUMN apikeys.keys.disabled_at IS 'When disable_key suspended the key (NULL: not disabled); enable_key clears it.';
 COMMENT ON COLUMN apikeys.keys.disabled_by IS 'Who disabled the key: apikeys.actor, else the calling role.';
 COMMENT ON COLUMN apikeys.keys.disable_reason IS 'Why the key was disabled; at most 1000 characters.';
 COMMENT ON COLUMN apikeys.keys.allowed_ips IS 'Client addresses the key may be used from (at most 64 networks); NULL: any address.';
 COMMENT ON COLUMN apikeys.keys.alert_requests_per_minute IS 'Usage-alert threshold of this key (0: off); NULL: its plan''s.';
+COMMENT ON COLUMN apikeys.keys.rate_burst IS 'Requests the key may make ahead of its rate_limit pace (0 to 1000000): in any 60 seconds it passes at most rate_limit + rate_burst; NULL: rate_limit - 1, a whole minute''s requests at once.';
 
 -- Keyset paging of list_keys: (created_at, id) is the cursor.
 DROP INDEX apikeys.keys_owner_created_idx;
@@ -52,6 +56,20 @@ CREATE INDEX keys_owner_rotating_idx ON apikeys.keys (owner, created_at, id)
 ------------------------------------------------------------------------------
 -- Types.
 ------------------------------------------------------------------------------
+ALTER TYPE apikeys.verify_result
+    ADD ATTRIBUTE ratelimit_limit integer,
+    ADD ATTRIBUTE ratelimit_remaining integer,
+    ADD ATTRIBUTE ratelimit_reset timestamptz;
+COMMENT ON COLUMN apikeys.verify_result.ratelimit_limit IS 'The key''s rate_limit (requests per minute) when it was applied; NULL otherwise.';
+COMMENT ON COLUMN apikeys.verify_result.ratelimit_remaining IS 'Requests the key could make right now without being RATE_LIMITED; NULL when no rate limit was applied.';
+COMMENT ON COLUMN apikeys.verify_result.ratelimit_reset IS 'When ratelimit_remaining is 0, when the next request will pass (Retry-After); otherwise when the whole burst is available again. NULL when no rate limit was applied.';
+ALTER TYPE apikeys.authenticate_result
+    ADD ATTRIBUTE ratelimit_limit integer,
+    ADD ATTRIBUTE ratelimit_remaining integer,
+    ADD ATTRIBUTE ratelimit_reset timestamptz;
+COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_limit IS 'The key''s rate_limit (requests per minute) when it was applied; NULL otherwise.';
+COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_remaining IS 'Requests the key could make right now without being RATE_LIMITED; NULL when no rate limit was applied.';
+COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_reset IS 'When ratelimit_remaining is 0, when the next request will pass (Retry-After); otherwise when the whole burst is available again. NULL when no rate limit was applied.';
 COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, API_KEY_DISABLED, IP_NOT_ALLOWED, INSUFFICIENT_SCOPE or RATE_LIMITED.';
 
 CREATE TYPE apikeys.key_info AS (
@@ -61,7 +79,7 @@ CREATE TYPE apikeys.key_info AS (
     prefix text, metadata jsonb, rate_limit integer, revoke_reason text,
     rotated_from uuid, replaced_by uuid, error_rate_today double precision,
     disabled_at timestamptz, disable_reason text, allowed_ips cidr[],
-    alert_requests_per_minute integer);
+    alert_requests_per_minute integer, rate_burst integer);
 COMMENT ON TYPE apikeys.key_info IS 'One key''s public row, as get_key, list_keys and update_key return it: never a digest or token.';
 COMMENT ON COLUMN apikeys.key_info.key_id IS 'Key id.';
 COMMENT ON COLUMN apikeys.key_info.name IS 'The key''s label.';
@@ -85,6 +103,7 @@ COMMENT ON COLUMN apikeys.key_info.disabled_at IS 'When the key was disabled (NU
 COMMENT ON COLUMN apikeys.key_info.disable_reason IS 'Why the key was disabled.';
 COMMENT ON COLUMN apikeys.key_info.allowed_ips IS 'Client networks the key may be used from; NULL: any.';
 COMMENT ON COLUMN apikeys.key_info.alert_requests_per_minute IS 'The key''s own usage-alert threshold; NULL: its plan''s.';
+COMMENT ON COLUMN apikeys.key_info.rate_burst IS 'Requests the key may make ahead of its rate_limit pace; NULL: rate_limit - 1.';
 
 ------------------------------------------------------------------------------
 -- Internal functions.
@@ -100,6 +119,10 @@ BEGIN
     PERFORM apikeys._require_metadata(k.metadata);
     IF k.rate_limit <= 0 THEN
         RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k.rate_burst < 0 OR k.rate_burst > 1000000 THEN
+        RAISE EXCEPTION 'rate_burst must be between 0 and 1000000' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL lets the key make a whole minute''s requests at once.';
     END IF;
     IF k.alert_requests_per_minute < 0 THEN
         RAISE EXCEPTION 'alert_requests_per_minute must be zero or more' USING ERRCODE = 'invalid_parameter_value',
@@ -122,7 +145,7 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata, rate limit, alert threshold and allowed networks.';
+COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata, rate limit and burst, alert threshold and allowed networks.';
 
 -- The longest life the owner's plan allows a key (NULL: no limit).  An owner
 -- without a row is on apikeys.default_plan.
@@ -168,7 +191,7 @@ COMMENT ON FUNCTION apikeys._expiry_within_plan(text, timestamptz, boolean) IS '
 
 -- The key of that id the caller may act on, locked for update: 42501 for
 -- apikeys_app without an owner, P0002 when the key is missing or another
--- owner's.  As revoke() scopes its key.
+-- owner's (as revoke() scopes its key), 55000 when it is revoked.
 CREATE FUNCTION apikeys._key_for_change(p_key_id uuid, p_owner text, p_action text)
 RETURNS apikeys.keys
     LANGUAGE plpgsql SECURITY DEFINER
@@ -192,10 +215,15 @@ BEGIN
     IF NOT FOUND THEN
         RAISE EXCEPTION 'key % not found', p_key_id USING ERRCODE = 'no_data_found';
     END IF;
+    IF v_key.revoked_at IS NOT NULL THEN
+        RAISE EXCEPTION 'key % is revoked', p_key_id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A revoked key cannot be updated, disabled or enabled.';
+    END IF;
     RETURN v_key;
 END
 $$;
-COMMENT ON FUNCTION apikeys._key_for_change(uuid, text, text) IS 'Internal: the key a caller may change, locked (42501, P0002).';
+COMMENT ON FUNCTION apikeys._key_for_change(uuid, text, text) IS 'Internal: the unrevoked key a caller may change, locked (42501, P0002, 55000).';
 
 -- Public rows of the keys of those ids, with usage (counts still in shared memory
 -- included), in the order given.
@@ -226,7 +254,7 @@ BEGIN
                 THEN NULL
                 ELSE (COALESCE(t.failures, 0) + p.failures)::double precision
                      / (COALESCE(t.requests, 0) + p.requests + COALESCE(t.failures, 0) + p.failures) END,
-           k.disabled_at, k.disable_reason, k.allowed_ips, k.alert_requests_per_minute
+           k.disabled_at, k.disable_reason, k.allowed_ips, k.alert_requests_per_minute, k.rate_burst
       FROM unnest(p_key_ids) WITH ORDINALITY AS o (id, position)
       JOIN apikeys.keys k ON k.id = o.id
       CROSS JOIN LATERAL apikeys._pending_usage(k.id) p
@@ -268,7 +296,8 @@ CREATE FUNCTION apikeys.create_key(
     metadata   jsonb DEFAULT '{}',
     rate_limit integer DEFAULT NULL,
     allowed_ips cidr[] DEFAULT NULL,
-    alert_requests_per_minute integer DEFAULT NULL)
+    alert_requests_per_minute integer DEFAULT NULL,
+    rate_burst integer DEFAULT NULL)
 RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, created_at timestamptz)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -289,17 +318,18 @@ BEGIN
 
     v_token := apikeys._new_token(create_key.prefix);
     INSERT INTO apikeys.keys AS k (owner, name, prefix, start, digest, scopes, metadata,
-                                   rate_limit, expires_at, allowed_ips, alert_requests_per_minute)
+                                   rate_limit, expires_at, allowed_ips, alert_requests_per_minute,
+                                   rate_burst)
     VALUES (create_key.owner, create_key.name, apikeys.prefix(v_token), apikeys.start(v_token),
             apikeys.digest(v_token), create_key.scopes, create_key.metadata,
             create_key.rate_limit, v_expires, create_key.allowed_ips,
-            create_key.alert_requests_per_minute)
+            create_key.alert_requests_per_minute, create_key.rate_burst)
     RETURNING k.id, k.created_at INTO v_id, v_at;
 
     RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
 END
 $$;
-COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer) IS 'Issues a key; the only time its token is returned.';
+COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer) IS 'Issues a key; the only time its token is returned.';
 
 DROP FUNCTION apikeys.verify(text, text[]);
 DROP FUNCTION apikeys.authenticate(text, text[]);
@@ -412,12 +442,12 @@ BEGIN
     v_token := apikeys._new_token(v_old.prefix);
     INSERT INTO apikeys.keys (id, owner, name, prefix, start, digest, scopes, metadata,
                               rate_limit, expires_at, rotated_from, disabled_at, disabled_by,
-                              disable_reason, allowed_ips, alert_requests_per_minute)
+                              disable_reason, allowed_ips, alert_requests_per_minute, rate_burst)
     VALUES (v_new_id, v_old.owner, v_old.name, v_old.prefix, apikeys.start(v_token),
             apikeys.digest(v_token), v_old.scopes, v_old.metadata, v_old.rate_limit,
             CASE WHEN v_lifetime IS NULL THEN v_old.expires_at ELSE now() + v_lifetime END,
             v_old.id, v_old.disabled_at, v_old.disabled_by, v_old.disable_reason,
-            v_old.allowed_ips, v_old.alert_requests_per_minute);
+            v_old.allowed_ips, v_old.alert_requests_per_minute, v_old.rate_burst);
 
     RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
 END
@@ -522,6 +552,7 @@ CREATE FUNCTION apikeys.update_key(
     rate_limit integer DEFAULT NULL,
     allowed_ips cidr[] DEFAULT NULL,
     alert_requests_per_minute integer DEFAULT NULL,
+    rate_burst integer DEFAULT NULL,
     clear      text[] DEFAULT '{}')
 RETURNS apikeys.key_info
     LANGUAGE plpgsql SECURITY DEFINER
@@ -532,7 +563,8 @@ DECLARE
     v_key     apikeys.keys;
     v_field   text;
     v_info    apikeys.key_info;
-    v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute'];
+    v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute',
+                                     'rate_burst'];
 BEGIN
     IF update_key.clear IS NULL OR array_ndims(update_key.clear) > 1 THEN
         RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
@@ -540,14 +572,15 @@ BEGIN
     FOREACH v_field IN ARRAY update_key.clear LOOP
         IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN
             RAISE EXCEPTION 'cannot clear "%"', v_field USING ERRCODE = 'invalid_parameter_value',
-                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips and alert_requests_per_minute.';
+                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips, alert_requests_per_minute and rate_burst.';
         END IF;
     END LOOP;
     IF ('expires_at' = ANY (update_key.clear) AND update_key.expires_at IS NOT NULL)
        OR ('rate_limit' = ANY (update_key.clear) AND update_key.rate_limit IS NOT NULL)
        OR ('allowed_ips' = ANY (update_key.clear) AND update_key.allowed_ips IS NOT NULL)
        OR ('alert_requests_per_minute' = ANY (update_key.clear)
-           AND update_key.alert_requests_per_minute IS NOT NULL) THEN
+           AND update_key.alert_requests_per_minute IS NOT NULL)
+       OR ('rate_burst' = ANY (update_key.clear) AND update_key.rate_burst IS NOT NULL) THEN
         RAISE EXCEPTION 'a field cannot be both set and cleared' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF update_key.expires_at <= now() THEN
@@ -556,11 +589,6 @@ BEGIN
     END IF;
 
     v_key := apikeys._key_for_change(update_key.key_id, update_key.owner, 'update');
-    IF v_key.revoked_at IS NOT NULL THEN
-        RAISE EXCEPTION 'key % is revoked', update_key.key_id
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  DETAIL = 'A revoked key cannot be changed.';
-    END IF;
 
     IF update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (update_key.clear) THEN
         PERFORM apikeys._expiry_within_plan(v_key.owner, update_key.expires_at, false);
@@ -580,7 +608,9 @@ BEGIN
                               ELSE COALESCE(update_key.allowed_ips, k.allowed_ips) END,
            alert_requests_per_minute = CASE WHEN 'alert_requests_per_minute' = ANY (update_key.clear) THEN NULL
                                             ELSE COALESCE(update_key.alert_requests_per_minute,
-                                                          k.alert_requests_per_minute) END
+                                                          k.alert_requests_per_minute) END,
+           rate_burst = CASE WHEN 'rate_burst' = ANY (update_key.clear) THEN NULL
+                             ELSE COALESCE(update_key.rate_burst, k.rate_burst) END
      WHERE k.id = v_key.id
     RETURNING * INTO v_key;
 
@@ -588,7 +618,7 @@ BEGIN
     RETURN v_info;
 END
 $$;
-COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit, networks or alert threshold; NULL leaves a field as it is, clear empties fields.';
+COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit and burst, networks or alert threshold; NULL leaves a field as it is, clear empties fields.';
 
 CREATE FUNCTION apikeys.disable_key(key_id uuid, owner text, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -600,11 +630,6 @@ DECLARE
     v_key apikeys.keys;
 BEGIN
     v_key := apikeys._key_for_change(disable_key.key_id, disable_key.owner, 'disable');
-    IF v_key.revoked_at IS NOT NULL THEN
-        RAISE EXCEPTION 'key % is revoked', disable_key.key_id
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  DETAIL = 'A revoked key cannot be disabled or enabled.';
-    END IF;
     IF v_key.disabled_at IS NOT NULL THEN
         RETURN v_key.disabled_at;
     END IF;
@@ -627,11 +652,6 @@ DECLARE
     v_key apikeys.keys;
 BEGIN
     v_key := apikeys._key_for_change(enable_key.key_id, enable_key.owner, 'enable');
-    IF v_key.revoked_at IS NOT NULL THEN
-        RAISE EXCEPTION 'key % is revoked', enable_key.key_id
-            USING ERRCODE = 'object_not_in_prerequisite_state',
-                  DETAIL = 'A revoked key cannot be disabled or enabled.';
-    END IF;
     IF v_key.disabled_at IS NULL THEN
         RETURN false;
     END IF;
@@ -768,6 +788,7 @@ BEGIN
        OR NEW.metadata IS DISTINCT FROM OLD.metadata OR NEW.rate_limit IS DISTINCT FROM OLD.rate_limit
        OR NEW.allowed_ips IS DISTINCT FROM OLD.allowed_ips
        OR NEW.alert_requests_per_minute IS DISTINCT FROM OLD.alert_requests_per_minute
+       OR NEW.rate_burst IS DISTINCT FROM OLD.rate_burst
        OR NEW.disable_reason IS DISTINCT FROM OLD.disable_reason THEN
         PERFORM apikeys._require_key_fields(NEW);
     END IF;
@@ -854,7 +875,8 @@ BEGIN
                 'expires_at', NEW.expires_at, 'rate_limit', NEW.rate_limit,
                 'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at,
                 'allowed_ips', NEW.allowed_ips,
-                'alert_requests_per_minute', NEW.alert_requests_per_minute));
+                'alert_requests_per_minute', NEW.alert_requests_per_minute,
+                'rate_burst', NEW.rate_burst));
         v_events := ARRAY['created'];
     ELSIF OLD.replaced_by IS NULL AND NEW.replaced_by IS NOT NULL THEN
         PERFORM apikeys._audit('key_rotated', NEW.id, NEW.owner,
@@ -884,7 +906,7 @@ BEGIN
         v_new := to_jsonb(NEW);
         v_changed := ARRAY(SELECT f FROM unnest(ARRAY['name', 'scopes', 'metadata', 'rate_limit',
                                                       'expires_at', 'allowed_ips',
-                                                      'alert_requests_per_minute']) f
+                                                      'alert_requests_per_minute', 'rate_burst']) f
                             WHERE v_old -> f IS DISTINCT FROM v_new -> f);
         IF cardinality(v_changed) > 0 THEN
             PERFORM apikeys._audit('key_updated', NEW.id, NEW.owner,
@@ -917,10 +939,10 @@ CREATE TRIGGER plans_policy_changed AFTER INSERT OR UPDATE OR DELETE OR TRUNCATE
 REVOKE ALL ON FUNCTION
     apikeys.verify(text, text[], inet),
     apikeys.authenticate(text, text[], inet),
-    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer),
     apikeys.list_keys(text, text, integer, uuid),
     apikeys.get_key(uuid, text),
-    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]),
+    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, text[]),
     apikeys.disable_key(uuid, text, text),
     apikeys.enable_key(uuid, text),
     apikeys.usage(text, date, date, uuid),
@@ -937,13 +959,13 @@ GRANT USAGE ON TYPE apikeys.key_info TO apikeys_admin, apikeys_app;
 GRANT EXECUTE ON FUNCTION
     apikeys.verify(text, text[], inet),
     apikeys.authenticate(text, text[], inet),
-    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer),
     apikeys.list_keys(text, text, integer, uuid),
     apikeys.get_key(uuid, text),
-    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, text[]),
+    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, text[]),
     apikeys.disable_key(uuid, text, text),
     apikeys.enable_key(uuid, text),
     apikeys.usage(text, date, date, uuid)
 TO apikeys_app, apikeys_admin;
 
-GRANT UPDATE (allowed_ips, alert_requests_per_minute) ON apikeys.keys TO apikeys_admin;
+GRANT UPDATE (allowed_ips, alert_requests_per_minute, rate_burst) ON apikeys.keys TO apikeys_admin;

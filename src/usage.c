@@ -47,8 +47,9 @@ typedef struct UsageEntry
 	UsageCounts inflight;		/* taken by a flush that may not have committed */
 	TransactionId inflight_xid; /* that flush's transaction, or invalid */
 	int64		minute;			/* the minute minute_count belongs to */
-	int64		minute_count;	/* requests allowed in that minute */
+	int64		minute_count;	/* requests allowed in that minute (for alerts) */
 	int64		alerted_minute;
+	TimestampTz tat;			/* rate limit: the GCRA's theoretical arrival time */
 } UsageEntry;
 
 typedef struct UsageCounters
@@ -57,6 +58,9 @@ typedef struct UsageCounters
 	int64		untracked;
 	int64		full_scan_minute;	/* under mutex */
 } UsageCounters;
+
+/* An entry whose rate-limit state could not be carried over from the day before. */
+#define TAT_UNKNOWN		((TimestampTz) -1)
 
 static HTAB *usage_table = NULL;
 static UsageCounters *usage_counters = NULL;
@@ -167,12 +171,16 @@ now_parts(TimestampTz *now, int64 *minute, int32 *day)
 	*day = (int32) (unix_seconds / SECS_PER_DAY);
 }
 
-/* Whether an entry has nothing to write and was not used this minute. */
+/*
+ * Whether an entry has nothing to write, was not used this minute, and
+ * holds no rate-limit state that still matters (forgetting a future
+ * theoretical arrival time would hand the key a fresh burst).
+ */
 static inline bool
-entry_idle(UsageEntry *e, int64 minute)
+entry_idle(UsageEntry *e, int64 minute, TimestampTz now)
 {
 	return counts_empty(&e->pending) && !TransactionIdIsValid(e->inflight_xid) &&
-		e->minute != minute;
+		e->minute != minute && e->tat <= now;
 }
 
 /* The lock of the partition a hash value falls in. */
@@ -214,7 +222,7 @@ usage_key(UsageKey *key, Oid dboid, int32 day, const pg_uuid_t *key_id)
  * happened since.  Call with no usage lock held.
  */
 static void
-evict_idle(int64 minute)
+evict_idle(int64 minute, TimestampTz now)
 {
 	HASH_SEQ_STATUS status;
 	UsageEntry *e;
@@ -232,7 +240,7 @@ evict_idle(int64 minute)
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
-		if (entry_idle(e, minute))
+		if (entry_idle(e, minute, now))
 		{
 			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
 			if (++evicted >= 64)
@@ -250,6 +258,41 @@ evict_idle(int64 minute)
 		usage_counters->full_scan_minute = minute;
 		SpinLockRelease(&usage_counters->mutex);
 	}
+}
+
+/*
+ * The rate-limit state a key's new entry for a day starts from: that of its
+ * entry for the day before, so that no burst is handed out at midnight.
+ * None (0) when there is no such entry: it was never used, or was forgotten
+ * once its state no longer mattered.  TAT_UNKNOWN when that entry's
+ * partition is busy: it is not waited for (the caller holds another
+ * partition's lock, and two such waits could deadlock).  Call with the new
+ * entry's partition lock held exclusively.
+ */
+static TimestampTz
+previous_day_tat(const UsageKey *key, LWLock *held)
+{
+	UsageKey	previous = *key;
+	uint32		hashvalue;
+	LWLock	   *lock;
+	UsageEntry *e;
+	TimestampTz tat = 0;
+
+	previous.day--;
+	hashvalue = get_hash_value(usage_table, &previous);
+	lock = partition_lock(hashvalue);
+	if (lock != held && !LWLockConditionalAcquire(lock, LW_SHARED))
+		return TAT_UNKNOWN;
+	e = hash_search_with_hash_value(usage_table, &previous, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+	{
+		SpinLockAcquire(&e->mutex);
+		tat = e->tat;
+		SpinLockRelease(&e->mutex);
+	}
+	if (lock != held)
+		LWLockRelease(lock);
+	return tat;
 }
 
 /*
@@ -276,7 +319,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 	LWLockRelease(*lock);
 
 	if (hash_get_num_entries(usage_table) >= max_tracked_keys)
-		evict_idle(minute);
+		evict_idle(minute, GetCurrentTimestamp());
 
 	LWLockAcquire(*lock, LW_EXCLUSIVE);
 	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
@@ -295,6 +338,7 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 			e->minute = 0;
 			e->minute_count = 0;
 			e->alerted_minute = 0;
+			e->tat = previous_day_tat(&key, *lock);
 		}
 	}
 	if (e == NULL)
@@ -307,10 +351,44 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 	return e;
 }
 
+/*
+ * The generic cell rate algorithm: a key with rate_limit N gets one request
+ * every interval = 60 s / N, and may run ahead of that pace by rate_burst
+ * requests (tolerance = burst intervals).  So in any 60-second window it
+ * passes at most N + burst requests, wherever the window starts.  Updates
+ * the entry's theoretical arrival time when the request passes, and fills
+ * in what is left.  Call with the entry's spinlock held.
+ */
+static bool
+gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, UsageLimit *limit)
+{
+	/* Rounded up, so that a window of 60 s never fits one request more. */
+	int64		interval = (USECS_PER_MINUTE + rate_limit - 1) / rate_limit;
+	int64		burst = rate_burst >= 0 ? rate_burst : (int64) rate_limit - 1;
+	int64		tolerance = interval * burst;
+	TimestampTz tat;
+	int64		ahead;
+
+	/* Unknown state: assume the burst was just spent, so that none is given twice. */
+	tat = e->tat == TAT_UNKNOWN ? now + tolerance : Max(e->tat, now);
+	limit->applies = true;
+	if (tat - now > tolerance)
+	{
+		limit->remaining = 0;
+		limit->reset = tat - tolerance;
+		return false;
+	}
+	e->tat = tat + interval;
+	ahead = e->tat - now;
+	limit->remaining = ahead > tolerance ? 0 : (int32) Min((tolerance - ahead) / interval + 1, PG_INT32_MAX);
+	limit->reset = limit->remaining == 0 ? e->tat - tolerance : e->tat;
+	return true;
+}
+
 /* Counts a verification that would pass, enforcing the key's rate limit. */
 UsageOutcome
-usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 *alert_threshold,
-					int64 *alert_requests)
+usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
+					int32 *alert_threshold, int64 *alert_requests, UsageLimit *limit)
 {
 	TimestampTz now;
 	int64		minute;
@@ -321,6 +399,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 *alert_thre
 	bool		standby;
 
 	*alert_requests = 0;
+	limit->applies = false;
 	if (usage_table == NULL)
 		return USAGE_UNTRACKED;
 	if (*alert_threshold < 0)
@@ -339,7 +418,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 *alert_thre
 		e->minute = minute;
 		e->minute_count = 0;
 	}
-	if (rate_limit > 0 && e->minute_count >= rate_limit)
+	if (rate_limit > 0 && !gcra_admit(e, now, rate_limit, rate_burst, limit))
 	{
 		if (!standby)
 			e->pending.failures++;
@@ -483,7 +562,7 @@ forget_idle(const UsageKey *keys, int n, int64 minute)
 
 		LWLockAcquire(lock, LW_EXCLUSIVE);
 		e = hash_search_with_hash_value(usage_table, &keys[i], hashvalue, HASH_FIND, NULL);
-		if (e != NULL && entry_idle(e, minute))
+		if (e != NULL && entry_idle(e, minute, GetCurrentTimestamp()))
 			hash_search_with_hash_value(usage_table, &keys[i], hashvalue, HASH_REMOVE, NULL);
 		LWLockRelease(lock);
 	}
@@ -542,7 +621,7 @@ usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **result)
 		 * is nearly full: a key used again today then finds its entry under
 		 * a shared lock instead of adding it again.
 		 */
-		forget = entry_idle(e, minute) && (e->key.day != day || nearly_full);
+		forget = entry_idle(e, minute, now) && (e->key.day != day || nearly_full);
 		if (!forget && !counts_empty(&e->pending))
 			take_counts(e, xid, &out[n++]);
 		SpinLockRelease(&e->mutex);

@@ -40,15 +40,26 @@ typedef struct UsageDelta
 /* Defines the usage settings and, with the preload, reserves the table (from _PG_init). */
 extern void usage_init(void);
 
+/* What a rate-limited key has left, for verify()'s ratelimit_* columns. */
+typedef struct UsageLimit
+{
+	bool		applies;		/* false: no limit, or not tracked */
+	int32		remaining;		/* requests that would pass right now */
+	TimestampTz reset;			/* remaining 0: when the next one passes; else when all are back */
+} UsageLimit;
+
 /*
  * Counts a verification that would return VALID, enforcing rate_limit
- * (<= 0: none).  *alert_threshold is the key's (or its plan's) threshold,
- * or -1 for apikeys.alert_requests_per_minute, which it then becomes.  When
- * this request passes the threshold for the first time this minute,
+ * (<= 0: none) with rate_burst requests of burst (< 0: rate_limit - 1) by
+ * the generic cell rate algorithm, and fills in *limit.  *alert_threshold
+ * is the key's (or its plan's) threshold, or -1 for
+ * apikeys.alert_requests_per_minute, which it then becomes.  When this
+ * request passes the threshold for the first time this minute,
  * *alert_requests is the minute's requests; else 0.
  */
 extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limit,
-										int32 *alert_threshold, int64 *alert_requests);
+										int32 rate_burst, int32 *alert_threshold,
+										int64 *alert_requests, UsageLimit *limit);
 
 /* Counts a refusal of a key that exists (revoked, expired, scope). */
 extern void usage_count_failure(const pg_uuid_t *key_id);

@@ -51,6 +51,7 @@ typedef struct FoundKey
 	Datum		expires_at;
 	bool		expires_null;
 	int32		rate_limit;		/* 0: none */
+	int32		rate_burst;		/* -1: the default, rate_limit - 1 */
 	int32		alert_threshold;	/* the key's own; -1: its plan's */
 	bool		revoked;
 	bool		disabled;
@@ -111,6 +112,7 @@ static bool relcache_callback_registered = false;
 static AttrNumber att_disabled_at = InvalidAttrNumber;
 static AttrNumber att_allowed_ips = InvalidAttrNumber;
 static AttrNumber att_alert_threshold = InvalidAttrNumber;
+static AttrNumber att_rate_burst = InvalidAttrNumber;
 
 /* Any change to either relation (ALTER EXTENSION UPDATE, a drop) forgets them. */
 static void
@@ -154,6 +156,7 @@ keys_relation_oids(Oid *relid, Oid *indexid)
 		att_disabled_at = keys_column(heap, "disabled_at");
 		att_allowed_ips = keys_column(heap, "allowed_ips");
 		att_alert_threshold = keys_column(heap, "alert_requests_per_minute");
+		att_rate_burst = keys_column(heap, "rate_burst");
 		cached_keys_relid = heap;
 		cached_digest_indexid = index;
 	}
@@ -241,6 +244,7 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 		found->disabled = false;
 		found->allowed_ips = NULL;
 		found->alert_threshold = -1;
+		found->rate_burst = -1;
 		if (att_disabled_at != InvalidAttrNumber)
 		{
 			(void) slot_getattr(slot, att_disabled_at, &isnull);
@@ -252,6 +256,13 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 
 			if (!isnull)
 				found->allowed_ips = DatumGetArrayTypeP(ips);
+		}
+		if (att_rate_burst != InvalidAttrNumber)
+		{
+			Datum		burst = slot_getattr(slot, att_rate_burst, &isnull);
+
+			if (!isnull)
+				found->rate_burst = DatumGetInt32(burst);
 		}
 		if (att_alert_threshold != InvalidAttrNumber)
 		{
@@ -429,14 +440,14 @@ decide(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
 
 /*
  * The whole decision.  *found_key tells whether key holds a row; code is the
- * answer.  Never raises for any token text.  With the preload, a key that
+ * answer; *limit what the key's rate limit has left, when one applied.  Never raises for any token text.  With the preload, a key that
  * passes is counted and rate limited, a refusal of a known key is counted,
  * and every refusal is queued for the audit log (per key when the token
  * matched one, else per prefix).
  */
 static VerifyCode
 verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
-			 FoundKey *key, bool *found_key)
+			 FoundKey *key, bool *found_key, UsageLimit *limit)
 {
 	size_t		prefix_len = 0;
 	VerifyCode	code = decide(token, required, client_ip, client_ip_null, key, found_key,
@@ -449,6 +460,7 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	 */
 	bool		countable = *found_key && !key->created_here;
 
+	limit->applies = false;
 	if (code == VERIFY_VALID && countable)
 	{
 		int64		alert_requests;
@@ -456,8 +468,8 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 
 		alert_threshold = key->alert_threshold >= 0 ? key->alert_threshold
 			: policy_alert_threshold(key->owner);
-		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit,
-								&alert_threshold, &alert_requests) == USAGE_RATE_LIMITED)
+		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit, key->rate_burst,
+								&alert_threshold, &alert_requests, limit) == USAGE_RATE_LIMITED)
 			code = VERIFY_RATE_LIMITED;
 		if (alert_requests > 0)
 			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
@@ -475,6 +487,28 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 									prefix_len > 0 ? VARDATA_ANY(token) : NULL, prefix_len,
 									(int) code);
 	return code;
+}
+
+/* Columns of verify_result and authenticate_result in 1.1; 1.0 has the first 8 and 5. */
+#define VERIFY_RESULT_COLUMNS		11
+#define AUTHENTICATE_RESULT_COLUMNS	8
+
+/*
+ * ratelimit_limit, ratelimit_remaining and ratelimit_reset: NULL unless the
+ * key has a rate limit that was applied (a refusal before it, or a server
+ * without the preload, applies none).
+ */
+static void
+fill_rate_limit(Datum *values, bool *nulls, FoundKey *key, bool found, UsageLimit *limit)
+{
+	if (!found || !limit->applies)
+	{
+		nulls[0] = nulls[1] = nulls[2] = true;
+		return;
+	}
+	values[0] = Int32GetDatum(key->rate_limit);
+	values[1] = Int32GetDatum(limit->remaining);
+	values[2] = TimestampTzGetDatum(limit->reset);
 }
 
 PG_FUNCTION_INFO_V1(apikeys_verify);
@@ -495,12 +529,13 @@ apikeys_verify(PG_FUNCTION_ARGS)
 	FoundKey	key;
 	bool		found;
 	VerifyCode	code;
-	Datum		values[8];
-	bool		nulls[8] = {false};
+	Datum		values[VERIFY_RESULT_COLUMNS];
+	bool		nulls[VERIFY_RESULT_COLUMNS] = {false};
+	UsageLimit	limit;
 
 	tupdesc = result_tupdesc(fcinfo);
 	check_required_scopes(required);
-	code = verify_token(token, required, client_ip, client_ip_null, &key, &found);
+	code = verify_token(token, required, client_ip, client_ip_null, &key, &found, &limit);
 
 	values[0] = BoolGetDatum(code == VERIFY_VALID);
 	values[1] = CStringGetTextDatum(verify_code_name(code));
@@ -517,6 +552,9 @@ apikeys_verify(PG_FUNCTION_ARGS)
 	else
 		for (int i = 2; i < 8; i++)
 			nulls[i] = true;
+	/* A 1.0 schema's row type has no ratelimit_* columns. */
+	if (tupdesc->natts >= VERIFY_RESULT_COLUMNS)
+		fill_rate_limit(values + 8, nulls + 8, &key, found, &limit);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -539,12 +577,13 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 	FoundKey	key;
 	bool		found;
 	VerifyCode	code;
-	Datum		values[5];
-	bool		nulls[5] = {false};
+	Datum		values[AUTHENTICATE_RESULT_COLUMNS];
+	bool		nulls[AUTHENTICATE_RESULT_COLUMNS] = {false};
+	UsageLimit	limit;
 
 	tupdesc = result_tupdesc(fcinfo);
 	check_required_scopes(required);
-	code = verify_token(token, required, client_ip, client_ip_null, &key, &found);
+	code = verify_token(token, required, client_ip, client_ip_null, &key, &found, &limit);
 
 	/* The failing statement's text, or a caller's in the context, may hold the token. */
 	if (code != VERIFY_VALID)
@@ -560,5 +599,7 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 	values[2] = key.name;
 	values[3] = key.scopes;
 	values[4] = key.metadata;
+	if (tupdesc->natts >= AUTHENTICATE_RESULT_COLUMNS)
+		fill_rate_limit(values + 5, nulls + 5, &key, found, &limit);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

@@ -2,7 +2,8 @@
 # the pgbench scripts of every variant, one measured run, and medians.
 # Expects test/scripts/lib.sh sourced and PGHOST/PGPORT set by start_cluster.
 
-# bench_load DB N: N keys, the first tenth revoked; the same tokens in a
+# bench_load DB N: N keys, the first tenth revoked, the second rate limited
+# (1,000,000 a minute: never refused); the same tokens in a
 # hand-written table keyed by SHA-256 (pgcrypto) for the baselines.
 bench_load() {
     local db=$1 n=$2
@@ -18,9 +19,12 @@ INSERT INTO apikeys.owners (owner, plan) SELECT 'owner-' || i, 'enterprise' FROM
 CREATE TABLE bench.tokens AS
     SELECT i AS id, apikeys._new_token('ak_live')::text AS token FROM generate_series(1, $n) i;
 ALTER TABLE bench.tokens ADD PRIMARY KEY (id);
-INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at)
+-- The second tenth have a rate limit too high to refuse anything, so that
+-- a variant can measure what applying one costs.
+INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at, rate_limit)
     SELECT 'owner-' || (id % 1000), 'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
-           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END
+           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END,
+           CASE WHEN id > $revoked AND id <= 2 * $revoked THEN 1000000 END
       FROM bench.tokens;
 CREATE TABLE bench.plain_keys (
     id bigint PRIMARY KEY, owner text, name text, digest bytea UNIQUE, scopes text[],

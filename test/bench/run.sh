@@ -67,9 +67,13 @@ echo "== default configuration: $ROUNDS rounds of every variant, ${SECONDS_EACH}
 for round in $(seq 1 "$ROUNDS"); do
     TPS[a]+="$(bench_run bench_large a.sql 1 "$KEYS") "
     TPS[b]+="$(bench_run bench_large b.sql $((L_REV + 1)) "$KEYS") "
-    TPS[d]+="$(bench_run bench_large d.sql $((L_REV + 1)) "$KEYS") "
+    TPS[d]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) "$KEYS") "
+    # A rate limit's cost: the second tenth (rate-limited) against the third
+    # (plain), ranges of one size so that both meet the same cache.
+    TPS[h]+="$(bench_run bench_large d.sql $((L_REV + 1)) $((2 * L_REV))) "
+    TPS[hp]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) $((3 * L_REV))) "
     TPS[bm]+="$(bench_run bench_mid b.sql $((M_REV + 1)) "$MID") "
-    TPS[dm]+="$(bench_run bench_mid d.sql $((M_REV + 1)) "$MID") "
+    TPS[dm]+="$(bench_run bench_mid d.sql $((2 * M_REV + 1)) "$MID") "
     TPS[e]+="$(bench_run bench_large e.sql 1 "$KEYS") "
     TPS[f]+="$(bench_run bench_large d.sql 1 "$L_REV") "
     TPS[c]+="$(bench_run bench_large c.sql $((L_REV + 1)) "$KEYS") "
@@ -83,7 +87,7 @@ echo "== soak: $SOAK_ROUNDS rounds of ${SOAK_SECONDS}s of verify at $KEYS keys"
 psql -X -q -d bench_large -c CHECKPOINT
 for round in $(seq 1 "$SOAK_ROUNDS"); do
     TPS[soak]+="$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SOAK_SECONDS" \
-        -D lo=$((L_REV + 1)) -D hi="$KEYS" -f "$SCRIPTS/d.sql" bench_large 2>&1 |
+        -D lo=$((2 * L_REV + 1)) -D hi="$KEYS" -f "$SCRIPTS/d.sql" bench_large 2>&1 |
         awk '/^tps = / { print $3; exit }') "
 done
 bench_quiesce
@@ -102,7 +106,7 @@ if [ -z "$SMOKE" ]; then
             echo "== tuned: $ROUNDS rounds on huge pages"
             for round in $(seq 1 "$ROUNDS"); do
                 TPS[bh]+="$(bench_run bench_large b.sql $((L_REV + 1)) "$KEYS") "
-                TPS[dh]+="$(bench_run bench_large d.sql $((L_REV + 1)) "$KEYS") "
+                TPS[dh]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) "$KEYS") "
             done
         else
             HUGE_PAGES=refused
@@ -130,6 +134,8 @@ row "(a) fetch a token by id" a
 row "(b) hand-written SHA-256 lookup (pgcrypto)" b
 row "(c) hand-written PL/pgSQL verify that updates last_used_at" c
 row "(d) apikeys.verify, valid keys, usage tracking on" d
+row "(h) (d), one tenth of the keys, rate-limited (never refused)" h
+row "(h) without the rate limit: the next tenth, plain" hp
 row "(b) at $MID keys" bm
 row "(c) at $MID keys" cm
 row "(d) at $MID keys" dm
@@ -148,8 +154,9 @@ ratio_row() {
     r=$(bench_ratio "$2" "$3")
     printf '%-44s %8s %8s %8s\n' "$1" "$r" "$4" "$(bench_check "$r" "$4")"
 }
-ratio_row "(d) / (b) at $KEYS keys" "${M[d]}" "${M[b]}" 0.90
+ratio_row "(d) / (b) at $KEYS keys" "${M[d]}" "${M[b]}" 1.00
 ratio_row "(d) / (b) at $MID keys" "${M[dm]}" "${M[bm]}" 0.90
+ratio_row "(h) / (h plain): a rate limit costs at most 10%" "${M[h]}" "${M[hp]}" 0.91
 ratio_row "(d) / (c) at $KEYS keys" "${M[d]}" "${M[c]}" 10.00
 ratio_row "(d) / (c) at $MID keys" "${M[dm]}" "${M[cm]}" 10.00
 ratio_row "(e) / (d)" "${M[e]}" "${M[d]}" 1.00

@@ -1,0 +1,62 @@
+-- Rate limits by the generic cell rate algorithm (GCRA): rate_limit N per
+-- minute paces requests one every 60/N seconds, and rate_burst B lets a key
+-- run B requests ahead of that pace, so no 60-second window passes more than
+-- N + B.  verify and authenticate report what is left for rate-limit headers.
+\set SHOW_CONTEXT never
+
+\i sql/include/try.sql
+
+SELECT apikeys.set_plan('rl-a', 'enterprise');
+
+-- One a minute with a burst of 2: three at once, then RATE_LIMITED.  Each
+-- answer says the limit, what is left now, and when it resets: while
+-- something is left, when the whole burst is back; once nothing is, when
+-- the next request will pass (a minute from the first).
+SELECT key_id AS k, token AS t FROM apikeys.create_key('rl-a', 'burst 2', rate_limit => 1, rate_burst => 2) \gset
+-- (The argument names i so that each row calls verify again.)
+SELECT i, v.code, v.ratelimit_limit, v.ratelimit_remaining,
+       round(extract(epoch FROM v.ratelimit_reset - clock_timestamp())) AS reset_in_seconds
+  FROM generate_series(1, 5) i, LATERAL apikeys.verify(CASE WHEN i > 0 THEN :'t' END) v;
+
+-- authenticate returns the same columns; a refusal raises 28000.
+SELECT key_id AS k2, token AS t2 FROM apikeys.create_key('rl-a', 'burst 1', rate_limit => 1, rate_burst => 1) \gset
+SELECT ratelimit_limit, ratelimit_remaining FROM apikeys.authenticate(:'t2');
+SELECT ratelimit_limit, ratelimit_remaining FROM apikeys.authenticate(:'t2');
+SELECT pg_temp.try(format($$SELECT apikeys.authenticate(%L)$$, :'t2')) AS third;
+
+-- Burst 0: strictly paced, one now and the next a minute later.
+SELECT token AS t0 FROM apikeys.create_key('rl-a', 'paced', rate_limit => 1, rate_burst => 0) \gset
+SELECT i, (apikeys.verify(:'t0')).code FROM generate_series(1, 2) i;
+
+-- No rate_burst (as every 1.0 key): a whole minute's requests at once, as
+-- before, then the pace.
+SELECT token AS tn FROM apikeys.create_key('rl-a', 'default burst', rate_limit => 4) \gset
+SELECT i, v.code, v.ratelimit_remaining
+  FROM generate_series(1, 5) i, LATERAL apikeys.verify(CASE WHEN i > 0 THEN :'tn' END) v;
+
+-- No limit, or a refusal before the limit is applied: the columns are NULL.
+SELECT token AS tu FROM apikeys.create_key('rl-a', 'unlimited') \gset
+SELECT code, ratelimit_limit, ratelimit_remaining, ratelimit_reset FROM apikeys.verify(:'tu');
+SELECT code, ratelimit_limit, ratelimit_remaining, ratelimit_reset
+  FROM apikeys.verify(:'tn', '{admin}');
+SELECT code, ratelimit_limit, ratelimit_remaining, ratelimit_reset
+  FROM apikeys.verify('ak_live_000000000000000000000000000000004YzvZp');
+
+-- update_key changes the burst, and clear restores the default; both audited.
+SELECT rate_limit, rate_burst FROM apikeys.update_key(:'k', 'rl-a', rate_burst => 5);
+SELECT rate_limit, rate_burst FROM apikeys.update_key(:'k', 'rl-a', clear => '{rate_burst}');
+SELECT details->'changed' AS changed, details->'old' AS old, details->'new' AS new
+  FROM apikeys.audit_log WHERE key_id = :'k' AND event = 'key_updated' ORDER BY id;
+-- Rotation carries it.
+SELECT key_id AS kr FROM apikeys.rotate(:'k2', 'rl-a') \gset
+SELECT rate_limit, rate_burst FROM apikeys.get_key(:'kr', 'rl-a');
+
+-- Bounds: 22023, and nothing is created or changed.
+SELECT count(*) AS keys_before FROM apikeys.keys WHERE owner = 'rl-a' \gset
+SELECT pg_temp.try($$SELECT apikeys.create_key('rl-a', 'n', rate_limit => 5, rate_burst => -1)$$) AS negative_burst;
+SELECT pg_temp.try($$SELECT apikeys.create_key('rl-a', 'n', rate_limit => 5, rate_burst => 1000001)$$) AS burst_too_large;
+SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'rl-a', rate_burst => -1)$$, :'k')) AS update_negative_burst;
+SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'rl-a', rate_burst => 1, clear => '{rate_burst}')$$, :'k')) AS set_and_clear;
+SELECT pg_temp.try(format($$UPDATE apikeys.keys SET rate_burst = -5 WHERE id = %L$$, :'k')) AS admin_negative_burst;
+SELECT count(*) = :keys_before AS nothing_created, (SELECT rate_burst FROM apikeys.keys WHERE id = :'k') AS burst_unchanged
+  FROM apikeys.keys WHERE owner = 'rl-a';
