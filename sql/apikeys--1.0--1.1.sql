@@ -568,6 +568,9 @@ DECLARE
 BEGIN
     IF update_key.clear IS NULL OR array_ndims(update_key.clear) > 1 THEN
         RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF cardinality(update_key.clear) > cardinality(v_clear) THEN
+        RAISE EXCEPTION 'clear names at most % fields', cardinality(v_clear)
+            USING ERRCODE = 'invalid_parameter_value';
     END IF;
     FOREACH v_field IN ARRAY update_key.clear LOOP
         IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN

@@ -61,6 +61,7 @@ SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', alert_requests
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => '{name}')$$, :'k1')) AS clear_name;
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => ARRAY[NULL])$$, :'k1')) AS clear_null;
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => NULL)$$, :'k1')) AS clear_is_null;
+SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => array_fill('rate_limit'::text, ARRAY[6]))$$, :'k1')) AS clear_too_long;
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', rate_limit => 3, clear => '{rate_limit}')$$, :'k1')) AS set_and_clear;
 RESET ROLE;
 SELECT (SELECT count(*) FROM apikeys.audit_log WHERE key_id = :'k1' AND event = 'key_updated') = :audit_before AS nothing_audited,
@@ -105,6 +106,8 @@ SELECT status, disabled_at, disable_reason FROM apikeys.get_key(:'k1', 'mg-a');
 SELECT pg_temp.try(format($$SELECT apikeys.disable_key(%L, NULL)$$, :'k1')) AS app_without_owner;
 SELECT pg_temp.try(format($$SELECT apikeys.enable_key(%L, NULL)$$, :'k1')) AS enable_without_owner;
 SELECT pg_temp.try(format($$SELECT apikeys.disable_key(%L, 'mg-a')$$, :'kb')) AS other_owners_key;
+SELECT pg_temp.try(format($$SELECT apikeys.enable_key(%L, 'mg-a')$$, :'kb')) AS enable_other_owners_key;
+SELECT pg_temp.try($$SELECT apikeys.enable_key(NULL, 'mg-a')$$) AS enable_null_key;
 SELECT pg_temp.try(format($$SELECT apikeys.disable_key(%L, 'mg-a', repeat('r', 1001))$$, :'k1')) AS long_reason;
 RESET ROLE;
 SELECT event, details - 'disabled_at' AS details FROM apikeys.audit_log

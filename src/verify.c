@@ -440,8 +440,9 @@ decide(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
 
 /*
  * The whole decision.  *found_key tells whether key holds a row; code is the
- * answer; *limit what the key's rate limit has left, when one applied.  Never raises for any token text.  With the preload, a key that
- * passes is counted and rate limited, a refusal of a known key is counted,
+ * answer; *limit what the key's rate limit has left, when one applied.
+ * Never raises for any token text.  With the preload, a key that passes is
+ * counted and rate limited, a refusal of a known key is counted,
  * and every refusal is queued for the audit log (per key when the token
  * matched one, else per prefix).
  */
@@ -515,7 +516,8 @@ PG_FUNCTION_INFO_V1(apikeys_verify);
 
 /*
  * verify(token text, required_scopes text[], client_ip inet) returns
- * (valid, code, key_id, owner, name, scopes, metadata, expires_at).
+ * (valid, code, key_id, owner, name, scopes, metadata, expires_at) and, on a
+ * 1.1 schema, (ratelimit_limit, ratelimit_remaining, ratelimit_reset).
  * A refused key that exists still reports which key it was.
  */
 Datum
