@@ -3,7 +3,7 @@ EXTENSION = apikeys
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = apikeys
-OBJS = src/apikeys.o src/apikey_type.o src/audit.o src/launcher.o src/loghook.o src/policy.o \
+OBJS = src/apikeys.o src/apikey_type.o src/audit.o src/credits.o src/launcher.o src/loghook.o src/policy.o \
        src/queue.o src/token.o src/usage.o src/verify.o src/worker.o
 PGFILEDESC = "apikeys - API keys inside PostgreSQL"
 SHLIB_LINK = -lsodium
@@ -22,7 +22,7 @@ EXTRA_CLEAN = test/unit/token_test tmp_regress tmp_nopreload output_iso
 # make installcheck TEMP_INSTANCE=1: the regression and isolation suites on a
 # temporary server started with test/apikeys.conf (no server need run).
 # The TAP tests always start their own servers.
-REGRESS = token type keys verify limits lifecycle guards roles audit usage ratelimit manage secrets search_path
+REGRESS = token type keys verify limits lifecycle guards roles audit usage ratelimit credits manage secrets search_path
 REGRESS_OPTS = --inputdir=. --load-extension=$(EXTENSION)
 ISOLATION = $(patsubst test/isolation/specs/%.spec,%,$(sort $(wildcard test/isolation/specs/*.spec)))
 ISOLATION_OPTS = --inputdir=test/isolation --outputdir=output_iso --load-extension=$(EXTENSION)

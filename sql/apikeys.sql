@@ -159,32 +159,36 @@ COMMENT ON FUNCTION apikeys.is_well_formed(text) IS 'Whether the text is a well-
 CREATE TYPE apikeys.verify_result AS (
     valid boolean, code text, key_id uuid, owner text, name text,
     scopes text[], metadata jsonb, expires_at timestamptz,
-    ratelimit_limit integer, ratelimit_remaining integer, ratelimit_reset timestamptz);
+    ratelimit_limit integer, ratelimit_remaining integer, ratelimit_reset timestamptz,
+    credits_remaining bigint);
 COMMENT ON TYPE apikeys.verify_result IS 'The row verify() returns.';
 COMMENT ON COLUMN apikeys.verify_result.valid IS 'Whether the token was accepted: code is VALID.';
-COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, API_KEY_DISABLED, IP_NOT_ALLOWED, INSUFFICIENT_SCOPE or RATE_LIMITED.';
+COMMENT ON COLUMN apikeys.verify_result.code IS 'VALID, API_KEY_INVALID, API_KEY_REVOKED, API_KEY_EXPIRED, API_KEY_DISABLED, IP_NOT_ALLOWED, INSUFFICIENT_SCOPE, RATE_LIMITED or USAGE_EXCEEDED.';
 COMMENT ON COLUMN apikeys.verify_result.key_id IS 'The key the token belongs to; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.owner IS 'The key''s owner; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.name IS 'The key''s name; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.scopes IS 'The key''s granted scopes; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.metadata IS 'The key''s metadata; NULL for API_KEY_INVALID.';
 COMMENT ON COLUMN apikeys.verify_result.expires_at IS 'The key''s expiry; NULL when it never expires, and for API_KEY_INVALID.';
-COMMENT ON COLUMN apikeys.verify_result.ratelimit_limit IS 'The key''s rate_limit (requests per minute) when it was applied; NULL otherwise.';
-COMMENT ON COLUMN apikeys.verify_result.ratelimit_remaining IS 'Requests the key could make right now without being RATE_LIMITED; NULL when no rate limit was applied.';
+COMMENT ON COLUMN apikeys.verify_result.ratelimit_limit IS 'The rate limit (requests per minute) that leaves the fewest requests: the key''s rate_limit or its plan''s owner-wide one; NULL when neither applied.';
+COMMENT ON COLUMN apikeys.verify_result.ratelimit_remaining IS 'Requests that limit would let the key make right now without being RATE_LIMITED; NULL when no rate limit was applied.';
 COMMENT ON COLUMN apikeys.verify_result.ratelimit_reset IS 'When ratelimit_remaining is 0, when the next request will pass (Retry-After); otherwise when the whole burst is available again. NULL when no rate limit was applied.';
+COMMENT ON COLUMN apikeys.verify_result.credits_remaining IS 'Credits the key has left after this call; NULL for a key without a credit limit, and before its key was found.';
 
 CREATE TYPE apikeys.authenticate_result AS (
     key_id uuid, owner text, name text, scopes text[], metadata jsonb,
-    ratelimit_limit integer, ratelimit_remaining integer, ratelimit_reset timestamptz);
+    ratelimit_limit integer, ratelimit_remaining integer, ratelimit_reset timestamptz,
+    credits_remaining bigint);
 COMMENT ON TYPE apikeys.authenticate_result IS 'The row authenticate() returns.';
 COMMENT ON COLUMN apikeys.authenticate_result.key_id IS 'The accepted key.';
 COMMENT ON COLUMN apikeys.authenticate_result.owner IS 'The key''s owner.';
 COMMENT ON COLUMN apikeys.authenticate_result.name IS 'The key''s name.';
 COMMENT ON COLUMN apikeys.authenticate_result.scopes IS 'The key''s granted scopes.';
 COMMENT ON COLUMN apikeys.authenticate_result.metadata IS 'The key''s metadata.';
-COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_limit IS 'The key''s rate_limit (requests per minute) when it was applied; NULL otherwise.';
-COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_remaining IS 'Requests the key could make right now without being RATE_LIMITED; NULL when no rate limit was applied.';
+COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_limit IS 'The rate limit (requests per minute) that leaves the fewest requests: the key''s rate_limit or its plan''s owner-wide one; NULL when neither applied.';
+COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_remaining IS 'Requests that limit would let the key make right now without being RATE_LIMITED; NULL when no rate limit was applied.';
 COMMENT ON COLUMN apikeys.authenticate_result.ratelimit_reset IS 'When ratelimit_remaining is 0, when the next request will pass (Retry-After); otherwise when the whole burst is available again. NULL when no rate limit was applied.';
+COMMENT ON COLUMN apikeys.authenticate_result.credits_remaining IS 'Credits the key has left after this call; NULL for a key without a credit limit, and before its key was found.';
 
 CREATE TYPE apikeys.key_info AS (
     key_id uuid, name text, start text, scopes text[], status text,
@@ -193,7 +197,8 @@ CREATE TYPE apikeys.key_info AS (
     prefix text, metadata jsonb, rate_limit integer, revoke_reason text,
     rotated_from uuid, replaced_by uuid, error_rate_today double precision,
     disabled_at timestamptz, disable_reason text, allowed_ips cidr[],
-    alert_requests_per_minute integer, rate_burst integer);
+    alert_requests_per_minute integer, rate_burst integer,
+    credits bigint, credits_refill_amount bigint, credits_refill_interval text);
 COMMENT ON TYPE apikeys.key_info IS 'One key''s public row, as get_key, list_keys and update_key return it: never a digest or token.';
 COMMENT ON COLUMN apikeys.key_info.key_id IS 'Key id.';
 COMMENT ON COLUMN apikeys.key_info.name IS 'The key''s label.';
@@ -218,6 +223,9 @@ COMMENT ON COLUMN apikeys.key_info.disable_reason IS 'Why the key was disabled.'
 COMMENT ON COLUMN apikeys.key_info.allowed_ips IS 'Client networks the key may be used from; NULL: any.';
 COMMENT ON COLUMN apikeys.key_info.alert_requests_per_minute IS 'The key''s own usage-alert threshold; NULL: its plan''s.';
 COMMENT ON COLUMN apikeys.key_info.rate_burst IS 'Requests the key may make ahead of its rate_limit pace; NULL: rate_limit - 1.';
+COMMENT ON COLUMN apikeys.key_info.credits IS 'Credits the key has left now, spending not yet written included; NULL: no credit limit.';
+COMMENT ON COLUMN apikeys.key_info.credits_refill_amount IS 'What the key''s credits are set to at the start of each refill period; NULL: no refill.';
+COMMENT ON COLUMN apikeys.key_info.credits_refill_interval IS 'The refill period, a UTC day or month; NULL: no refill.';
 
 ------------------------------------------------------------------------------
 -- 4. Who is acting.  Before the tables: apikeys.keys.created_by defaults to
@@ -266,7 +274,8 @@ CREATE TABLE apikeys.plans (
     max_key_lifetime interval
         CHECK (max_key_lifetime OPERATOR(pg_catalog.>) '0'::interval),
     alert_requests_per_minute integer
-        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0)
+        CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0),
+    rate_limit  integer CHECK (rate_limit OPERATOR(pg_catalog.>) 0)
 );
 COMMENT ON TABLE apikeys.plans IS 'Plans and how many active keys each allows (NULL: unlimited).';
 COMMENT ON COLUMN apikeys.plans.name IS 'Plan name: 1 to 63 characters, not blank, no control characters.';
@@ -274,6 +283,7 @@ COMMENT ON COLUMN apikeys.plans.max_keys IS 'Most active keys an owner on this p
 COMMENT ON COLUMN apikeys.plans.description IS 'Free text, at most 1000 characters.';
 COMMENT ON COLUMN apikeys.plans.max_key_lifetime IS 'Longest a key of this plan may live: created and rotated keys expire no later than this after their creation; NULL: no limit.';
 COMMENT ON COLUMN apikeys.plans.alert_requests_per_minute IS 'Usage-alert threshold for this plan''s keys (0: off); NULL: apikeys.alert_requests_per_minute.';
+COMMENT ON COLUMN apikeys.plans.rate_limit IS 'Requests per minute an owner on this plan may make across all its keys (burst: one minute''s worth), enforced with the preload; NULL: no owner-wide limit.';
 
 -- The seeded plans; apikeys_admin may add, change and delete plans.
 INSERT INTO apikeys.plans (name, max_keys, description) VALUES
@@ -325,7 +335,17 @@ CREATE TABLE apikeys.keys (
                   CHECK (alert_requests_per_minute OPERATOR(pg_catalog.>=) 0),
     rate_burst    integer
                   CHECK (rate_burst OPERATOR(pg_catalog.>=) 0
-                         AND rate_burst OPERATOR(pg_catalog.<=) 1000000)
+                         AND rate_burst OPERATOR(pg_catalog.<=) 1000000),
+    credits       bigint CHECK (credits OPERATOR(pg_catalog.>=) 0),
+    credits_refill_amount bigint
+                  CHECK (credits_refill_amount OPERATOR(pg_catalog.>) 0),
+    credits_refill_interval text
+                  CHECK (credits_refill_interval OPERATOR(pg_catalog.=) ANY (ARRAY['day', 'month'])),
+    credits_period integer NOT NULL DEFAULT 0,
+    credits_gen   bigint NOT NULL DEFAULT 0,
+    CONSTRAINT keys_credits_refill_check CHECK (
+        (credits_refill_amount IS NULL) OPERATOR(pg_catalog.=) (credits_refill_interval IS NULL)
+        AND (credits_refill_amount IS NULL OR credits IS NOT NULL))
 );
 COMMENT ON TABLE apikeys.keys IS 'Every key ever issued; only the digest of a token is stored. Rows are never deleted.';
 COMMENT ON COLUMN apikeys.keys.id IS 'Key id.';
@@ -351,6 +371,11 @@ COMMENT ON COLUMN apikeys.keys.disable_reason IS 'Why the key was disabled; at m
 COMMENT ON COLUMN apikeys.keys.allowed_ips IS 'Client addresses the key may be used from (at most 64 networks); NULL: any address.';
 COMMENT ON COLUMN apikeys.keys.alert_requests_per_minute IS 'Usage-alert threshold of this key (0: off); NULL: its plan''s.';
 COMMENT ON COLUMN apikeys.keys.rate_burst IS 'Requests the key may make ahead of its rate_limit pace (0 to 1000000): in any 60 seconds it passes at most rate_limit + rate_burst; NULL: rate_limit - 1, a whole minute''s requests at once.';
+COMMENT ON COLUMN apikeys.keys.credits IS 'Credits left as of the last write (0 to 10^15); spending not yet written by the worker is in shared memory (get_key and list_keys count it). NULL: no credit limit.';
+COMMENT ON COLUMN apikeys.keys.credits_refill_amount IS 'What credits are set to at the start of each refill period (1 to 10^15); NULL: no refill.';
+COMMENT ON COLUMN apikeys.keys.credits_refill_interval IS 'The refill period: day or month, UTC; NULL: no refill.';
+COMMENT ON COLUMN apikeys.keys.credits_period IS 'The refill period credits belongs to (UTC days or months since 1970; 0 without refill): in a later one the balance is credits_refill_amount again.';
+COMMENT ON COLUMN apikeys.keys.credits_gen IS 'Bumped by every change of credits or refill other than the worker''s writing of spent credits: verify then reloads the balance it keeps in shared memory.';
 
 -- list_keys (its keyset cursor is (created_at, id)), revoke_all; the partial
 -- index keeps the plan-limit count cheap for owners with many revoked or
@@ -560,6 +585,24 @@ BEGIN
     IF length(k.disable_reason) > 1000 THEN
         RAISE EXCEPTION 'reason is longer than 1000 characters' USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    IF k.credits < 0 OR k.credits > 1000000000000000 THEN
+        RAISE EXCEPTION 'credits must be between 0 and 10^15' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means no credit limit.';
+    END IF;
+    IF k.credits_refill_amount <= 0 OR k.credits_refill_amount > 1000000000000000 THEN
+        RAISE EXCEPTION 'credits_refill_amount must be between 1 and 10^15' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k.credits_refill_interval NOT IN ('day', 'month') THEN
+        RAISE EXCEPTION 'credits_refill_interval must be day or month' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF (k.credits_refill_amount IS NULL) <> (k.credits_refill_interval IS NULL) THEN
+        RAISE EXCEPTION 'a refill needs both credits_refill_amount and credits_refill_interval'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF k.credits_refill_amount IS NOT NULL AND k.credits IS NULL THEN
+        RAISE EXCEPTION 'a refill needs credits' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'A key with NULL credits has no credit limit to refill.';
+    END IF;
     IF k.allowed_ips IS NOT NULL THEN
         IF array_ndims(k.allowed_ips) > 1 THEN
             RAISE EXCEPTION 'allowed_ips must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
@@ -574,7 +617,7 @@ BEGIN
     END IF;
 END
 $$;
-COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata, rate limit and burst, alert threshold and allowed networks.';
+COMMENT ON FUNCTION apikeys._require_key_fields(apikeys.keys) IS 'Internal: the bounds on a key''s name, scopes, metadata, rate limit and burst, alert threshold, allowed networks, credits and refill.';
 
 -- Owners and plan limits.
 
@@ -786,7 +829,10 @@ CREATE FUNCTION apikeys.create_key(
     rate_limit integer DEFAULT NULL,
     allowed_ips cidr[] DEFAULT NULL,
     alert_requests_per_minute integer DEFAULT NULL,
-    rate_burst integer DEFAULT NULL)
+    rate_burst integer DEFAULT NULL,
+    credits    bigint DEFAULT NULL,
+    credits_refill_amount bigint DEFAULT NULL,
+    credits_refill_interval text DEFAULT NULL)
 RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, created_at timestamptz)
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -798,7 +844,7 @@ DECLARE
     v_at      timestamptz;
     v_expires timestamptz;
 BEGIN
-    -- Name, scopes, metadata, limits and networks are checked by the insert's trigger.
+    -- Name, scopes, metadata, limits, networks and credits are checked by the insert's trigger.
     PERFORM apikeys._require_text(create_key.owner, 'owner', 200);
     IF create_key.expires_at <= now() THEN
         RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value';
@@ -808,17 +854,19 @@ BEGIN
     v_token := apikeys._new_token(create_key.prefix);
     INSERT INTO apikeys.keys AS k (owner, name, prefix, start, digest, scopes, metadata,
                                    rate_limit, expires_at, allowed_ips, alert_requests_per_minute,
-                                   rate_burst)
+                                   rate_burst, credits, credits_refill_amount,
+                                   credits_refill_interval)
     VALUES (create_key.owner, create_key.name, apikeys.prefix(v_token), apikeys.start(v_token),
             apikeys.digest(v_token), create_key.scopes, create_key.metadata,
             create_key.rate_limit, v_expires, create_key.allowed_ips,
-            create_key.alert_requests_per_minute, create_key.rate_burst)
+            create_key.alert_requests_per_minute, create_key.rate_burst, create_key.credits,
+            create_key.credits_refill_amount, create_key.credits_refill_interval)
     RETURNING k.id, k.created_at INTO v_id, v_at;
 
     RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
 END
 $$;
-COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer) IS 'Issues a key; the only time its token is returned.';
+COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer, bigint, bigint, text) IS 'Issues a key; the only time its token is returned.';
 
 -- verify and authenticate run no SQL: they read apikeys.keys and its digest
 -- index by OID, through the table and index access methods, which check no
@@ -826,18 +874,18 @@ COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, js
 -- is the whole privilege gate, and they need neither SECURITY DEFINER nor
 -- a pinned search_path (which together cost about 5% of a verification).
 CREATE FUNCTION apikeys.verify(token text, required_scopes text[] DEFAULT '{}',
-                               client_ip inet DEFAULT NULL)
+                               client_ip inet DEFAULT NULL, cost integer DEFAULT 1)
 RETURNS apikeys.verify_result
     AS 'MODULE_PATHNAME', 'apikeys_verify'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION apikeys.verify(text, text[], inet) IS 'Checks a token (from client_ip, for keys with allowed_ips); never raises for a bad one and never writes a row.';
+COMMENT ON FUNCTION apikeys.verify(text, text[], inet, integer) IS 'Checks a token (from client_ip, for keys with allowed_ips) and spends cost of its credits (0 to 1000000); never raises for a bad token and never writes a row.';
 
 CREATE FUNCTION apikeys.authenticate(token text, required_scopes text[] DEFAULT '{}',
-                                     client_ip inet DEFAULT NULL)
+                                     client_ip inet DEFAULT NULL, cost integer DEFAULT 1)
 RETURNS apikeys.authenticate_result
     AS 'MODULE_PATHNAME', 'apikeys_authenticate'
     LANGUAGE C VOLATILE;
-COMMENT ON FUNCTION apikeys.authenticate(text, text[], inet) IS 'Like verify, but a refusal raises 28000 with the code as message.';
+COMMENT ON FUNCTION apikeys.authenticate(text, text[], inet, integer) IS 'Like verify, but a refusal raises 28000 with the code as message.';
 
 CREATE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -1021,12 +1069,25 @@ BEGIN
     v_token := apikeys._new_token(v_old.prefix);
     INSERT INTO apikeys.keys (id, owner, name, prefix, start, digest, scopes, metadata,
                               rate_limit, expires_at, rotated_from, disabled_at, disabled_by,
-                              disable_reason, allowed_ips, alert_requests_per_minute, rate_burst)
+                              disable_reason, allowed_ips, alert_requests_per_minute, rate_burst,
+                              credits, credits_refill_amount, credits_refill_interval)
     VALUES (v_new_id, v_old.owner, v_old.name, v_old.prefix, apikeys.start(v_token),
             apikeys.digest(v_token), v_old.scopes, v_old.metadata, v_old.rate_limit,
             CASE WHEN v_lifetime IS NULL THEN v_old.expires_at ELSE now() + v_lifetime END,
             v_old.id, v_old.disabled_at, v_old.disabled_by, v_old.disable_reason,
-            v_old.allowed_ips, v_old.alert_requests_per_minute, v_old.rate_burst);
+            v_old.allowed_ips, v_old.alert_requests_per_minute, v_old.rate_burst,
+            apikeys._credits_left(v_old), v_old.credits_refill_amount,
+            v_old.credits_refill_interval);
+
+    -- The balance moves to the new key rather than being copied: during a
+    -- grace the old key keeps working for calls that cost nothing.
+    IF v_old.credits IS NOT NULL THEN
+        PERFORM set_config('apikeys.audit_context', 'rotate', true);
+        UPDATE apikeys.keys k
+           SET credits = 0, credits_refill_amount = NULL, credits_refill_interval = NULL
+         WHERE k.id = p_key_id;
+        PERFORM set_config('apikeys.audit_context', '', true);
+    END IF;
 
     RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
 END
@@ -1047,6 +1108,71 @@ CREATE FUNCTION apikeys._pending_usage(key_id uuid,
     OUT requests bigint, OUT failures bigint, OUT last_used_at timestamptz)
     AS 'MODULE_PATHNAME', 'apikeys_pending_usage' LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION apikeys._pending_usage(uuid) IS 'Internal: today''s usage counts not yet written to apikeys.key_usage.';
+
+-- Credits.  apikeys.keys.credits is a key's balance as of the last write;
+-- verify spends in shared memory, and the worker subtracts what was spent
+-- (src/credits.c, src/worker.c).  So what a key has left now is its
+-- balance less what is spent but not yet written.  A refilling key's
+-- balance belongs to a period (credits_period): in a later one it is the
+-- refill amount again, with nothing to write until it is spent.
+
+-- The refill period a moment falls in: UTC days or months since 1970, 0 without a refill.
+CREATE FUNCTION apikeys._credit_period(p_interval text, p_at timestamptz) RETURNS integer
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE p_interval
+        WHEN 'day' THEN floor(extract(epoch FROM p_at) / 86400)::integer
+        WHEN 'month' THEN ((extract(year FROM p_at AT TIME ZONE 'UTC') - 1970) * 12
+                           + extract(month FROM p_at AT TIME ZONE 'UTC') - 1)::integer
+        ELSE 0 END
+$$;
+COMMENT ON FUNCTION apikeys._credit_period(text, timestamptz) IS 'Internal: the refill period (UTC days or months since 1970; 0 without refill) a moment falls in.';
+
+-- A key's balance in a period: its refill amount once its balance's period is past.
+CREATE FUNCTION apikeys._credits_base(k apikeys.keys, p_period integer) RETURNS bigint
+    LANGUAGE sql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT CASE WHEN k.credits_refill_amount IS NOT NULL AND k.credits_period < p_period
+                THEN k.credits_refill_amount ELSE k.credits END
+$$;
+COMMENT ON FUNCTION apikeys._credits_base(apikeys.keys, integer) IS 'Internal: a key''s written balance as of a refill period.';
+
+CREATE FUNCTION apikeys._credits_unflushed(key_id uuid, period integer) RETURNS bigint
+    AS 'MODULE_PATHNAME', 'apikeys_credits_unflushed' LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION apikeys._credits_unflushed(uuid, integer) IS 'Internal: credits of a key spent in a refill period and not yet written, as the caller''s snapshot sees the table (0 without the preload).';
+
+-- What a key has left now; NULL when it has no credit limit.
+CREATE FUNCTION apikeys._credits_left(k apikeys.keys) RETURNS bigint
+    LANGUAGE sql VOLATILE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT GREATEST(apikeys._credits_base(k, p.period)
+                    OPERATOR(pg_catalog.-) apikeys._credits_unflushed(k.id, p.period), 0)
+      FROM (SELECT apikeys._credit_period(k.credits_refill_interval, clock_timestamp()) AS period) p
+     WHERE k.credits IS NOT NULL
+$$;
+COMMENT ON FUNCTION apikeys._credits_left(apikeys.keys) IS 'Internal: the credits a key has left now, spending not yet written included; NULL: no credit limit.';
+
+-- Whether an update is the worker writing spent credits: it says so
+-- (apikeys.audit_context) and changes nothing but credits and credits_period.
+CREATE FUNCTION apikeys._credits_flush(o apikeys.keys, n apikeys.keys) RETURNS boolean
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_rest apikeys.keys := n;
+BEGIN
+    IF apikeys._audit_context() IS DISTINCT FROM 'credits_flush' THEN
+        RETURN false;
+    END IF;
+    v_rest.credits := o.credits;
+    v_rest.credits_period := o.credits_period;
+    RETURN v_rest IS NOT DISTINCT FROM o;
+END
+$$;
+COMMENT ON FUNCTION apikeys._credits_flush(apikeys.keys, apikeys.keys) IS 'Internal: whether a key''s update is the worker writing spent credits, which is neither audited nor a new generation.';
 
 -- The key of that id the caller may act on, locked for update: 42501 for
 -- apikeys_app without an owner, P0002 when the key is missing or another
@@ -1113,7 +1239,8 @@ BEGIN
                 THEN NULL
                 ELSE (COALESCE(t.failures, 0) + p.failures)::double precision
                      / (COALESCE(t.requests, 0) + p.requests + COALESCE(t.failures, 0) + p.failures) END,
-           k.disabled_at, k.disable_reason, k.allowed_ips, k.alert_requests_per_minute, k.rate_burst
+           k.disabled_at, k.disable_reason, k.allowed_ips, k.alert_requests_per_minute, k.rate_burst,
+           apikeys._credits_left(k), k.credits_refill_amount, k.credits_refill_interval
       FROM unnest(p_key_ids) WITH ORDINALITY AS o (id, position)
       JOIN apikeys.keys k ON k.id = o.id
       CROSS JOIN LATERAL apikeys._pending_usage(k.id) p
@@ -1234,6 +1361,9 @@ CREATE FUNCTION apikeys.update_key(
     allowed_ips cidr[] DEFAULT NULL,
     alert_requests_per_minute integer DEFAULT NULL,
     rate_burst integer DEFAULT NULL,
+    credits    bigint DEFAULT NULL,
+    credits_refill_amount bigint DEFAULT NULL,
+    credits_refill_interval text DEFAULT NULL,
     clear      text[] DEFAULT '{}')
 RETURNS apikeys.key_info
     LANGUAGE plpgsql SECURITY DEFINER
@@ -1245,7 +1375,8 @@ DECLARE
     v_field   text;
     v_info    apikeys.key_info;
     v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute',
-                                     'rate_burst'];
+                                     'rate_burst', 'credits', 'credits_refill'];
+    v_period  integer;
 BEGIN
     IF update_key.clear IS NULL OR array_ndims(update_key.clear) > 1 THEN
         RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
@@ -1256,7 +1387,7 @@ BEGIN
     FOREACH v_field IN ARRAY update_key.clear LOOP
         IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN
             RAISE EXCEPTION 'cannot clear "%"', v_field USING ERRCODE = 'invalid_parameter_value',
-                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips, alert_requests_per_minute and rate_burst.';
+                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips, alert_requests_per_minute, rate_burst, credits and credits_refill.';
         END IF;
     END LOOP;
     IF ('expires_at' = ANY (update_key.clear) AND update_key.expires_at IS NOT NULL)
@@ -1264,7 +1395,13 @@ BEGIN
        OR ('allowed_ips' = ANY (update_key.clear) AND update_key.allowed_ips IS NOT NULL)
        OR ('alert_requests_per_minute' = ANY (update_key.clear)
            AND update_key.alert_requests_per_minute IS NOT NULL)
-       OR ('rate_burst' = ANY (update_key.clear) AND update_key.rate_burst IS NOT NULL) THEN
+       OR ('rate_burst' = ANY (update_key.clear) AND update_key.rate_burst IS NOT NULL)
+       OR ('credits' = ANY (update_key.clear)
+           AND (update_key.credits IS NOT NULL OR update_key.credits_refill_amount IS NOT NULL
+                OR update_key.credits_refill_interval IS NOT NULL))
+       OR ('credits_refill' = ANY (update_key.clear)
+           AND (update_key.credits_refill_amount IS NOT NULL
+                OR update_key.credits_refill_interval IS NOT NULL)) THEN
         RAISE EXCEPTION 'a field cannot be both set and cleared' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF update_key.expires_at <= now() THEN
@@ -1272,7 +1409,17 @@ BEGIN
             HINT = 'Use revoke() to end a key now.';
     END IF;
 
+    IF update_key.credits < 0 OR update_key.credits > 1000000000000000 THEN
+        RAISE EXCEPTION 'credits must be between 0 and 10^15' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'clear => ''{credits}'' removes the credit limit.';
+    END IF;
+
     v_key := apikeys._key_for_change(update_key.key_id, update_key.owner, 'update');
+    -- credits sets what the key has left now: what verify spent but the
+    -- worker has not yet subtracted is added, so it comes out exact.
+    v_period := apikeys._credit_period(COALESCE(update_key.credits_refill_interval,
+                                                v_key.credits_refill_interval), clock_timestamp());
+    PERFORM set_config('apikeys.audit_context', 'update_key', true);
 
     IF update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (update_key.clear) THEN
         PERFORM apikeys._expiry_within_plan(v_key.owner, update_key.expires_at, false);
@@ -1294,15 +1441,26 @@ BEGIN
                                             ELSE COALESCE(update_key.alert_requests_per_minute,
                                                           k.alert_requests_per_minute) END,
            rate_burst = CASE WHEN 'rate_burst' = ANY (update_key.clear) THEN NULL
-                             ELSE COALESCE(update_key.rate_burst, k.rate_burst) END
+                             ELSE COALESCE(update_key.rate_burst, k.rate_burst) END,
+           credits = CASE WHEN 'credits' = ANY (update_key.clear) THEN NULL
+                          WHEN update_key.credits IS NOT NULL
+                          THEN update_key.credits + apikeys._credits_unflushed(k.id, v_period)
+                          ELSE k.credits END,
+           credits_refill_amount = CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
+                                        ELSE COALESCE(update_key.credits_refill_amount,
+                                                      k.credits_refill_amount) END,
+           credits_refill_interval = CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
+                                          ELSE COALESCE(update_key.credits_refill_interval,
+                                                        k.credits_refill_interval) END
      WHERE k.id = v_key.id
     RETURNING * INTO v_key;
+    PERFORM set_config('apikeys.audit_context', '', true);
 
     SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
     RETURN v_info;
 END
 $$;
-COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit and burst, networks or alert threshold; NULL leaves a field as it is, clear empties fields.';
+COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit and burst, networks, alert threshold, credits or refill; NULL leaves a field as it is, clear empties fields.';
 
 CREATE FUNCTION apikeys.disable_key(key_id uuid, owner text, reason text DEFAULT NULL)
 RETURNS timestamptz
@@ -1346,6 +1504,53 @@ BEGIN
 END
 $$;
 COMMENT ON FUNCTION apikeys.enable_key(uuid, text) IS 'Resumes a disabled key; false when it was not disabled.';
+
+-- Adds delta credits (a negative delta takes them away).  The change is
+-- relative, so verifications running meanwhile are neither lost nor
+-- counted twice.
+CREATE FUNCTION apikeys.add_credits(key_id uuid, owner text, delta bigint)
+RETURNS bigint
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key    apikeys.keys;
+    v_period integer;
+    v_base   bigint;
+    v_left   bigint;
+BEGIN
+    IF delta IS NULL OR delta = 0 OR abs(delta) > 1000000000000000 THEN
+        RAISE EXCEPTION 'delta must be non-zero and at most 10^15 either way'
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    v_key := apikeys._key_for_change(add_credits.key_id, add_credits.owner, 'add credits to');
+    IF v_key.credits IS NULL THEN
+        RAISE EXCEPTION 'key % has no credit limit', v_key.id
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  DETAIL = 'A key whose credits are NULL may make any number of requests.',
+                  HINT = 'Give it credits with update_key(..., credits => n).';
+    END IF;
+    v_period := apikeys._credit_period(v_key.credits_refill_interval, clock_timestamp());
+    v_base := apikeys._credits_base(v_key, v_period);
+    v_left := GREATEST(v_base - apikeys._credits_unflushed(v_key.id, v_period), 0);
+    IF v_left + delta < 0 THEN
+        RAISE EXCEPTION 'key % has % credits left', v_key.id, v_left
+            USING ERRCODE = 'invalid_parameter_value',
+                  DETAIL = format('Taking away %s would leave fewer than none.', -delta);
+    END IF;
+    IF v_base + delta > 1000000000000000 THEN
+        RAISE EXCEPTION 'a key holds at most 10^15 credits' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- The audit row (credits_changed) and the notification come from the table's triggers.
+    PERFORM set_config('apikeys.audit_context', 'add_credits', true);
+    UPDATE apikeys.keys k SET credits = v_base + delta, credits_period = v_period
+     WHERE k.id = v_key.id;
+    PERFORM set_config('apikeys.audit_context', '', true);
+    RETURN v_left + delta;
+END
+$$;
+COMMENT ON FUNCTION apikeys.add_credits(uuid, text, bigint) IS 'Adds delta credits to a key (negative: takes them away) and returns what it has left; exact under concurrent verification; audited as credits_changed.';
 
 -- The work of usage(); PL/pgSQL cannot name an input and a result column
 -- alike (key_id), so usage() is a SQL wrapper around this.  Per key and UTC
@@ -1569,6 +1774,9 @@ BEGIN
     IF NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
         NEW.revoked_by := apikeys._actor();
     END IF;
+    -- A key's first credits belong to the refill period it is created in.
+    NEW.credits_period := apikeys._credit_period(NEW.credits_refill_interval, clock_timestamp());
+    NEW.credits_gen := 0;
     RETURN NEW;
 END
 $$;
@@ -1580,7 +1788,12 @@ CREATE FUNCTION apikeys._keys_before_update() RETURNS trigger
 AS $$
 DECLARE
     v_column text;
+    v_period integer;
 BEGIN
+    -- The worker writing spent credits (src/worker.c) changes nothing else.
+    IF apikeys._credits_flush(OLD, NEW) THEN
+        RETURN NEW;
+    END IF;
     v_column := CASE
         WHEN NEW.id IS DISTINCT FROM OLD.id THEN 'id'
         WHEN NEW.owner IS DISTINCT FROM OLD.owner THEN 'owner'
@@ -1632,8 +1845,30 @@ BEGIN
        OR NEW.allowed_ips IS DISTINCT FROM OLD.allowed_ips
        OR NEW.alert_requests_per_minute IS DISTINCT FROM OLD.alert_requests_per_minute
        OR NEW.rate_burst IS DISTINCT FROM OLD.rate_burst
-       OR NEW.disable_reason IS DISTINCT FROM OLD.disable_reason THEN
+       OR NEW.disable_reason IS DISTINCT FROM OLD.disable_reason
+       OR NEW.credits IS DISTINCT FROM OLD.credits
+       OR NEW.credits_refill_amount IS DISTINCT FROM OLD.credits_refill_amount
+       OR NEW.credits_refill_interval IS DISTINCT FROM OLD.credits_refill_interval THEN
         PERFORM apikeys._require_key_fields(NEW);
+    END IF;
+
+    -- Any other change of the balance or the refill starts a new generation,
+    -- which verify sees and reloads the balance it keeps in shared memory
+    -- (src/credits.c).  The balance then belongs to the current period; a
+    -- refill change alone first refills a balance whose period is past.
+    NEW.credits_gen := OLD.credits_gen;
+    IF NEW.credits IS DISTINCT FROM OLD.credits
+       OR NEW.credits_refill_amount IS DISTINCT FROM OLD.credits_refill_amount
+       OR NEW.credits_refill_interval IS DISTINCT FROM OLD.credits_refill_interval
+       OR NEW.credits_period IS DISTINCT FROM OLD.credits_period THEN
+        v_period := apikeys._credit_period(NEW.credits_refill_interval, clock_timestamp());
+        IF NEW.credits IS NOT DISTINCT FROM OLD.credits AND NEW.credits IS NOT NULL
+           AND NEW.credits_period = OLD.credits_period THEN
+            NEW.credits := apikeys._credits_base(OLD,
+                apikeys._credit_period(OLD.credits_refill_interval, clock_timestamp()));
+        END IF;
+        NEW.credits_period := v_period;
+        NEW.credits_gen := OLD.credits_gen + 1;
     END IF;
 
     IF OLD.revoked_at IS NULL AND NEW.revoked_at IS NOT NULL AND NEW.revoked_by IS NULL THEN
@@ -1692,7 +1927,8 @@ BEGIN
             UPDATE apikeys.plans p
                SET max_keys = NEW.max_keys, description = NEW.description,
                    max_key_lifetime = NEW.max_key_lifetime,
-                   alert_requests_per_minute = NEW.alert_requests_per_minute
+                   alert_requests_per_minute = NEW.alert_requests_per_minute,
+                   rate_limit = NEW.rate_limit
              WHERE p.name = NEW.name;
             RETURN NULL;
         END IF;
@@ -1713,6 +1949,10 @@ BEGIN
     IF NEW.alert_requests_per_minute < 0 THEN
         RAISE EXCEPTION 'alert_requests_per_minute must be zero or more' USING ERRCODE = 'invalid_parameter_value',
             HINT = 'Zero turns alerts off for the plan; NULL uses apikeys.alert_requests_per_minute.';
+    END IF;
+    IF NEW.rate_limit <= 0 THEN
+        RAISE EXCEPTION 'rate_limit must be positive' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'NULL means no owner-wide limit.';
     END IF;
     RETURN NEW;
 END
@@ -1778,7 +2018,8 @@ DECLARE
     v_events  text[] := '{}';
     v_event   text;
 BEGIN
-    IF apikeys._restoring(TG_RELID) THEN
+    IF apikeys._restoring(TG_RELID)
+       OR (TG_OP = 'UPDATE' AND apikeys._credits_flush(OLD, NEW)) THEN
         RETURN NULL;
     END IF;
     IF TG_OP = 'INSERT' THEN
@@ -1788,7 +2029,9 @@ BEGIN
                 'rotated_from', NEW.rotated_from, 'revoked_at', NEW.revoked_at,
                 'allowed_ips', NEW.allowed_ips,
                 'alert_requests_per_minute', NEW.alert_requests_per_minute,
-                'rate_burst', NEW.rate_burst));
+                'rate_burst', NEW.rate_burst, 'credits', NEW.credits,
+                'credits_refill_amount', NEW.credits_refill_amount,
+                'credits_refill_interval', NEW.credits_refill_interval));
         v_events := ARRAY['created'];
     ELSIF OLD.replaced_by IS NULL AND NEW.replaced_by IS NOT NULL THEN
         PERFORM apikeys._audit('key_rotated', NEW.id, NEW.owner,
@@ -1826,6 +2069,16 @@ BEGIN
                     'old', (SELECT jsonb_object_agg(f, v_old -> f) FROM unnest(v_changed) f),
                     'new', (SELECT jsonb_object_agg(f, v_new -> f) FROM unnest(v_changed) f)));
             v_events := v_events || 'updated'::text;
+        END IF;
+        -- Balances as the key's owner sees them: spending not yet written included.
+        IF NEW.credits_gen <> OLD.credits_gen THEN
+            PERFORM apikeys._audit('credits_changed', NEW.id, NEW.owner,
+                jsonb_build_object('credits', apikeys._credits_left(NEW),
+                    'previous', apikeys._credits_left(OLD),
+                    'refill_amount', NEW.credits_refill_amount,
+                    'refill_interval', NEW.credits_refill_interval,
+                    'via', NULLIF(v_context, '')));
+            v_events := v_events || 'credits_changed'::text;
         END IF;
     END IF;
     FOREACH v_event IN ARRAY v_events LOOP
@@ -1940,14 +2193,15 @@ GRANT USAGE ON TYPE apikeys.apikey, apikeys.verify_result, apikeys.authenticate_
     apikeys.key_info TO apikeys_admin, apikeys_app;
 
 GRANT EXECUTE ON FUNCTION
-    apikeys.verify(text, text[], inet),
-    apikeys.authenticate(text, text[], inet),
-    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer),
+    apikeys.verify(text, text[], inet, integer),
+    apikeys.authenticate(text, text[], inet, integer),
+    apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer, bigint, bigint, text),
     apikeys.list_keys(text, text, integer, uuid),
     apikeys.get_key(uuid, text),
-    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, text[]),
+    apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]),
     apikeys.disable_key(uuid, text, text),
     apikeys.enable_key(uuid, text),
+    apikeys.add_credits(uuid, text, bigint),
     apikeys.usage(text, date, date, uuid),
     apikeys.revoke(uuid, text, text),
     apikeys.rotate(uuid, text, interval),
@@ -1971,9 +2225,12 @@ GRANT SELECT ON ALL TABLES IN SCHEMA apikeys TO apikeys_admin;
 REVOKE SELECT ON apikeys._audit_chain_lock FROM apikeys_admin;
 GRANT INSERT, UPDATE, DELETE ON apikeys.plans TO apikeys_admin;
 GRANT UPDATE (name, scopes, metadata, rate_limit, expires_at, allowed_ips, alert_requests_per_minute,
-               rate_burst)
+               rate_burst, credits, credits_refill_amount, credits_refill_interval)
     ON apikeys.keys TO apikeys_admin;
 
 -- The background workers: queued records into the audit log, counts into key_usage.
 GRANT INSERT ON apikeys.audit_log TO apikeys_worker;
 GRANT SELECT, INSERT, UPDATE ON apikeys.key_usage TO apikeys_worker;
+-- The worker writes spent credits.
+GRANT SELECT (id, credits, credits_period, credits_refill_amount),
+      UPDATE (credits, credits_period) ON apikeys.keys TO apikeys_worker;

@@ -61,7 +61,7 @@ SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', alert_requests
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => '{name}')$$, :'k1')) AS clear_name;
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => ARRAY[NULL])$$, :'k1')) AS clear_null;
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => NULL)$$, :'k1')) AS clear_is_null;
-SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => array_fill('rate_limit'::text, ARRAY[6]))$$, :'k1')) AS clear_too_long;
+SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', clear => array_fill('rate_limit'::text, ARRAY[8]))$$, :'k1')) AS clear_too_long;
 SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'mg-a', rate_limit => 3, clear => '{rate_limit}')$$, :'k1')) AS set_and_clear;
 RESET ROLE;
 SELECT (SELECT count(*) FROM apikeys.audit_log WHERE key_id = :'k1' AND event = 'key_updated') = :audit_before AS nothing_audited,

@@ -60,3 +60,32 @@ SELECT pg_temp.try(format($$SELECT apikeys.update_key(%L, 'rl-a', rate_burst => 
 SELECT pg_temp.try(format($$UPDATE apikeys.keys SET rate_burst = -5 WHERE id = %L$$, :'k')) AS admin_negative_burst;
 SELECT count(*) = :keys_before AS nothing_created, (SELECT rate_burst FROM apikeys.keys WHERE id = :'k') AS burst_unchanged
   FROM apikeys.keys WHERE owner = 'rl-a';
+
+-- Owner-wide limits: a plan's rate_limit paces all of an owner's keys
+-- together (burst: a minute's worth), and the tighter of key and owner
+-- limit applies.  The columns describe the tighter one.
+INSERT INTO apikeys.plans (name, rate_limit) VALUES ('metered', 3);
+SELECT apikeys.set_plan('rl-o', 'metered');
+SELECT token AS oa FROM apikeys.create_key('rl-o', 'a', rate_limit => 100) \gset
+SELECT token AS ob FROM apikeys.create_key('rl-o', 'b') \gset
+SELECT i, v.code, v.ratelimit_limit, v.ratelimit_remaining
+  FROM generate_series(1, 5) i,
+       LATERAL apikeys.verify(CASE WHEN i % 2 = 0 THEN :'oa' ELSE :'ob' END) v;
+-- A request the owner's limit refuses costs its key nothing: once the plan
+-- is lifted, key a still has 100 - 2 left (the change is audited).
+UPDATE apikeys.plans SET rate_limit = NULL WHERE name = 'metered';
+SELECT code, ratelimit_limit, ratelimit_remaining FROM apikeys.verify(:'oa');
+SELECT details->'old'->'rate_limit' AS old, details->'new'->'rate_limit' AS new
+  FROM apikeys.audit_log WHERE event = 'plan_updated' AND details->>'plan' = 'metered'
+ ORDER BY id DESC LIMIT 1;
+-- Each owner has its own state: rl-p's first request passes while rl-o,
+-- whose earlier requests still count, is refused at the lower limit.
+UPDATE apikeys.plans SET rate_limit = 1 WHERE name = 'metered';
+SELECT apikeys.set_plan('rl-p', 'metered');
+SELECT token AS pa FROM apikeys.create_key('rl-p', 'a') \gset
+SELECT code, ratelimit_limit, ratelimit_remaining FROM apikeys.verify(:'pa');
+SELECT code FROM apikeys.verify(:'pa');
+SELECT code FROM apikeys.verify(:'ob');
+-- Bounds: 22023, and the plan is unchanged.
+SELECT pg_temp.try($$UPDATE apikeys.plans SET rate_limit = 0 WHERE name = 'metered'$$) AS zero_plan_limit;
+SELECT rate_limit FROM apikeys.plans WHERE name = 'metered';

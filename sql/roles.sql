@@ -102,10 +102,10 @@ SELECT call,
 -- cannot read apikeys.keys (above), yet verifies; nobody cannot call them.
 SELECT p.proname, p.prosecdef, p.proconfig
   FROM pg_proc p
- WHERE p.oid IN ('apikeys.verify(text, text[], inet)'::regprocedure, 'apikeys.authenticate(text, text[], inet)'::regprocedure)
+ WHERE p.oid IN ('apikeys.verify(text, text[], inet, integer)'::regprocedure, 'apikeys.authenticate(text, text[], inet, integer)'::regprocedure)
  ORDER BY 1;
 SELECT has_table_privilege('apikeys_app', 'apikeys.keys', 'SELECT') AS app_reads_keys,
-       has_function_privilege('apikeys_regress_nobody', 'apikeys.verify(text, text[], inet)', 'EXECUTE') AS nobody_executes;
+       has_function_privilege('apikeys_regress_nobody', 'apikeys.verify(text, text[], inet, integer)', 'EXECUTE') AS nobody_executes;
 
 -- The messages of the owner-scoping refusals.
 SELECT k4 AS app_k4 FROM fx WHERE role = 'apikeys_app' \gset

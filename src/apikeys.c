@@ -17,6 +17,7 @@
 #include <sodium.h>
 
 #include "apikeys.h"
+#include "credits.h"
 #include "launcher.h"
 #include "loghook.h"
 #include "queue.h"
@@ -124,6 +125,7 @@ _PG_init(void)
 	settings_init();
 	worker_init();
 	usage_init();
+	credits_init();
 	if (apikeys_preloaded)
 	{
 		queue_init();

@@ -33,6 +33,7 @@
 #include "utils/memutils.h"
 #include "utils/syscache.h"
 
+#include "credits.h"
 #include "launcher.h"
 #include "queue.h"
 #include "usage.h"
@@ -148,7 +149,7 @@ find_slot(Oid dboid)
 bool
 launcher_database_has_work(Oid dboid)
 {
-	return queue_has_records(dboid) || usage_has_pending(dboid);
+	return queue_has_records(dboid) || usage_has_pending(dboid) || credits_has_pending(dboid);
 }
 
 /*
@@ -461,7 +462,7 @@ adopt_waiting_databases(void)
 	LWLockRelease(registry->lock);
 
 	/* Outside the registry lock: the scan takes the queue's and the usage table's. */
-	dboids = usage_databases_with_counts(queue_databases(NIL));
+	dboids = credits_databases_with_spending(usage_databases_with_counts(queue_databases(NIL)));
 	LWLockAcquire(registry->lock, LW_EXCLUSIVE);
 	registry->slots_were_full = false;
 	foreach(lc, dboids)
@@ -522,6 +523,7 @@ launcher_pass(void)
 			{
 				queue_discard(slot->dboid);
 				usage_discard(slot->dboid);
+				credits_discard(slot->dboid);
 				free_or_restart(slot);
 			}
 		}

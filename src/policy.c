@@ -1,13 +1,15 @@
 /*
- * policy.c — the usage-alert threshold of an owner's plan, for verify().
+ * policy.c — what an owner's plan sets for verify(): the usage-alert
+ * threshold and the owner-wide rate limit.
  *
- * A key without its own threshold takes its plan's.  Looking that up costs
- * two index probes, so each backend caches it per owner, and does not look at
- * all while no plan sets a threshold (the usual case, checked once).  A
- * statement trigger on plans and owners (apikeys._policy_changed) sends a
- * relcache invalidation for its table at commit, and every backend then
- * forgets what it cached.  Lookups read the latest committed rows, after the
- * invalidations that opening the tables accepts, so a change is never missed.
+ * A key without its own threshold takes its plan's, and every key counts
+ * against its plan's rate_limit.  Looking those up costs two index probes,
+ * so each backend caches them per owner, and does not look at all while no
+ * plan sets either (the usual case, checked once).  A statement trigger on
+ * plans and owners (apikeys._policy_changed) sends a relcache invalidation
+ * for its table at commit, and every backend then forgets what it cached.
+ * Lookups read the latest committed rows, after the invalidations that
+ * opening the tables accepts, so a change is never missed.
  */
 #include "postgres.h"
 
@@ -29,6 +31,8 @@
 #include "utils/rel.h"
 #include "utils/snapmgr.h"
 
+#include <sodium.h>
+
 #include "policy.h"
 
 /* Owners longer than this (the table allows 200 characters) are not cached. */
@@ -36,21 +40,24 @@
 /* Owners cached per backend before the cache starts over. */
 #define POLICY_CACHE_MAX	10000
 
-typedef struct OwnerThreshold
+typedef struct OwnerPolicyEntry
 {
 	char		owner[POLICY_OWNER_LEN];	/* hash key, NUL-terminated */
-	int32		threshold;		/* -1: the plan sets none */
-} OwnerThreshold;
+	OwnerPolicy policy;
+} OwnerPolicyEntry;
 
 typedef enum PlansState
 {
 	PLANS_UNKNOWN,
-	PLANS_WITHOUT_THRESHOLDS,
-	PLANS_WITH_THRESHOLDS
+	PLANS_WITHOUT_POLICIES,
+	PLANS_WITH_POLICIES
 } PlansState;
 
+/* What a plan that sets nothing, or no plan, means. */
+static const OwnerPolicy no_policy = {-1, 0, {{0}}};
+
 static PlansState plans_state = PLANS_UNKNOWN;
-static HTAB *owner_thresholds = NULL;
+static HTAB *owner_policies = NULL;
 static Oid	owners_relid = InvalidOid;
 static Oid	plans_relid = InvalidOid;
 static bool callback_registered = false;
@@ -60,10 +67,10 @@ static void
 policy_reset(void)
 {
 	plans_state = PLANS_UNKNOWN;
-	if (owner_thresholds != NULL)
+	if (owner_policies != NULL)
 	{
-		hash_destroy(owner_thresholds);
-		owner_thresholds = NULL;
+		hash_destroy(owner_policies);
+		owner_policies = NULL;
 	}
 }
 
@@ -100,19 +107,31 @@ policy_relations(void)
 	return OidIsValid(owners_relid) && OidIsValid(plans_relid);
 }
 
-/*
- * The threshold of the plan named plan_name (-1: none), or of every plan
- * when plan_name is NULL: then 1 if any plan sets one, else -1.
- */
+/* An integer column of the slot's row; -1 when NULL or the schema lacks it. */
 static int32
-plan_threshold(Snapshot snapshot, Datum plan_name)
+int_column(TupleTableSlot *slot, AttrNumber attnum)
+{
+	bool		isnull = true;
+	Datum		value = attnum > 0 ? slot_getattr(slot, attnum, &isnull) : (Datum) 0;
+
+	return isnull ? -1 : DatumGetInt32(value);
+}
+
+/*
+ * The policy of the plan named plan_name; or, when plan_name is NULL,
+ * whether any plan sets one.  Returns false when none is found.
+ */
+static bool
+plan_policy(Snapshot snapshot, Datum plan_name, OwnerPolicy *policy)
 {
 	Relation	plans = table_open(plans_relid, AccessShareLock);
 	AttrNumber	att_name = get_attnum(plans_relid, "name");
 	AttrNumber	att_threshold = get_attnum(plans_relid, "alert_requests_per_minute");
-	int32		result = -1;
+	AttrNumber	att_rate_limit = get_attnum(plans_relid, "rate_limit");
+	bool		found = false;
 
-	/* A 1.0 schema has no thresholds on plans. */
+	*policy = no_policy;
+	/* A 1.0 schema has no policies on plans. */
 	if (att_threshold > 0 && att_name > 0)
 	{
 		TableScanDesc scan = table_beginscan(plans, snapshot, 0, NULL);
@@ -121,22 +140,24 @@ plan_threshold(Snapshot snapshot, Datum plan_name)
 		while (table_scan_getnextslot(scan, ForwardScanDirection, slot))
 		{
 			bool		isnull;
-			Datum		threshold;
+			OwnerPolicy row;
 
 			CHECK_FOR_INTERRUPTS();
-			threshold = slot_getattr(slot, att_threshold, &isnull);
-			if (isnull)
-				continue;
+			row.alert_threshold = int_column(slot, att_threshold);
+			row.rate_limit = Max(int_column(slot, att_rate_limit), 0);
 			if (plan_name == (Datum) 0)
 			{
-				result = 1;
+				if (row.alert_threshold < 0 && row.rate_limit == 0)
+					continue;
+				found = true;
 				break;
 			}
 			if (DatumGetBool(DirectFunctionCall2Coll(texteq, DEFAULT_COLLATION_OID,
 													 slot_getattr(slot, att_name, &isnull),
 													 plan_name)))
 			{
-				result = DatumGetInt32(threshold);
+				*policy = row;
+				found = true;
 				break;
 			}
 		}
@@ -144,17 +165,17 @@ plan_threshold(Snapshot snapshot, Datum plan_name)
 		ExecDropSingleTupleTableSlot(slot);
 	}
 	table_close(plans, NoLock);
-	return result;
+	return found;
 }
 
-/* The threshold of the owner's plan, read from the tables (-1: none). */
-static int32
-lookup_owner_threshold(Snapshot snapshot, Datum owner)
+/* The policy of the owner's plan, read from the tables, with the owner's id when it limits. */
+static OwnerPolicy
+lookup_owner_policy(Snapshot snapshot, Datum owner)
 {
 	Relation	owners = table_open(owners_relid, AccessShareLock);
 	Oid			indexid = get_relname_relid("owners_pkey", get_rel_namespace(owners_relid));
 	AttrNumber	att_plan = get_attnum(owners_relid, "plan");
-	int32		result = -1;
+	OwnerPolicy result = no_policy;
 
 	if (OidIsValid(indexid) && att_plan > 0)
 	{
@@ -173,89 +194,96 @@ lookup_owner_threshold(Snapshot snapshot, Datum owner)
 			Datum		plan = slot_getattr(slot, att_plan, &isnull);
 
 			if (!isnull)
-				result = plan_threshold(snapshot, plan);
+				(void) plan_policy(snapshot, plan, &result);
 		}
 		index_endscan(scan);
 		ExecDropSingleTupleTableSlot(slot);
 		index_close(index, NoLock);
 	}
 	table_close(owners, NoLock);
+	if (result.rate_limit > 0)
+	{
+		text	   *t = DatumGetTextPP(owner);
+
+		crypto_generichash(result.owner_id.data, UUID_LEN, (const unsigned char *) VARDATA_ANY(t),
+						   VARSIZE_ANY_EXHDR(t), NULL, 0);
+	}
 	return result;
 }
 
 /* See policy.h. */
-int32
-policy_alert_threshold(Datum owner)
+OwnerPolicy
+policy_for_owner(Datum owner)
 {
 	text	   *owner_text = DatumGetTextPP(owner);
 	int			len = VARSIZE_ANY_EXHDR(owner_text);
 	char		key[POLICY_OWNER_LEN];
-	OwnerThreshold *entry;
+	OwnerPolicyEntry *entry;
 	Snapshot	snapshot;
-	int32		threshold;
+	OwnerPolicy policy;
 	bool		found;
 
 	if (!policy_relations())
-		return -1;
+		return no_policy;
 
 	/* Opening the tables below accepts pending invalidations first. */
 	if (plans_state == PLANS_UNKNOWN)
 	{
 		snapshot = RegisterSnapshot(GetLatestSnapshot());
-		plans_state = plan_threshold(snapshot, (Datum) 0) > 0
-			? PLANS_WITH_THRESHOLDS : PLANS_WITHOUT_THRESHOLDS;
+		plans_state = plan_policy(snapshot, (Datum) 0, &policy)
+			? PLANS_WITH_POLICIES : PLANS_WITHOUT_POLICIES;
 		UnregisterSnapshot(snapshot);
 	}
-	if (plans_state != PLANS_WITH_THRESHOLDS)
-		return -1;
+	if (plans_state != PLANS_WITH_POLICIES)
+		return no_policy;
 
 	if (len >= POLICY_OWNER_LEN)
 	{
 		snapshot = RegisterSnapshot(GetLatestSnapshot());
-		threshold = lookup_owner_threshold(snapshot, owner);
+		policy = lookup_owner_policy(snapshot, owner);
 		UnregisterSnapshot(snapshot);
-		return threshold;
+		return policy;
 	}
 	memcpy(key, VARDATA_ANY(owner_text), len);
 	key[len] = '\0';
 
-	if (owner_thresholds != NULL)
+	if (owner_policies != NULL)
 	{
-		entry = hash_search(owner_thresholds, key, HASH_FIND, NULL);
+		entry = hash_search(owner_policies, key, HASH_FIND, NULL);
 		if (entry != NULL)
-			return entry->threshold;
+			return entry->policy;
 	}
 
 	snapshot = RegisterSnapshot(GetLatestSnapshot());
-	threshold = lookup_owner_threshold(snapshot, owner);
+	policy = lookup_owner_policy(snapshot, owner);
 	UnregisterSnapshot(snapshot);
 
 	/* The lookup may have accepted an invalidation that reset the cache. */
-	if (plans_state != PLANS_WITH_THRESHOLDS)
-		return threshold;
-	if (owner_thresholds != NULL && hash_get_num_entries(owner_thresholds) >= POLICY_CACHE_MAX)
+	if (plans_state != PLANS_WITH_POLICIES)
+		return policy;
+	if (owner_policies != NULL && hash_get_num_entries(owner_policies) >= POLICY_CACHE_MAX)
 		policy_reset();
-	if (owner_thresholds == NULL)
+	if (owner_policies == NULL)
 	{
 		HASHCTL		ctl;
 
 		ctl.keysize = POLICY_OWNER_LEN;
-		ctl.entrysize = sizeof(OwnerThreshold);
+		ctl.entrysize = sizeof(OwnerPolicyEntry);
 		ctl.hcxt = CacheMemoryContext;
-		owner_thresholds = hash_create("apikeys owner thresholds", 256, &ctl,
-									   HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
-		plans_state = PLANS_WITH_THRESHOLDS;
+		owner_policies = hash_create("apikeys owner policies", 256, &ctl,
+									 HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+		plans_state = PLANS_WITH_POLICIES;
 	}
-	entry = hash_search(owner_thresholds, key, HASH_ENTER, &found);
-	entry->threshold = threshold;
-	return threshold;
+	entry = hash_search(owner_policies, key, HASH_ENTER, &found);
+	entry->policy = policy;
+	return policy;
 }
 
 PG_FUNCTION_INFO_V1(apikeys_policy_changed);
 
 /*
  * Statement trigger on apikeys.plans and apikeys.owners: every backend
- * forgets the thresholds it cached when the change commits.
+ * forgets the policies it cached when the change commits.
  */
 Datum
 apikeys_policy_changed(PG_FUNCTION_ARGS)

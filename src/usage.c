@@ -61,6 +61,8 @@ typedef struct UsageCounters
 
 /* An entry whose rate-limit state could not be carried over from the day before. */
 #define TAT_UNKNOWN		((TimestampTz) -1)
+/* The day of owners' rate-limit entries: no key's. */
+#define OWNER_DAY		(-1)
 
 static HTAB *usage_table = NULL;
 static UsageCounters *usage_counters = NULL;
@@ -372,6 +374,7 @@ gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, U
 	/* Unknown state: assume the burst was just spent, so that none is given twice. */
 	tat = e->tat == TAT_UNKNOWN ? now + tolerance : Max(e->tat, now);
 	limit->applies = true;
+	limit->limit = rate_limit;
 	if (tat - now > tolerance)
 	{
 		limit->remaining = 0;
@@ -385,9 +388,53 @@ gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, U
 	return true;
 }
 
-/* Counts a verification that would pass, enforcing the key's rate limit. */
+/* Takes back a request gcra_admit() let pass.  Call with the entry's spinlock held. */
+static void
+gcra_undo(UsageEntry *e, int32 rate_limit)
+{
+	e->tat -= (USECS_PER_MINUTE + rate_limit - 1) / rate_limit;
+}
+
+/*
+ * The owner-wide limit: one GCRA state per owner and database, kept in the
+ * table under the owner's id and day OWNER_DAY (no key has that day), with
+ * a minute's requests of burst.  Returns whether the request passes.
+ */
+static bool
+owner_admit(const pg_uuid_t *owner_id, int32 rate_limit, TimestampTz now, int64 minute,
+			UsageLimit *limit)
+{
+	LWLock	   *lock;
+	UsageEntry *e = get_entry(owner_id, OWNER_DAY, minute, &lock);
+	bool		admitted;
+
+	/* No room: like an untracked key, not limited. */
+	if (e == NULL)
+		return true;
+	SpinLockAcquire(&e->mutex);
+	admitted = gcra_admit(e, now, rate_limit, -1, limit);
+	SpinLockRelease(&e->mutex);
+	LWLockRelease(lock);
+	return admitted;
+}
+
+/* The limit to report: the one that refused, else the one with fewer requests left. */
+static void
+tighter_limit(UsageLimit *limit, const UsageLimit *key, bool key_ok,
+			  const UsageLimit *owner, bool owner_ok)
+{
+	if (!key_ok || !owner->applies)
+		*limit = *key;
+	else if (!owner_ok || !key->applies || owner->remaining < key->remaining)
+		*limit = *owner;
+	else
+		*limit = *key;
+}
+
+/* Counts a verification that would pass, enforcing the key's and its owner's rate limits. */
 UsageOutcome
 usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
+					const pg_uuid_t *owner_id, int32 owner_rate_limit,
 					int32 *alert_threshold, int64 *alert_requests, UsageLimit *limit)
 {
 	TimestampTz now;
@@ -397,6 +444,10 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	LWLock	   *lock;
 	UsageOutcome outcome;
 	bool		standby;
+	bool		key_ok;
+	bool		owner_ok = true;
+	UsageLimit	key_limit = {false, 0, 0, 0};
+	UsageLimit	owner_limit = {false, 0, 0, 0};
 
 	*alert_requests = 0;
 	limit->applies = false;
@@ -418,7 +469,30 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 		e->minute = minute;
 		e->minute_count = 0;
 	}
-	if (rate_limit > 0 && !gcra_admit(e, now, rate_limit, rate_burst, limit))
+	key_ok = rate_limit <= 0 || gcra_admit(e, now, rate_limit, rate_burst, &key_limit);
+	if (key_ok && owner_rate_limit > 0)
+	{
+		/*
+		 * The owner's state is in another partition: this one is let go
+		 * first, since holding one partition while waiting for another could
+		 * deadlock with a pass over the whole table.  The key's entry, used
+		 * this minute, is not idle, so it is found again.
+		 */
+		SpinLockRelease(&e->mutex);
+		LWLockRelease(lock);
+		owner_ok = owner_admit(owner_id, owner_rate_limit, now, minute, &owner_limit);
+		e = get_entry(key_id, day, minute, &lock);
+		if (e == NULL)
+		{
+			tighter_limit(limit, &key_limit, key_ok, &owner_limit, owner_ok);
+			return owner_ok ? USAGE_UNTRACKED : USAGE_RATE_LIMITED;
+		}
+		SpinLockAcquire(&e->mutex);
+		if (!owner_ok && rate_limit > 0)
+			gcra_undo(e, rate_limit);
+	}
+	tighter_limit(limit, &key_limit, key_ok, &owner_limit, owner_ok);
+	if (!key_ok || !owner_ok)
 	{
 		if (!standby)
 			e->pending.failures++;

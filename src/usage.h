@@ -44,6 +44,7 @@ extern void usage_init(void);
 typedef struct UsageLimit
 {
 	bool		applies;		/* false: no limit, or not tracked */
+	int32		limit;			/* requests per minute of the limit this describes */
 	int32		remaining;		/* requests that would pass right now */
 	TimestampTz reset;			/* remaining 0: when the next one passes; else when all are back */
 } UsageLimit;
@@ -51,14 +52,17 @@ typedef struct UsageLimit
 /*
  * Counts a verification that would return VALID, enforcing rate_limit
  * (<= 0: none) with rate_burst requests of burst (< 0: rate_limit - 1) by
- * the generic cell rate algorithm, and fills in *limit.  *alert_threshold
+ * the generic cell rate algorithm, and the owner's owner_rate_limit (<= 0:
+ * none; owner_id identifies the owner) across its keys, and fills in
+ * *limit with the tighter.  *alert_threshold
  * is the key's (or its plan's) threshold, or -1 for
  * apikeys.alert_requests_per_minute, which it then becomes.  When this
  * request passes the threshold for the first time this minute,
  * *alert_requests is the minute's requests; else 0.
  */
 extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limit,
-										int32 rate_burst, int32 *alert_threshold,
+										int32 rate_burst, const pg_uuid_t *owner_id,
+										int32 owner_rate_limit, int32 *alert_threshold,
 										int64 *alert_requests, UsageLimit *limit);
 
 /* Counts a refusal of a key that exists (revoked, expired, scope). */

@@ -10,6 +10,7 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/xlog.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
@@ -29,6 +30,7 @@
 #include <sodium.h>
 
 #include "audit.h"
+#include "credits.h"
 #include "launcher.h"
 #include "policy.h"
 #include "queue.h"
@@ -39,6 +41,8 @@
 /* What a lookup found, copied into the caller's memory context. */
 /* Scopes a key holds, and scopes a verification requires, at most. */
 #define APIKEYS_MAX_SCOPES 64
+/* The most credits one verification may cost. */
+#define APIKEYS_MAX_COST 1000000
 
 typedef struct FoundKey
 {
@@ -56,8 +60,19 @@ typedef struct FoundKey
 	bool		revoked;
 	bool		disabled;
 	ArrayType  *allowed_ips;	/* NULL: any address */
+	CreditRow	credit;			/* credit.credits < 0: no credit limit */
 	bool		created_here;	/* by this transaction, so it may yet roll back */
 } FoundKey;
+
+/* What a verification spent and has left, for the credits_remaining column. */
+typedef struct CreditResult
+{
+	bool		applies;		/* the key has a credit limit and was checked */
+	int64		remaining;
+	bool		spent;			/* cost was taken from shared memory */
+	int32		period;
+	int64		cost;
+} CreditResult;
 
 /*
  * Column numbers of apikeys.keys that 1.0 created; a 1.0 install and an
@@ -95,6 +110,8 @@ verify_code_name(VerifyCode code)
 			return "API_KEY_DISABLED";
 		case VERIFY_IP_NOT_ALLOWED:
 			return "IP_NOT_ALLOWED";
+		case VERIFY_USAGE_EXCEEDED:
+			return "USAGE_EXCEEDED";
 	}
 	return "API_KEY_INVALID";
 }
@@ -102,6 +119,7 @@ verify_code_name(VerifyCode code)
 /* OIDs of apikeys.keys and its digest index, looked up once per backend. */
 static Oid	cached_keys_relid = InvalidOid;
 static Oid	cached_digest_indexid = InvalidOid;
+static Oid	cached_pkey_indexid = InvalidOid;
 static bool relcache_callback_registered = false;
 
 /*
@@ -113,15 +131,22 @@ static AttrNumber att_disabled_at = InvalidAttrNumber;
 static AttrNumber att_allowed_ips = InvalidAttrNumber;
 static AttrNumber att_alert_threshold = InvalidAttrNumber;
 static AttrNumber att_rate_burst = InvalidAttrNumber;
+static AttrNumber att_credits = InvalidAttrNumber;
+static AttrNumber att_refill_amount = InvalidAttrNumber;
+static AttrNumber att_refill_interval = InvalidAttrNumber;
+static AttrNumber att_credits_period = InvalidAttrNumber;
+static AttrNumber att_credits_gen = InvalidAttrNumber;
 
 /* Any change to either relation (ALTER EXTENSION UPDATE, a drop) forgets them. */
 static void
 forget_keys_relation(Datum arg, Oid relid)
 {
-	if (relid == InvalidOid || relid == cached_keys_relid || relid == cached_digest_indexid)
+	if (relid == InvalidOid || relid == cached_keys_relid || relid == cached_digest_indexid ||
+		relid == cached_pkey_indexid)
 	{
 		cached_keys_relid = InvalidOid;
 		cached_digest_indexid = InvalidOid;
+		cached_pkey_indexid = InvalidOid;
 	}
 }
 
@@ -143,8 +168,9 @@ keys_relation_oids(Oid *relid, Oid *indexid)
 		Oid			nsp = get_namespace_oid("apikeys", false);
 		Oid			heap = get_relname_relid("keys", nsp);
 		Oid			index = get_relname_relid("keys_digest_key", nsp);
+		Oid			pkey = get_relname_relid("keys_pkey", nsp);
 
-		if (!OidIsValid(heap) || !OidIsValid(index))
+		if (!OidIsValid(heap) || !OidIsValid(index) || !OidIsValid(pkey))
 			ereport(ERROR,
 					(errcode(ERRCODE_UNDEFINED_TABLE),
 					 errmsg("apikeys.keys or its digest index is missing")));
@@ -157,8 +183,14 @@ keys_relation_oids(Oid *relid, Oid *indexid)
 		att_allowed_ips = keys_column(heap, "allowed_ips");
 		att_alert_threshold = keys_column(heap, "alert_requests_per_minute");
 		att_rate_burst = keys_column(heap, "rate_burst");
+		att_credits = keys_column(heap, "credits");
+		att_refill_amount = keys_column(heap, "credits_refill_amount");
+		att_refill_interval = keys_column(heap, "credits_refill_interval");
+		att_credits_period = keys_column(heap, "credits_period");
+		att_credits_gen = keys_column(heap, "credits_gen");
 		cached_keys_relid = heap;
 		cached_digest_indexid = index;
+		cached_pkey_indexid = pkey;
 	}
 	*relid = cached_keys_relid;
 	*indexid = cached_digest_indexid;
@@ -191,6 +223,62 @@ copy_attr(TupleTableSlot *slot, AttrNumber attnum, bool *isnull)
 	Datum		value = slot_getattr(slot, attnum, isnull);
 
 	return *isnull ? (Datum) 0 : datumCopy(value, att->attbyval, att->attlen);
+}
+
+/* The credit columns of a key's row (credits < 0: no limit, or a 1.0 schema). */
+static void
+read_credit_columns(TupleTableSlot *slot, CreditRow *row)
+{
+	bool		isnull = true;
+	Datum		value;
+
+	memset(row, 0, sizeof(CreditRow));
+	row->credits = -1;
+	if (att_credits == InvalidAttrNumber)
+		return;
+	value = slot_getattr(slot, att_credits, &isnull);
+	if (isnull)
+		return;
+	row->credits = DatumGetInt64(value);
+	value = slot_getattr(slot, att_refill_amount, &isnull);
+	row->refill_amount = isnull ? 0 : DatumGetInt64(value);
+	value = slot_getattr(slot, att_refill_interval, &isnull);
+	if (!isnull && row->refill_amount > 0)
+	{
+		text	   *interval = DatumGetTextPP(value);
+
+		row->refill = VARSIZE_ANY_EXHDR(interval) == 3 &&
+			memcmp(VARDATA_ANY(interval), "day", 3) == 0 ? REFILL_DAY : REFILL_MONTH;
+	}
+	row->period = DatumGetInt32(slot_getattr(slot, att_credits_period, &isnull));
+	row->gen = DatumGetInt64(slot_getattr(slot, att_credits_gen, &isnull));
+}
+
+/*
+ * credits_spend()'s reader: a key's credit columns as the snapshot sees
+ * its row, found by id through the primary key.  The relations are locked
+ * already, by the lookup that found the key.
+ */
+static bool
+read_latest_credits(void *arg, Snapshot snapshot, CreditRow *row)
+{
+	Relation	heap = table_open(cached_keys_relid, AccessShareLock);
+	Relation	index = index_open(cached_pkey_indexid, AccessShareLock);
+	TupleTableSlot *slot = table_slot_create(heap, NULL);
+	IndexScanDesc scan = index_beginscan(heap, index, snapshot, 1, 0);
+	ScanKeyData skey;
+	bool		exists;
+
+	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_UUID_EQ, *(Datum *) arg);
+	index_rescan(scan, &skey, 1, NULL, 0);
+	exists = index_getnext_slot(scan, ForwardScanDirection, slot);
+	if (exists)
+		read_credit_columns(slot, row);
+	index_endscan(scan);
+	ExecDropSingleTupleTableSlot(slot);
+	index_close(index, NoLock);
+	table_close(heap, NoLock);
+	return exists;
 }
 
 /*
@@ -271,6 +359,7 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 			if (!isnull)
 				found->alert_threshold = DatumGetInt32(threshold);
 		}
+		read_credit_columns(slot, &found->credit);
 		found->created_here = TransactionIdIsCurrentTransactionId(
 			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
 	}
@@ -439,16 +528,53 @@ decide(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
 }
 
 /*
+ * Checks and spends the key's credits for a verification that would pass.
+ * Returns false (USAGE_EXCEEDED) when it has fewer than cost left; a
+ * standby, a server without the preload, or a full table refuses any cost
+ * but 0 (fail closed) and reports the written balance.  A key this
+ * transaction created is checked against its row alone and spends
+ * nothing: it may yet roll back.
+ */
+static bool
+spend_credits(FoundKey *key, bool countable, int64 cost, CreditResult *credit)
+{
+	CreditRow  *row = &key->credit;
+	int32		period = credit_period(row->refill, GetCurrentTimestamp());
+	int64		written = row->refill_amount > 0 && row->period < period
+		? row->refill_amount : row->credits;
+	CreditOutcome outcome;
+
+	credit->applies = true;
+	credit->cost = cost;
+	credit->remaining = written;
+	if (!countable || RecoveryInProgress())
+		return cost == 0 || (!countable && written >= cost);
+	/* Cost 0 too: it reports what is left now, spending not yet written included. */
+	outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, read_latest_credits,
+							&key->id, &credit->remaining, &credit->period);
+	/* Refused outright (no shared memory, no room): report the written balance. */
+	if (outcome == CREDITS_REFUSED)
+	{
+		credit->remaining = written;
+		return cost == 0;
+	}
+	credit->spent = outcome == CREDITS_SPENT && cost > 0 && credit->remaining >= 0;
+	credit->applies = credit->remaining >= 0;
+	return outcome == CREDITS_SPENT;
+}
+
+/*
  * The whole decision.  *found_key tells whether key holds a row; code is the
- * answer; *limit what the key's rate limit has left, when one applied.
- * Never raises for any token text.  With the preload, a key that passes is
- * counted and rate limited, a refusal of a known key is counted,
- * and every refusal is queued for the audit log (per key when the token
- * matched one, else per prefix).
+ * answer; *limit what the tighter rate limit has left, when one applied;
+ * *credit what the key's credits have left.  Never raises for any token
+ * text.  With the preload, a key that passes spends cost credits and is
+ * counted and rate limited (its own limit and its plan's owner-wide one),
+ * a refusal of a known key is counted, and every refusal is queued for the
+ * audit log (per key when the token matched one, else per prefix).
  */
 static VerifyCode
-verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
-			 FoundKey *key, bool *found_key, UsageLimit *limit)
+verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_null, int64 cost,
+			 FoundKey *key, bool *found_key, UsageLimit *limit, CreditResult *credit)
 {
 	size_t		prefix_len = 0;
 	VerifyCode	code = decide(token, required, client_ip, client_ip_null, key, found_key,
@@ -462,16 +588,27 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	bool		countable = *found_key && !key->created_here;
 
 	limit->applies = false;
+	memset(credit, 0, sizeof(CreditResult));
+	if (code == VERIFY_VALID && key->credit.credits >= 0 &&
+		!spend_credits(key, countable, cost, credit))
+		code = VERIFY_USAGE_EXCEEDED;
 	if (code == VERIFY_VALID && countable)
 	{
 		int64		alert_requests;
 		int32		alert_threshold;
+		OwnerPolicy policy = policy_for_owner(key->owner);
 
-		alert_threshold = key->alert_threshold >= 0 ? key->alert_threshold
-			: policy_alert_threshold(key->owner);
+		alert_threshold = key->alert_threshold >= 0 ? key->alert_threshold : policy.alert_threshold;
 		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit, key->rate_burst,
+								&policy.owner_id, policy.rate_limit,
 								&alert_threshold, &alert_requests, limit) == USAGE_RATE_LIMITED)
+		{
 			code = VERIFY_RATE_LIMITED;
+			/* A refused request costs nothing. */
+			if (credit->spent)
+				credits_refund(DatumGetUUIDP(key->id), credit->period, credit->cost,
+							   &credit->remaining);
+		}
 		if (alert_requests > 0)
 			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
 									 TextDatumGetCString(key->start), alert_requests,
@@ -491,34 +628,59 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 }
 
 /* Columns of verify_result and authenticate_result in 1.1; 1.0 has the first 8 and 5. */
-#define VERIFY_RESULT_COLUMNS		11
-#define AUTHENTICATE_RESULT_COLUMNS	8
+#define VERIFY_RESULT_COLUMNS		12
+#define AUTHENTICATE_RESULT_COLUMNS	9
 
 /*
- * ratelimit_limit, ratelimit_remaining and ratelimit_reset: NULL unless the
- * key has a rate limit that was applied (a refusal before it, or a server
- * without the preload, applies none).
+ * ratelimit_limit, ratelimit_remaining, ratelimit_reset and
+ * credits_remaining: NULL unless a rate limit was applied (a refusal
+ * before it, or a server without the preload, applies none), or the key's
+ * credits were checked.
  */
 static void
-fill_rate_limit(Datum *values, bool *nulls, FoundKey *key, bool found, UsageLimit *limit)
+fill_limits(Datum *values, bool *nulls, bool found, UsageLimit *limit, CreditResult *credit)
 {
-	if (!found || !limit->applies)
+	if (found && limit->applies)
 	{
-		nulls[0] = nulls[1] = nulls[2] = true;
-		return;
+		values[0] = Int32GetDatum(limit->limit);
+		values[1] = Int32GetDatum(limit->remaining);
+		values[2] = TimestampTzGetDatum(limit->reset);
 	}
-	values[0] = Int32GetDatum(key->rate_limit);
-	values[1] = Int32GetDatum(limit->remaining);
-	values[2] = TimestampTzGetDatum(limit->reset);
+	else
+		nulls[0] = nulls[1] = nulls[2] = true;
+	values[3] = Int64GetDatum(credit->remaining);
+	nulls[3] = !found || !credit->applies || credit->remaining < 0;
+}
+
+/*
+ * The cost argument: 0 to APIKEYS_MAX_COST credits (22023 otherwise; the
+ * statement is kept out of the log, as it may hold the token).
+ */
+static int64
+cost_argument(FunctionCallInfo fcinfo)
+{
+	int32		cost;
+
+	if (PG_NARGS() < 4)
+		return 1;
+	if (PG_ARGISNULL(3) || (cost = PG_GETARG_INT32(3)) < 0 || cost > APIKEYS_MAX_COST)
+		ereport(ERROR,
+				(errcode(ERRCODE_INVALID_PARAMETER_VALUE),
+				 errmsg("cost must be between 0 and %d", APIKEYS_MAX_COST),
+				 errdetail("A verification spends that many of its key's credits."),
+				 errhidestmt(true),
+				 errhidecontext(true)));
+	return cost;
 }
 
 PG_FUNCTION_INFO_V1(apikeys_verify);
 
 /*
- * verify(token text, required_scopes text[], client_ip inet) returns
- * (valid, code, key_id, owner, name, scopes, metadata, expires_at) and, on a
- * 1.1 schema, (ratelimit_limit, ratelimit_remaining, ratelimit_reset).
- * A refused key that exists still reports which key it was.
+ * verify(token text, required_scopes text[], client_ip inet, cost integer)
+ * returns (valid, code, key_id, owner, name, scopes, metadata, expires_at)
+ * and, on a 1.1 schema, (ratelimit_limit, ratelimit_remaining,
+ * ratelimit_reset, credits_remaining).  A refused key that exists still
+ * reports which key it was.
  */
 Datum
 apikeys_verify(PG_FUNCTION_ARGS)
@@ -534,10 +696,14 @@ apikeys_verify(PG_FUNCTION_ARGS)
 	Datum		values[VERIFY_RESULT_COLUMNS];
 	bool		nulls[VERIFY_RESULT_COLUMNS] = {false};
 	UsageLimit	limit;
+	CreditResult credit;
+	int64		cost;
 
 	tupdesc = result_tupdesc(fcinfo);
 	check_required_scopes(required);
-	code = verify_token(token, required, client_ip, client_ip_null, &key, &found, &limit);
+	cost = cost_argument(fcinfo);
+	code = verify_token(token, required, client_ip, client_ip_null, cost, &key, &found, &limit,
+						&credit);
 
 	values[0] = BoolGetDatum(code == VERIFY_VALID);
 	values[1] = CStringGetTextDatum(verify_code_name(code));
@@ -554,9 +720,9 @@ apikeys_verify(PG_FUNCTION_ARGS)
 	else
 		for (int i = 2; i < 8; i++)
 			nulls[i] = true;
-	/* A 1.0 schema's row type has no ratelimit_* columns. */
+	/* A 1.0 schema's row type has none of the limits' columns. */
 	if (tupdesc->natts >= VERIFY_RESULT_COLUMNS)
-		fill_rate_limit(values + 8, nulls + 8, &key, found, &limit);
+		fill_limits(values + 8, nulls + 8, found, &limit, &credit);
 
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
@@ -564,9 +730,9 @@ apikeys_verify(PG_FUNCTION_ARGS)
 PG_FUNCTION_INFO_V1(apikeys_authenticate);
 
 /*
- * authenticate(token text, required_scopes text[], client_ip inet) returns
- * (key_id, owner, name, scopes, metadata), or raises 28000 whose message is
- * the verify code.
+ * authenticate(token text, required_scopes text[], client_ip inet, cost
+ * integer) returns (key_id, owner, name, scopes, metadata) and the limits'
+ * columns, or raises 28000 whose message is the verify code.
  */
 Datum
 apikeys_authenticate(PG_FUNCTION_ARGS)
@@ -582,10 +748,14 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 	Datum		values[AUTHENTICATE_RESULT_COLUMNS];
 	bool		nulls[AUTHENTICATE_RESULT_COLUMNS] = {false};
 	UsageLimit	limit;
+	CreditResult credit;
+	int64		cost;
 
 	tupdesc = result_tupdesc(fcinfo);
 	check_required_scopes(required);
-	code = verify_token(token, required, client_ip, client_ip_null, &key, &found, &limit);
+	cost = cost_argument(fcinfo);
+	code = verify_token(token, required, client_ip, client_ip_null, cost, &key, &found, &limit,
+						&credit);
 
 	/* The failing statement's text, or a caller's in the context, may hold the token. */
 	if (code != VERIFY_VALID)
@@ -602,6 +772,6 @@ apikeys_authenticate(PG_FUNCTION_ARGS)
 	values[3] = key.scopes;
 	values[4] = key.metadata;
 	if (tupdesc->natts >= AUTHENTICATE_RESULT_COLUMNS)
-		fill_rate_limit(values + 5, nulls + 5, &key, found, &limit);
+		fill_limits(values + 5, nulls + 5, found, &limit, &credit);
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }

@@ -15,7 +15,8 @@ typedef enum VerifyCode
 	VERIFY_INSUFFICIENT_SCOPE,
 	VERIFY_RATE_LIMITED,
 	VERIFY_DISABLED,			/* 1.1 */
-	VERIFY_IP_NOT_ALLOWED		/* 1.1 */
+	VERIFY_IP_NOT_ALLOWED,		/* 1.1 */
+	VERIFY_USAGE_EXCEEDED		/* 1.1 */
 } VerifyCode;
 
 /* The code's text as verify() returns it, e.g. "API_KEY_REVOKED". */

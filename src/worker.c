@@ -33,6 +33,7 @@
 #include "utils/memutils.h"
 #include "utils/snapmgr.h"
 
+#include "credits.h"
 #include "launcher.h"
 #include "queue.h"
 #include "usage.h"
@@ -475,6 +476,93 @@ write_usage_direct(Relation rel, Relation index, const UsageDelta *deltas, int n
 	CommandCounterIncrement();
 }
 
+/* By key id (bsearch over the keys a credits write locked). */
+static int
+key_id_cmp(const void *a, const void *b)
+{
+	return memcmp(a, b, sizeof(pg_uuid_t));
+}
+
+/*
+ * Subtracts what verify spent from apikeys.keys.credits, in one statement
+ * per batch, and marks the deltas it wrote.  Rows another transaction has
+ * locked (an admin's update_key, say) are skipped, not waited for: their
+ * spending goes back to shared memory for the next flush, so the worker
+ * never waits for, or deadlocks with, a session.  The subtraction is
+ * relative, so it commutes with add_credits; never below zero.  A balance
+ * whose refill period has passed is read as its refill amount first;
+ * spending of a period the row has already left is not written (the
+ * refill replaced it).  apikeys.audit_context (settable only as a
+ * superuser) tells the table's triggers that this is the worker: the
+ * update is neither audited nor a new generation.
+ */
+static void
+write_credits(CreditDelta *deltas, int n)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	Datum	   *spent = palloc(sizeof(Datum) * n);
+	Datum	   *periods = palloc(sizeof(Datum) * n);
+	pg_uuid_t  *locked;
+	Datum		values[3];
+	uint64		n_locked;
+
+	if (plan == NULL)
+	{
+		Oid			types[3] = {UUIDARRAYOID, INT8ARRAYOID, INT4ARRAYOID};
+
+		plan = SPI_prepare(
+						   "WITH d AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
+						   "    pg_catalog.unnest($3)) AS d(key_id, spent, period)), "
+						   "locked AS (SELECT k.id FROM apikeys.keys k "
+						   "    WHERE k.id OPERATOR(pg_catalog.=) ANY ($1) FOR NO KEY UPDATE SKIP LOCKED), "
+						   "written AS (UPDATE apikeys.keys AS k SET "
+						   "  credits = pg_catalog.int8larger(CASE WHEN k.credits_refill_amount IS NOT NULL "
+						   "      AND k.credits_period OPERATOR(pg_catalog.<) d.period "
+						   "    THEN k.credits_refill_amount ELSE k.credits END "
+						   "    OPERATOR(pg_catalog.-) d.spent, 0), "
+						   "  credits_period = d.period "
+						   "  FROM d WHERE k.id OPERATOR(pg_catalog.=) d.key_id "
+						   "    AND k.id IN (SELECT l.id FROM locked l) AND k.credits IS NOT NULL "
+						   "    AND k.credits_period OPERATOR(pg_catalog.<=) d.period "
+						   "  RETURNING k.id) "
+						   "SELECT l.id FROM locked l",
+						   3, types);
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "apikeys worker could not prepare its credits write");
+	}
+	for (int i = 0; i < n; i++)
+	{
+		ids[i] = UUIDPGetDatum(&deltas[i].key_id);
+		spent[i] = Int64GetDatum(deltas[i].spent);
+		periods[i] = Int32GetDatum(deltas[i].period);
+	}
+	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
+	values[1] = PointerGetDatum(construct_array(spent, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
+	values[2] = PointerGetDatum(construct_array(periods, n, INT4OID, 4, true, TYPALIGN_INT));
+	(void) set_config_option("apikeys.audit_context", "credits_flush", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
+		elog(ERROR, "apikeys worker could not write spent credits");
+	(void) set_config_option("apikeys.audit_context", "", PGC_SUSET, PGC_S_SESSION,
+							 GUC_ACTION_LOCAL, true, 0, false);
+
+	/* A locked row was written, or needs nothing (no credit limit, or refilled since). */
+	n_locked = SPI_processed;
+	locked = palloc(sizeof(pg_uuid_t) * Max(n_locked, 1));
+	for (uint64 i = 0; i < n_locked; i++)
+	{
+		bool		isnull;
+
+		memcpy(&locked[i], DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+													   1, &isnull)), sizeof(pg_uuid_t));
+	}
+	qsort(locked, n_locked, sizeof(pg_uuid_t), key_id_cmp);
+	for (int i = 0; i < n; i++)
+		deltas[i].written = bsearch(&deltas[i].key_id, locked, n_locked, sizeof(pg_uuid_t),
+									key_id_cmp) != NULL;
+}
+
 /* By key, then day: each batch walks the primary key in order. */
 static int
 delta_cmp(const void *a, const void *b)
@@ -500,9 +588,11 @@ static void
 flush_usage(Oid dboid, bool installed)
 {
 	UsageDelta *deltas;
+	CreditDelta *credits;
 	TransactionId xid;
 	MemoryContext oldcxt;
 	int			n;
+	int			n_credits;
 	TimestampTz began = GetCurrentTimestamp();
 
 	if (!installed || !begin_flush_xact())
@@ -514,6 +604,7 @@ flush_usage(Oid dboid, bool installed)
 	/* The deltas outlive the transaction: usage_flush_done() needs them after commit. */
 	oldcxt = MemoryContextSwitchTo(deltas_cxt);
 	n = usage_take_pending(dboid, xid, &deltas);
+	n_credits = credits_take_pending(dboid, xid, &credits);
 	MemoryContextSwitchTo(oldcxt);
 	qsort(deltas, n, sizeof(UsageDelta), delta_cmp);
 	if (installed && n > 0)
@@ -535,13 +626,19 @@ flush_usage(Oid dboid, bool installed)
 			}
 		table_close(rel, NoLock);
 	}
+	for (int i = 0; installed && i < n_credits; i += USAGE_BATCH)
+	{
+		CHECK_FOR_INTERRUPTS();
+		write_credits(credits + i, Min(USAGE_BATCH, n_credits - i));
+	}
 	if (installed)
 		commit_flush_xact();
 	else
 		CommitTransactionCommand();
 	usage_flush_done(xid, deltas, n);
+	credits_flush_done(xid, credits, n_credits);
 	MemoryContextReset(deltas_cxt);
-	elog(DEBUG1, "apikeys worker wrote the usage counts of %d keys in %ld ms", n,
+	elog(DEBUG1, "apikeys worker wrote the usage counts of %d keys and the spending of %d in %ld ms", n, n_credits,
 		 (long) (TimestampDifferenceMilliseconds(began, GetCurrentTimestamp())));
 }
 

@@ -19,12 +19,21 @@ INSERT INTO apikeys.owners (owner, plan) SELECT 'owner-' || i, 'enterprise' FROM
 CREATE TABLE bench.tokens AS
     SELECT i AS id, apikeys._new_token('ak_live')::text AS token FROM generate_series(1, $n) i;
 ALTER TABLE bench.tokens ADD PRIMARY KEY (id);
--- The second tenth have a rate limit too high to refuse anything, so that
--- a variant can measure what applying one costs.
-INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at, rate_limit)
-    SELECT 'owner-' || (id % 1000), 'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
+-- Limits too high to refuse anything, so that variants measure what
+-- applying them costs, by tenths of the keys: the first is revoked; the
+-- second has a rate limit; the third nothing; the fourth credits and a
+-- rate limit; the fifth belongs to owners whose plan has an owner-wide
+-- rate limit; the sixth has credits alone.
+INSERT INTO apikeys.plans (name, rate_limit) VALUES ('metered', 1000000000);
+INSERT INTO apikeys.owners (owner, plan) SELECT 'metered-' || i, 'metered' FROM generate_series(0, 999) i;
+INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at, rate_limit, credits)
+    SELECT CASE WHEN id > 4 * $revoked AND id <= 5 * $revoked THEN 'metered-' ELSE 'owner-' END || (id % 1000),
+           'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
            apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END,
-           CASE WHEN id > $revoked AND id <= 2 * $revoked THEN 1000000 END
+           CASE WHEN (id > $revoked AND id <= 2 * $revoked) OR (id > 3 * $revoked AND id <= 4 * $revoked)
+                THEN 1000000 END,
+           CASE WHEN (id > 3 * $revoked AND id <= 4 * $revoked) OR (id > 5 * $revoked AND id <= 6 * $revoked)
+                THEN 1000000000000 END
       FROM bench.tokens;
 CREATE TABLE bench.plain_keys (
     id bigint PRIMARY KEY, owner text, name text, digest bytea UNIQUE, scopes text[],
@@ -87,6 +96,11 @@ SQL
     cat > "$dir/g.sql" <<'SQL'
 \set o random(0, 999)
 SELECT key_id FROM apikeys.create_key('owner-' || :o, 'bench');
+SQL
+    # The bulk path: many keys in one statement, so one commit.
+    cat > "$dir/gb.sql" <<'SQL'
+\set o random(0, 999)
+SELECT count(c.key_id) FROM generate_series(1, 100) i, apikeys.create_key('owner-' || :o, 'bench ' || i) c;
 SQL
 }
 

@@ -51,6 +51,7 @@ stop_cluster "$CLUSTER"
 # entries, as the README advises sizing it.
 start_cluster "$CLUSTER" "shared_preload_libraries = 'apikeys'" "fsync = on" \
     "shared_buffers = 1GB" "apikeys.max_tracked_keys = $((KEYS + KEYS / 4 + 1000))" \
+    "apikeys.max_credit_keys = $((KEYS / 5 + 1000))" \
     "huge_pages = off"
 
 echo "== loading $KEYS keys (bench_large) and $MID keys (bench_mid)"
@@ -72,6 +73,11 @@ for round in $(seq 1 "$ROUNDS"); do
     # (plain), ranges of one size so that both meet the same cache.
     TPS[h]+="$(bench_run bench_large d.sql $((L_REV + 1)) $((2 * L_REV))) "
     TPS[hp]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) $((3 * L_REV))) "
+    # Credits, credits with a rate limit, and an owner-wide limit: the sixth,
+    # fourth and fifth tenths, against the same plain third.
+    TPS[i]+="$(bench_run bench_large d.sql $((5 * L_REV + 1)) $((6 * L_REV))) "
+    TPS[j]+="$(bench_run bench_large d.sql $((3 * L_REV + 1)) $((4 * L_REV))) "
+    TPS[k]+="$(bench_run bench_large d.sql $((4 * L_REV + 1)) $((5 * L_REV))) "
     TPS[bm]+="$(bench_run bench_mid b.sql $((M_REV + 1)) "$MID") "
     TPS[dm]+="$(bench_run bench_mid d.sql $((2 * M_REV + 1)) "$MID") "
     TPS[e]+="$(bench_run bench_large e.sql 1 "$KEYS") "
@@ -79,6 +85,7 @@ for round in $(seq 1 "$ROUNDS"); do
     TPS[c]+="$(bench_run bench_large c.sql $((L_REV + 1)) "$KEYS") "
     TPS[cm]+="$(bench_run bench_mid c.sql $((M_REV + 1)) "$MID") "
     TPS[g]+="$(bench_run bench_large g.sql 0 0) "
+    TPS[gb]+="$(bench_run bench_large gb.sql 0 0) "
 done
 
 # The soak: verify alone, round after round, with no pause between rounds
@@ -136,12 +143,17 @@ row "(c) hand-written PL/pgSQL verify that updates last_used_at" c
 row "(d) apikeys.verify, valid keys, usage tracking on" d
 row "(h) (d), one tenth of the keys, rate-limited (never refused)" h
 row "(h) without the rate limit: the next tenth, plain" hp
+row "(i) (d), a tenth with credits (never exhausted)" i
+row "(j) (d), a tenth with credits and a rate limit" j
+row "(k) (d), a tenth whose owners' plan has a rate_limit" k
 row "(b) at $MID keys" bm
 row "(c) at $MID keys" cm
 row "(d) at $MID keys" dm
 row "(e) apikeys.verify, malformed tokens" e
 row "(f) apikeys.verify, revoked keys" f
-row "(g) apikeys.create_key" g
+row "(g) apikeys.create_key, one key a transaction" g
+printf '%-62s %10.0f   %s\n' "(gb) create_key, 100 keys a statement: keys per second" \
+    "$(awk -v t="${M[gb]:-0}" 'BEGIN { print t * 100 }')" "$(bench_rounds "${TPS[gb]:-}")"
 printf '%-62s %10s   %s\n' "soak: (d), ${SOAK_SECONDS}s rounds in a row" "" "$(bench_rounds "${TPS[soak]}")"
 echo
 echo "tuned (huge pages: $HUGE_PAGES)"
@@ -157,6 +169,9 @@ ratio_row() {
 ratio_row "(d) / (b) at $KEYS keys" "${M[d]}" "${M[b]}" 1.00
 ratio_row "(d) / (b) at $MID keys" "${M[dm]}" "${M[bm]}" 0.90
 ratio_row "(h) / (h plain): a rate limit costs at most 10%" "${M[h]}" "${M[hp]}" 0.91
+ratio_row "(i) / (h plain): credits cost at most 10%" "${M[i]}" "${M[hp]}" 0.91
+ratio_row "(j) / (h plain): credits + rate limit, at most 10%" "${M[j]}" "${M[hp]}" 0.91
+ratio_row "(k) / (h plain): an owner limit costs at most 10%" "${M[k]}" "${M[hp]}" 0.91
 ratio_row "(d) / (c) at $KEYS keys" "${M[d]}" "${M[c]}" 10.00
 ratio_row "(d) / (c) at $MID keys" "${M[dm]}" "${M[cm]}" 10.00
 ratio_row "(e) / (d)" "${M[e]}" "${M[d]}" 1.00

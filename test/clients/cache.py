@@ -27,9 +27,10 @@ How it stays correct:
   key arrived (and no reconnect happened) while the query ran, so a revoke
   that commits during the query cannot leave its stale VALID behind.
 
-Trade-off: a hit does not reach the server, so the server's per-key
-rate_limit and the usage counters (requests_today, last_used_at) see only
-the misses.  Do not cache keys whose rate limit or usage counts matter.
+Trade-off: a hit does not reach the server, so the usage counters
+(requests_today, last_used_at) see only the misses.  Results of keys with
+credits or a rate limit (their own or their plan's) are never cached: each
+call must spend, or count against the limit, on the server.
 """
 
 import copy
@@ -53,7 +54,8 @@ CHANNEL = "apikeys_event"
 
 log = logging.getLogger("apikeys.cache")
 
-_VERIFY = ("SELECT valid, code, key_id, owner, name, scopes, metadata, expires_at "
+_VERIFY = ("SELECT valid, code, key_id, owner, name, scopes, metadata, expires_at, "
+           "ratelimit_limit, credits_remaining "
            "FROM apikeys.verify(%s, %s::text[], %s::inet)")
 
 
@@ -136,7 +138,9 @@ class VerifyCache:
 
         result = self._query(token, scopes, ip)
 
-        if ck is not None and result["valid"]:
+        # A key with credits or a rate limit must reach the server every time.
+        if ck is not None and result["valid"] and result["credits_remaining"] is None \
+                and result["ratelimit_limit"] is None:
             deadline = time.monotonic() + self._ttl
             if result["expires_at"] is not None:
                 left = (result["expires_at"]

@@ -21,7 +21,7 @@ DB = os.environ.get("APIKEYS_CLIENTS_DB", "apikeys_clients")
 APP = os.environ.get("APIKEYS_CLIENTS_APP", "cache_app")
 ADMIN = os.environ.get("APIKEYS_CLIENTS_ADMIN", "cache_admin")
 SU = os.environ.get("APIKEYS_CLIENTS_SU", "postgres")
-EVENTS = {"created", "updated", "disabled", "enabled", "rotated", "revoked"}
+EVENTS = {"created", "updated", "disabled", "enabled", "rotated", "revoked", "credits_changed"}
 
 
 def dsn(role):
@@ -156,6 +156,23 @@ class CacheTest(unittest.TestCase):
         self.assertEqual(self.events_for(key_id), ["created"])
         self.assertEqual(self.cache.stats["evictions"], 0)   # "created" evicts nothing
         self.assertTrue(self.cache.is_cached(token))
+
+    def test_limited_keys_are_never_cached(self):
+        # A hit would skip the server's spending of credits and its rate limit.
+        self.admin.execute("SELECT apikeys.set_plan(%s, 'pro')", (self.owner,))
+        key_id, token = self.create_key()
+        self.app.execute("SELECT apikeys.update_key(%s, %s, credits => 2)", (key_id, self.owner))
+        self.wait_event(key_id, "credits_changed")
+        codes = [self.cache.verify(token)["code"] for _ in range(3)]
+        self.assertEqual(codes, ["VALID", "VALID", "USAGE_EXCEEDED"])
+        self.assertFalse(self.cache.is_cached(token))
+        key_id, token = self.create_key()
+        self.app.execute("SELECT apikeys.update_key(%s, %s, rate_limit => 1, rate_burst => 0)",
+                         (key_id, self.owner))
+        self.wait_event(key_id, "updated")
+        codes = [self.cache.verify(token)["code"] for _ in range(2)]
+        self.assertEqual(codes, ["VALID", "RATE_LIMITED"])
+        self.assertFalse(self.cache.is_cached(token))
 
     def test_client_ip_is_part_of_the_key(self):
         key_id, token = self.create_key()

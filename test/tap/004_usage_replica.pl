@@ -35,6 +35,11 @@
 #     queries getting no workers); the standby's log has no unexpected
 #     ERROR/FATAL; nothing the standby did shows up in the primary's
 #     key_usage or audit_log.
+#  7. Credits on the standby, which spends none: a credit-limited key is
+#     refused (USAGE_EXCEEDED) for cost 1 and VALID for cost 0, with
+#     credits_remaining and get_key() the balance the primary wrote and the
+#     standby replayed; a key without credits is VALID at any cost; the
+#     primary's balance is untouched (exactly what it had can be spent).
 #
 # The minute-sensitive checks (2, 3, 5 and the standby's rate limit) run
 # together inside one minute, then the test waits (bounded) for the next
@@ -574,6 +579,46 @@ is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.li
 {
 	my @bad = log_lines($small, $small_log_start, $bad_line);
 	is(scalar(@bad), 0, '5: no ERROR in the log of the small node') or diag(join("\n", @bad));
+}
+
+#
+# 7. Credits on the standby.  It spends nothing (nothing there could write
+# the spending, and its balance is not the primary's): a credit-limited key
+# is refused for any cost but 0, and its balance is the replicated written
+# one.  A key without credits is not limited.
+#
+{
+	p(q{SELECT apikeys.set_plan('credit', 'enterprise')});
+	my ($cl_id, $cl) = new_key($primary, 'app', q{'credit', 'limited', credits => 10});
+	my ($cu_id, $cu) = new_key($primary, 'app', q{'credit', 'unlimited'});
+	is(p(qq{SELECT code || '/' || credits_remaining FROM apikeys.verify('$cl', '{}', NULL, 3)}), 'VALID/7',
+		'7: primary: the limited key spends 3 of 10');
+	p(q{SELECT apikeys.flush()});
+	is(p(qq{SELECT credits FROM apikeys.keys WHERE id = '$cl_id'}), '7', '7: primary: the spending is written');
+	$primary->wait_for_catchup($standby);
+	is(sb(qq{SELECT credits FROM apikeys.keys WHERE id = '$cl_id'}), '7', '7: standby: the column replayed (7)');
+
+	is(sb(qq{SELECT string_agg(v.code || '/' || coalesce(v.credits_remaining::text, 'null'), ',' ORDER BY c)
+	           FROM unnest(ARRAY[1, 1, 0, 0, 7]) WITH ORDINALITY u(cost, c),
+	                LATERAL apikeys.verify('$cl', '{}', NULL, u.cost) v}),
+		'USAGE_EXCEEDED/7,USAGE_EXCEEDED/7,VALID/7,VALID/7,USAGE_EXCEEDED/7',
+		'7: standby: the limited key: cost 1 (and 7) USAGE_EXCEEDED, cost 0 VALID, credits_remaining the replicated 7');
+	is(sb(qq{SELECT code || '/' || valid FROM apikeys.verify('$cl')}), 'USAGE_EXCEEDED/false',
+		'7: standby: the default cost (1) is refused too');
+	is(sb(qq{SELECT string_agg(v.code || '/' || coalesce(v.credits_remaining::text, 'null'), ',' ORDER BY c)
+	           FROM unnest(ARRAY[1, 0, 1000]) WITH ORDINALITY u(cost, c),
+	                LATERAL apikeys.verify('$cu', '{}', NULL, u.cost) v}),
+		'VALID/null,VALID/null,VALID/null', '7: standby: the unlimited key is VALID at any cost');
+	is(sb(qq{SELECT credits FROM apikeys.get_key('$cl_id', 'credit')}), '7',
+		'7: standby: get_key() shows the replicated balance');
+
+	# The standby took nothing from the primary's balance.
+	is(p(qq{SELECT credits FROM apikeys.get_key('$cl_id', 'credit')}), '7',
+		'7: primary: still 7 left');
+	is(p(qq{SELECT string_agg(v.code || '/' || v.credits_remaining, ',' ORDER BY c)
+	          FROM unnest(ARRAY[8, 7, 1]) WITH ORDINALITY u(cost, c),
+	               LATERAL apikeys.verify('$cl', '{}', NULL, u.cost) v}),
+		'USAGE_EXCEEDED/7,VALID/0,USAGE_EXCEEDED/0', '7: primary: exactly those 7 can be spent');
 }
 
 #

@@ -29,7 +29,8 @@
 #     the chain verifies, every token verifies exactly as before (in a new
 #     session and in the one connected across the update), and the pending
 #     counts are then written into the 1.1 tables.  The 1.1 functions
-#     (get_key, list_keys with a status, disable_key, enable_key, usage)
+#     (get_key, list_keys with a status, disable_key, enable_key, usage,
+#     credits through update_key and add_credits, a plan's rate_limit)
 #     work on the upgraded rows.
 #  5. Database "fresh" gets CREATE EXTENSION apikeys (1.1).  Every object
 #     the extension owns (found through pg_depend, plus indexes, row and
@@ -506,6 +507,23 @@ is( sql($node, $db, qq{SELECT (SELECT sum(u.requests) || '|' || sum(u.failures)
 		                 = (SELECT sum(l.requests_today) || '|' || sum(l.failures_today)
 		                      FROM apikeys.list_keys('acme') l)}),
 	't', '1.1 on upgraded rows: usage() and list_keys agree');
+# Credits and owner-wide limits on upgraded rows: the new columns start
+# NULL (no limit), and setting them takes effect at once.
+is(sql($node, $db, qq{SELECT credits FROM apikeys.update_key('$id{'acme active'}', 'acme', credits => 2)}),
+	'2', '1.1 on upgraded rows: update_key gives credits');
+is(verify_n($tok{'acme active'}, 3), 'VALID,VALID,USAGE_EXCEEDED',
+	'1.1 on upgraded rows: credits are spent, then USAGE_EXCEEDED');
+is(sql($node, $db, qq{SELECT apikeys.add_credits('$id{'acme active'}', 'acme', 1)}), '1',
+	'1.1 on upgraded rows: add_credits');
+sql($node, $db, 'SELECT apikeys.flush()');
+is(sql($node, $db, qq{SELECT credits FROM apikeys.keys WHERE id = '$id{'acme active'}'}), '1',
+	'1.1 on upgraded rows: the worker writes the spent credits');
+is(sql($node, $db, qq{SELECT credits FROM apikeys.update_key('$id{'acme active'}', 'acme', clear => '{credits}')}),
+	'', '1.1 on upgraded rows: clear removes the credit limit');
+sql($node, $db, q{UPDATE apikeys.plans SET rate_limit = 2 WHERE name = (SELECT plan FROM apikeys.owners WHERE owner = 'bob')});
+is(verify_n($tok{'bob rotating'}, 3), 'VALID,VALID,RATE_LIMITED',
+	"1.1 on upgraded rows: a plan's rate_limit limits the owner");
+sql($node, $db, q{UPDATE apikeys.plans SET rate_limit = NULL WHERE name = (SELECT plan FROM apikeys.owners WHERE owner = 'bob')});
 key('acme new', q{'acme', 'acme after the update'});
 is(verify_n($tok{'acme new'}, 1), 'VALID', '1.1 on upgraded rows: a key created after the update works');
 chain_ok($node, $db, '1.1 on upgraded rows');

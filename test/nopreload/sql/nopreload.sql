@@ -15,6 +15,12 @@ BEGIN TRANSACTION READ ONLY;
 SELECT code FROM apikeys.verify(:'t');
 COMMIT;
 
+-- Credits live in shared memory: without it a credit-limited key is
+-- refused (fail closed) unless the call costs nothing.
+SELECT token AS tc FROM apikeys.create_key('np-c', 'credits', credits => 5) \gset
+SELECT code, credits_remaining FROM apikeys.verify(:'tc');
+SELECT code, credits_remaining FROM apikeys.verify(:'tc', '{}', NULL, 0);
+
 -- No counts are kept, and verify writes nothing.
 SELECT requests_today, failures_today, last_used_at FROM apikeys.list_keys('np-a');
 SELECT count(*) AS usage_rows FROM apikeys.key_usage;

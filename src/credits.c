@@ -1,0 +1,611 @@
+/*
+ * credits.c — keys' credit balances in a shared hash.
+ *
+ * Once loaded from apikeys.keys, a key's balance lives here: verify checks
+ * and spends it under the entry's spinlock, so N concurrent verifications
+ * of a key with C credits get exactly min(N, C) VALID, and verify writes
+ * no row.  The database's worker subtracts what was spent from the
+ * column, relative to what is there (so it commutes with add_credits),
+ * and never more than was spent: a crash loses at most the spending not
+ * yet written, which hands credits back rather than taking any.
+ *
+ * Every other change of a key's credits or refill bumps its credits_gen.
+ * A verification that reads a newer generation than the entry's reloads
+ * the balance: the column as the latest snapshot sees it, less the
+ * spending that column does not hold yet (pending, and in flight unless
+ * that snapshot sees the flush committed).  A standby spends nothing:
+ * nothing there could write it, and its balance would not be the
+ * primary's; credit-limited keys are refused there (see verify.c).
+ */
+#include "postgres.h"
+
+#include "access/transam.h"
+#include "access/xlog.h"
+#include "fmgr.h"
+#include "miscadmin.h"
+#include "pgtime.h"
+#include "storage/ipc.h"
+#include "storage/lwlock.h"
+#include "storage/shmem.h"
+#include "storage/spin.h"
+#include "utils/datetime.h"
+#include "utils/guc.h"
+#include "utils/hsearch.h"
+#include "utils/snapmgr.h"
+
+#include "credits.h"
+
+/* Partitions of the table, each with its own lock. */
+#define CREDIT_PARTITIONS 16
+
+/* GUC apikeys.max_credit_keys: credit-limited keys held at once across databases. */
+static int	max_credit_keys = 100000;
+
+typedef struct CreditKey
+{
+	Oid			dboid;
+	pg_uuid_t	key_id;
+} CreditKey;
+
+typedef struct CreditEntry
+{
+	CreditKey	key;
+	slock_t		mutex;
+	int64		gen;			/* the row generation balance follows */
+	int32		period;			/* the refill period balance belongs to */
+	int64		balance;		/* what the key has left */
+	int64		pending;		/* spent in period, not yet taken by a flush */
+	int64		inflight;		/* taken by the flush inflight_xid */
+	int32		inflight_period;
+	TransactionId inflight_xid;
+} CreditEntry;
+
+static HTAB *credit_table = NULL;
+/* Set when a pass found nothing to evict; cleared by a flush, which makes entries idle. */
+static pg_atomic_uint32 *evict_futile = NULL;
+static LWLock *partition_locks[CREDIT_PARTITIONS];
+static shmem_request_hook_type prev_shmem_request_hook = NULL;
+static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* Reserves the table and its locks, a tranche of their own (postmaster). */
+static void
+credits_shmem_request(void)
+{
+	if (prev_shmem_request_hook)
+		prev_shmem_request_hook();
+	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(pg_atomic_uint32)),
+									hash_estimate_size(max_credit_keys, sizeof(CreditEntry))));
+	RequestNamedLWLockTranche("apikeys credits", CREDIT_PARTITIONS);
+}
+
+/* Attaches to (or creates) the table. */
+static void
+credits_shmem_startup(void)
+{
+	HASHCTL		info;
+	LWLockPadded *locks;
+	bool		found;
+
+	if (prev_shmem_startup_hook)
+		prev_shmem_startup_hook();
+	LWLockAcquire(AddinShmemInitLock, LW_EXCLUSIVE);
+	locks = GetNamedLWLockTranche("apikeys credits");
+	for (int i = 0; i < CREDIT_PARTITIONS; i++)
+		partition_locks[i] = &locks[i].lock;
+	evict_futile = ShmemInitStruct("apikeys credits eviction", sizeof(pg_atomic_uint32), &found);
+	if (!found)
+		pg_atomic_init_u32(evict_futile, 0);
+	memset(&info, 0, sizeof(info));
+	info.keysize = sizeof(CreditKey);
+	info.entrysize = sizeof(CreditEntry);
+	info.num_partitions = CREDIT_PARTITIONS;
+	credit_table = ShmemInitHash("apikeys credits", max_credit_keys, max_credit_keys, &info,
+								 HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
+	LWLockRelease(AddinShmemInitLock);
+}
+
+/* Defines apikeys.max_credit_keys and reserves the table (from _PG_init, preloaded only). */
+void
+credits_init(void)
+{
+	if (!process_shared_preload_libraries_in_progress)
+		return;
+	DefineCustomIntVariable("apikeys.max_credit_keys",
+							"Credit-limited keys whose balances shared memory holds at once, across databases.",
+							"A credit-limited key finds no room only when every held balance has spending not yet written; it is then refused.",
+							&max_credit_keys,
+							100000, 100, 10000000,
+							PGC_POSTMASTER,
+							0,
+							NULL, NULL, NULL);
+	prev_shmem_request_hook = shmem_request_hook;
+	shmem_request_hook = credits_shmem_request;
+	prev_shmem_startup_hook = shmem_startup_hook;
+	shmem_startup_hook = credits_shmem_startup;
+}
+
+/* The refill period of a moment: UTC days or months since 1970, 0 without refill. */
+int32
+credit_period(CreditRefill refill, TimestampTz at)
+{
+	struct pg_tm tm;
+	fsec_t		fsec;
+
+	switch (refill)
+	{
+		case REFILL_DAY:
+			/* Floor division: days since 2000-01-01 plus those from 1970. */
+			return (int32) ((at >= 0 ? at / USECS_PER_DAY : (at - USECS_PER_DAY + 1) / USECS_PER_DAY) +
+							(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE));
+		case REFILL_MONTH:
+			/* No time zone: the fields are UTC. */
+			if (timestamp2tm(at, NULL, &tm, &fsec, NULL, NULL) != 0)
+				return 0;
+			return (tm.tm_year - 1970) * 12 + tm.tm_mon - 1;
+		case REFILL_NONE:
+			break;
+	}
+	return 0;
+}
+
+/* The lock of the partition a hash value falls in. */
+static inline LWLock *
+partition_lock(uint32 hashvalue)
+{
+	return partition_locks[hashvalue % CREDIT_PARTITIONS];
+}
+
+/* Every partition, always in the same order. */
+static void
+lock_all(LWLockMode mode)
+{
+	for (int i = 0; i < CREDIT_PARTITIONS; i++)
+		LWLockAcquire(partition_locks[i], mode);
+}
+
+/* Releases what lock_all() took. */
+static void
+unlock_all(void)
+{
+	for (int i = CREDIT_PARTITIONS - 1; i >= 0; i--)
+		LWLockRelease(partition_locks[i]);
+}
+
+/* The hash key of a key in this database, padding zeroed. */
+static void
+credit_key(CreditKey *key, Oid dboid, const pg_uuid_t *key_id)
+{
+	memset(key, 0, sizeof(CreditKey));
+	key->dboid = dboid;
+	memcpy(&key->key_id, key_id, sizeof(pg_uuid_t));
+}
+
+/* Whether an entry holds nothing the table lacks (so it may be forgotten and reloaded). */
+static inline bool
+entry_idle(CreditEntry *e)
+{
+	return e->pending == 0 && !TransactionIdIsValid(e->inflight_xid);
+}
+
+/* The balance of a row in a period: its refill amount once its own period is past. */
+static int64
+row_base(const CreditRow *row, int32 period)
+{
+	if (row->refill_amount > 0 && row->period < period)
+		return row->refill_amount;
+	return row->credits;
+}
+
+/*
+ * Starts a new period in the entry: a refilling key's balance is its refill
+ * amount again, and spending of the past period, not yet taken, need not
+ * be written (the column is read as refilled).  Caller holds the spinlock.
+ */
+static void
+enter_period(CreditEntry *e, const CreditRow *row, int32 period)
+{
+	if (row->refill_amount > 0 && e->period < period)
+	{
+		e->balance = row->refill_amount;
+		e->pending = 0;
+		e->period = period;
+	}
+}
+
+/*
+ * Makes room in a full table by forgetting up to 64 idle entries.  A pass
+ * that found none is not repeated before a flush has made some idle, so a
+ * flood of new keys into a full table costs no pass each.  Call with no
+ * partition lock held.
+ */
+static void
+evict_idle(void)
+{
+	HASH_SEQ_STATUS status;
+	CreditEntry *e;
+	int			evicted = 0;
+
+	if (pg_atomic_read_u32(evict_futile) != 0)
+		return;
+	lock_all(LW_EXCLUSIVE);
+	hash_seq_init(&status, credit_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		if (entry_idle(e))
+		{
+			hash_search(credit_table, &e->key, HASH_REMOVE, NULL);
+			if (++evicted >= 64)
+			{
+				hash_seq_term(&status);
+				break;
+			}
+		}
+	}
+	unlock_all();
+	if (evicted == 0)
+		pg_atomic_write_u32(evict_futile, 1);
+}
+
+/*
+ * Loads (or reloads, for a newer generation) a key's balance from the
+ * row's latest version.  Call with the partition lock held exclusively:
+ * no flush settles meanwhile, so whether its spending is in the column is
+ * told by whether the snapshot the column was read with sees it commit.
+ * Returns false when the key no longer has a credit limit.
+ */
+static bool
+load_entry(CreditEntry *e, bool is_new, int32 period, CreditRowReader reader, void *arg)
+{
+	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
+	CreditRow	latest;
+	bool		limited;
+
+	limited = reader(arg, snapshot, &latest) && latest.credits >= 0;
+	if (limited)
+	{
+		SpinLockAcquire(&e->mutex);
+		if (is_new)
+		{
+			e->pending = 0;
+			e->inflight = 0;
+			e->inflight_period = 0;
+			e->inflight_xid = InvalidTransactionId;
+			e->balance = row_base(&latest, period);
+		}
+		else
+		{
+			TransactionId xid = e->inflight_xid;
+			int64		unwritten = e->period == period ? e->pending : 0;
+
+			if (TransactionIdIsValid(xid) && e->inflight_period == period &&
+				!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot)))
+				unwritten += e->inflight;
+			if (e->period != period)
+				e->pending = 0;
+			e->balance = Max(row_base(&latest, period) - unwritten, 0);
+		}
+		e->gen = latest.gen;
+		e->period = period;
+		SpinLockRelease(&e->mutex);
+	}
+	UnregisterSnapshot(snapshot);
+	return limited;
+}
+
+/* Spends cost credits of a key unless it has fewer left. */
+CreditOutcome
+credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
+			  CreditRowReader reader, void *reader_arg, int64 *remaining, int32 *period)
+{
+	CreditKey	key;
+	uint32		hashvalue;
+	LWLock	   *lock;
+	CreditEntry *e;
+	bool		found;
+	bool		spent;
+
+	*remaining = -1;
+	*period = credit_period(row->refill, GetCurrentTimestamp());
+	if (credit_table == NULL || RecoveryInProgress())
+		return CREDITS_REFUSED;
+
+	credit_key(&key, MyDatabaseId, key_id);
+	hashvalue = get_hash_value(credit_table, &key);
+	lock = partition_lock(hashvalue);
+
+	/* The usual case: the entry follows the row's generation. */
+	LWLockAcquire(lock, LW_SHARED);
+	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+	{
+		SpinLockAcquire(&e->mutex);
+		if (e->gen >= row->gen)
+		{
+			enter_period(e, row, *period);
+			spent = e->balance >= cost;
+			if (spent)
+			{
+				e->balance -= cost;
+				e->pending += cost;
+			}
+			*remaining = e->balance;
+			SpinLockRelease(&e->mutex);
+			LWLockRelease(lock);
+			return spent ? CREDITS_SPENT : CREDITS_EXCEEDED;
+		}
+		SpinLockRelease(&e->mutex);
+	}
+	LWLockRelease(lock);
+
+	/* A first use, or a newer generation: (re)load from the table. */
+	if (e == NULL && hash_get_num_entries(credit_table) >= max_credit_keys)
+		evict_idle();
+	LWLockAcquire(lock, LW_EXCLUSIVE);
+	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	found = e != NULL;
+	if (!found && hash_get_num_entries(credit_table) < max_credit_keys)
+		e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_ENTER_NULL, &found);
+	if (e == NULL)
+	{
+		LWLockRelease(lock);
+		return CREDITS_REFUSED;
+	}
+	if (!found)
+		SpinLockInit(&e->mutex);
+	if ((!found || e->gen < row->gen) && !load_entry(e, !found, *period, reader, reader_arg))
+	{
+		/* No credit limit any more: nothing to spend. */
+		if (!found)
+			hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_REMOVE, NULL);
+		LWLockRelease(lock);
+		return CREDITS_SPENT;
+	}
+	SpinLockAcquire(&e->mutex);
+	enter_period(e, row, *period);
+	spent = e->balance >= cost;
+	if (spent)
+	{
+		e->balance -= cost;
+		e->pending += cost;
+	}
+	*remaining = e->balance;
+	SpinLockRelease(&e->mutex);
+	LWLockRelease(lock);
+	return spent ? CREDITS_SPENT : CREDITS_EXCEEDED;
+}
+
+/* Gives back what credits_spend() took, unless a new period began meanwhile. */
+void
+credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaining)
+{
+	CreditKey	key;
+	uint32		hashvalue;
+	LWLock	   *lock;
+	CreditEntry *e;
+
+	if (credit_table == NULL)
+		return;
+	credit_key(&key, MyDatabaseId, key_id);
+	hashvalue = get_hash_value(credit_table, &key);
+	lock = partition_lock(hashvalue);
+	LWLockAcquire(lock, LW_SHARED);
+	/* Spending pending is never idle, so the entry is still there. */
+	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+	{
+		SpinLockAcquire(&e->mutex);
+		if (e->period == period && e->pending >= cost)
+		{
+			e->balance += cost;
+			e->pending -= cost;
+		}
+		*remaining = e->balance;
+		SpinLockRelease(&e->mutex);
+	}
+	LWLockRelease(lock);
+}
+
+/*
+ * Settles what an earlier flush took: forgotten if its transaction
+ * committed, pending again if not (and still of the entry's period).
+ * Caller holds the spinlock.
+ */
+static void
+settle_inflight(CreditEntry *e, bool committed)
+{
+	if (!committed && e->inflight_period == e->period)
+		e->pending += e->inflight;
+	e->inflight = 0;
+	e->inflight_xid = InvalidTransactionId;
+}
+
+/* Takes a database's unwritten spending for a flush transaction. */
+int
+credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **result)
+{
+	HASH_SEQ_STATUS status;
+	CreditEntry *e;
+	CreditDelta *out;
+	int			n = 0;
+
+	*result = NULL;
+	if (credit_table == NULL)
+		return 0;
+	lock_all(LW_SHARED);
+	out = palloc(sizeof(CreditDelta) * Max(hash_get_num_entries(credit_table), 1));
+	hash_seq_init(&status, credit_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		TransactionId earlier;
+		bool		committed = false;
+
+		if (e->key.dboid != dboid)
+			continue;
+		/* Only this database's worker writes the in-flight fields. */
+		earlier = e->inflight_xid;
+		if (TransactionIdIsValid(earlier))
+			committed = TransactionIdDidCommit(earlier);
+		SpinLockAcquire(&e->mutex);
+		if (TransactionIdIsValid(earlier))
+			settle_inflight(e, committed);
+		if (e->pending > 0)
+		{
+			out[n].entry = e;
+			out[n].written = false;
+			memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
+			out[n].spent = e->pending;
+			out[n].period = e->period;
+			n++;
+			e->inflight = e->pending;
+			e->inflight_period = e->period;
+			e->inflight_xid = xid;
+			e->pending = 0;
+		}
+		SpinLockRelease(&e->mutex);
+	}
+	unlock_all();
+	*result = out;
+	return n;
+}
+
+/*
+ * After the flush transaction xid committed: what it wrote is in the table,
+ * and what it skipped (a row locked by another transaction) is pending
+ * again.  No lookup: an entry with spending in flight is never idle, so
+ * nothing removes it meanwhile.  Every partition is held in shared mode,
+ * as evict_idle() holds them exclusively.
+ */
+void
+credits_flush_done(TransactionId xid, const CreditDelta *deltas, int n)
+{
+	if (credit_table == NULL)
+		return;
+	lock_all(LW_SHARED);
+	for (int i = 0; i < n; i++)
+	{
+		CreditEntry *e = deltas[i].entry;
+
+		SpinLockAcquire(&e->mutex);
+		if (e->inflight_xid == xid)
+			settle_inflight(e, deltas[i].written);
+		SpinLockRelease(&e->mutex);
+	}
+	unlock_all();
+	pg_atomic_write_u32(evict_futile, 0);
+}
+
+/* Forgets every balance of a database that is gone. */
+void
+credits_discard(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	CreditEntry *e;
+
+	if (credit_table == NULL)
+		return;
+	lock_all(LW_EXCLUSIVE);
+	hash_seq_init(&status, credit_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+		if (e->key.dboid == dboid)
+			hash_search(credit_table, &e->key, HASH_REMOVE, NULL);
+	unlock_all();
+}
+
+/* Whether an entry has spending a flush must still write or settle. */
+static bool
+entry_has_work(CreditEntry *e)
+{
+	bool		has;
+
+	SpinLockAcquire(&e->mutex);
+	has = !entry_idle(e);
+	SpinLockRelease(&e->mutex);
+	return has;
+}
+
+/* Adds the databases with spending to write to a list of OIDs. */
+List *
+credits_databases_with_spending(List *dboids)
+{
+	HASH_SEQ_STATUS status;
+	CreditEntry *e;
+
+	if (credit_table == NULL)
+		return dboids;
+	lock_all(LW_SHARED);
+	hash_seq_init(&status, credit_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+		if (entry_has_work(e))
+			dboids = list_append_unique_oid(dboids, e->key.dboid);
+	unlock_all();
+	return dboids;
+}
+
+/* Whether the database has spending to write. */
+bool
+credits_has_pending(Oid dboid)
+{
+	HASH_SEQ_STATUS status;
+	CreditEntry *e;
+	bool		pending = false;
+
+	if (credit_table == NULL)
+		return false;
+	lock_all(LW_SHARED);
+	hash_seq_init(&status, credit_table);
+	while ((e = hash_seq_search(&status)) != NULL)
+	{
+		if (e->key.dboid == dboid && entry_has_work(e))
+		{
+			pending = true;
+			hash_seq_term(&status);
+			break;
+		}
+	}
+	unlock_all();
+	return pending;
+}
+
+PG_FUNCTION_INFO_V1(apikeys_credits_unflushed);
+
+/*
+ * _credits_unflushed(key_id, period): credits spent in that refill period
+ * and not in apikeys.keys.credits as the caller's snapshot sees it.
+ */
+Datum
+apikeys_credits_unflushed(PG_FUNCTION_ARGS)
+{
+	CreditKey	key;
+	uint32		hashvalue;
+	LWLock	   *lock;
+	CreditEntry *e;
+	int32		period = PG_GETARG_INT32(1);
+	int64		unwritten = 0;
+
+	if (credit_table == NULL)
+		PG_RETURN_INT64(0);
+	credit_key(&key, MyDatabaseId, PG_GETARG_UUID_P(0));
+	hashvalue = get_hash_value(credit_table, &key);
+	lock = partition_lock(hashvalue);
+	LWLockAcquire(lock, LW_SHARED);
+	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+	{
+		TransactionId xid;
+		int64		inflight;
+		int32		inflight_period;
+
+		SpinLockAcquire(&e->mutex);
+		unwritten = e->period == period ? e->pending : 0;
+		xid = e->inflight_xid;
+		inflight = e->inflight;
+		inflight_period = e->inflight_period;
+		SpinLockRelease(&e->mutex);
+		if (TransactionIdIsValid(xid) && inflight_period == period &&
+			!(TransactionIdDidCommit(xid) &&
+			  !XidInMVCCSnapshot(xid, ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot())))
+			unwritten += inflight;
+	}
+	LWLockRelease(lock);
+	PG_RETURN_INT64(unwritten);
+}

@@ -1,0 +1,91 @@
+/*
+ * credits.h — keys' credit balances in shared memory (library preloaded
+ * only): verify spends there, the worker writes what was spent.
+ */
+#ifndef APIKEYS_CREDITS_H
+#define APIKEYS_CREDITS_H
+
+#include "postgres.h"
+
+#include "nodes/pg_list.h"
+#include "utils/snapshot.h"
+#include "utils/timestamp.h"
+#include "utils/uuid.h"
+
+/* A key's refill period: none, a UTC day, a UTC month. */
+typedef enum CreditRefill
+{
+	REFILL_NONE = 0,
+	REFILL_DAY,
+	REFILL_MONTH
+} CreditRefill;
+
+/* The credit columns of a key's row. */
+typedef struct CreditRow
+{
+	int64		credits;		/* balance as written; < 0: no credit limit */
+	int64		refill_amount;	/* 0 without refill */
+	CreditRefill refill;
+	int32		period;			/* the period credits belongs to */
+	int64		gen;			/* bumped by every change but the worker's */
+} CreditRow;
+
+/* Reads a key's credit columns with a snapshot; false if the key is gone. */
+typedef bool (*CreditRowReader) (void *arg, Snapshot snapshot, CreditRow *row);
+
+typedef enum CreditOutcome
+{
+	CREDITS_SPENT,				/* cost spent (or the key turned out unlimited) */
+	CREDITS_EXCEEDED,			/* fewer credits than cost: nothing spent */
+	CREDITS_REFUSED				/* none can be spent here (standby, no room) */
+} CreditOutcome;
+
+/* What one database's worker subtracts from apikeys.keys.credits. */
+typedef struct CreditDelta
+{
+	struct CreditEntry *entry;	/* taken from; stays put while its spending is in flight */
+	pg_uuid_t	key_id;
+	int64		spent;
+	int32		period;
+	bool		written;		/* set by the flush: false if the row was locked */
+} CreditDelta;
+
+/* Defines the credit settings and, with the preload, reserves the table (from _PG_init). */
+extern void credits_init(void);
+
+/* The refill period (UTC days or months since 1970; 0 without refill) of a moment. */
+extern int32 credit_period(CreditRefill refill, TimestampTz at);
+
+/*
+ * Spends cost credits of a key whose row (as the caller's snapshot sees it)
+ * is row, unless it has fewer left; *remaining is what it has left after
+ * (-1: the key has no credit limit after all) and *period the period spent
+ * in, for credits_refund().  reader reads the row's latest version when
+ * the balance must be (re)loaded from the table.
+ */
+extern CreditOutcome credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
+								   CreditRowReader reader, void *reader_arg,
+								   int64 *remaining, int32 *period);
+
+/* Gives back what credits_spend() took, when the request was refused after all. */
+extern void credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaining);
+
+/* Takes a database's unwritten spending for the flush transaction xid; returns how many. */
+extern int	credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **out);
+
+/*
+ * After the flush transaction xid committed: forgets the spending it wrote,
+ * and takes back what it could not (deltas not written).
+ */
+extern void credits_flush_done(TransactionId xid, const CreditDelta *deltas, int n);
+
+/* Forgets every balance of a database that is gone. */
+extern void credits_discard(Oid dboid);
+
+/* Adds the databases with spending to write to a list of OIDs (no duplicates). */
+extern List *credits_databases_with_spending(List *dboids);
+
+/* Whether the database has spending to write. */
+extern bool credits_has_pending(Oid dboid);
+
+#endif							/* APIKEYS_CREDITS_H */
