@@ -735,9 +735,12 @@ BEGIN
 
     v_key := apikeys._key_for_change(update_key.key_id, update_key.owner, 'update');
     -- credits sets what the key has left now: what verify spent but the
-    -- worker has not yet subtracted is added, so it comes out exact.
-    v_period := apikeys._credit_period(COALESCE(update_key.credits_refill_interval,
-                                                v_key.credits_refill_interval), clock_timestamp());
+    -- worker has not yet subtracted (in the period of the refill the key
+    -- will have) is added, so it comes out exact.
+    v_period := apikeys._credit_period(
+        CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
+             ELSE COALESCE(update_key.credits_refill_interval, v_key.credits_refill_interval) END,
+        clock_timestamp());
     PERFORM set_config('apikeys.audit_context', 'update_key', true);
 
     IF update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (update_key.clear) THEN
@@ -765,6 +768,9 @@ BEGIN
                           WHEN update_key.credits IS NOT NULL
                           THEN update_key.credits + apikeys._credits_unflushed(k.id, v_period)
                           ELSE k.credits END,
+           -- Given credits belong to the current period (a new one counts as a change).
+           credits_period = CASE WHEN update_key.credits IS NOT NULL THEN v_period
+                                 ELSE k.credits_period END,
            credits_refill_amount = CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
                                         ELSE COALESCE(update_key.credits_refill_amount,
                                                       k.credits_refill_amount) END,
@@ -839,7 +845,7 @@ DECLARE
     v_base   bigint;
     v_left   bigint;
 BEGIN
-    IF delta IS NULL OR delta = 0 OR abs(delta) > 1000000000000000 THEN
+    IF delta IS NULL OR delta = 0 OR delta < -1000000000000000 OR delta > 1000000000000000 THEN
         RAISE EXCEPTION 'delta must be non-zero and at most 10^15 either way'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -1041,20 +1047,25 @@ BEGIN
 
     -- Any other change of the balance or the refill starts a new generation,
     -- which verify sees and reloads the balance it keeps in shared memory
-    -- (src/credits.c).  The balance then belongs to the current period; a
-    -- refill change alone first refills a balance whose period is past.
+    -- (src/credits.c).  The balance then belongs to the current period.  A
+    -- change of the refill alone keeps what the key has left: a balance
+    -- whose period is past is refilled first, and when the refill interval
+    -- changes, the spending not yet written is taken off here, since the
+    -- worker writes no spending made under another interval.
     NEW.credits_gen := OLD.credits_gen;
     IF NEW.credits IS DISTINCT FROM OLD.credits
        OR NEW.credits_refill_amount IS DISTINCT FROM OLD.credits_refill_amount
        OR NEW.credits_refill_interval IS DISTINCT FROM OLD.credits_refill_interval
        OR NEW.credits_period IS DISTINCT FROM OLD.credits_period THEN
-        v_period := apikeys._credit_period(NEW.credits_refill_interval, clock_timestamp());
         IF NEW.credits IS NOT DISTINCT FROM OLD.credits AND NEW.credits IS NOT NULL
            AND NEW.credits_period = OLD.credits_period THEN
-            NEW.credits := apikeys._credits_base(OLD,
-                apikeys._credit_period(OLD.credits_refill_interval, clock_timestamp()));
+            v_period := apikeys._credit_period(OLD.credits_refill_interval, clock_timestamp());
+            NEW.credits := apikeys._credits_base(OLD, v_period);
+            IF NEW.credits_refill_interval IS DISTINCT FROM OLD.credits_refill_interval THEN
+                NEW.credits := GREATEST(NEW.credits - apikeys._credits_unflushed(OLD.id, v_period), 0);
+            END IF;
         END IF;
-        NEW.credits_period := v_period;
+        NEW.credits_period := apikeys._credit_period(NEW.credits_refill_interval, clock_timestamp());
         NEW.credits_gen := OLD.credits_gen + 1;
     END IF;
 
@@ -1261,5 +1272,5 @@ TO apikeys_app, apikeys_admin;
 GRANT UPDATE (allowed_ips, alert_requests_per_minute, rate_burst, credits, credits_refill_amount,
                credits_refill_interval) ON apikeys.keys TO apikeys_admin;
 -- The worker writes spent credits.
-GRANT SELECT (id, credits, credits_period, credits_refill_amount),
+GRANT SELECT (id, credits, credits_period, credits_refill_amount, credits_refill_interval),
       UPDATE (credits, credits_period) ON apikeys.keys TO apikeys_worker;

@@ -129,6 +129,31 @@ SELECT credits_refill_amount, credits_refill_interval
 SELECT credits_refill_amount, credits_refill_interval, credits
   FROM apikeys.update_key(:'kf', 'cr-a', clear => '{credits_refill}');
 
+-- A change of the refill interval keeps what the key has left, including
+-- spending not yet written (the worker writes none made under another
+-- interval).
+SELECT key_id AS ki, token AS ti FROM apikeys.create_key('cr-a', 'interval change', credits => 10,
+    credits_refill_amount => 10, credits_refill_interval => 'day') \gset
+SELECT i, v.credits_remaining
+  FROM generate_series(1, 3) i, LATERAL apikeys.verify(CASE WHEN i > 0 THEN :'ti' END) v;
+SELECT credits, credits_refill_interval FROM apikeys.update_key(:'ki', 'cr-a', clear => '{credits_refill}');
+SELECT apikeys.flush();
+SELECT (SELECT credits FROM apikeys.keys WHERE id = :'ki') AS written,
+       (SELECT credits FROM apikeys.get_key(:'ki', 'cr-a')) AS left_now;
+SELECT code, credits_remaining FROM apikeys.verify(:'ti');
+SELECT credits FROM apikeys.update_key(:'ki', 'cr-a', credits_refill_amount => 5, credits_refill_interval => 'month');
+SELECT code, credits_remaining FROM apikeys.verify(:'ti');
+
+-- A balance this transaction changed is not loaded into shared memory:
+-- it may roll back.  verify, whose statement's snapshot is older than the
+-- change, fails closed; after the rollback the committed balance holds.
+SELECT key_id AS ku2, token AS tu2 FROM apikeys.create_key('cr-a', 'rolled back', credits => 1) \gset
+BEGIN;
+SELECT apikeys.add_credits(:'ku2', 'cr-a', 1000) AS added, (apikeys.verify(:'tu2')).code AS code;
+ROLLBACK;
+SELECT i, v.code, v.credits_remaining
+  FROM generate_series(1, 2) i, LATERAL apikeys.verify(CASE WHEN i > 0 THEN :'tu2' END) v;
+
 -- A request the rate limit refuses spends no credit.
 SELECT key_id AS kr, token AS tr FROM apikeys.create_key('cr-a', 'rate and credits', credits => 10,
     rate_limit => 1, rate_burst => 0) \gset

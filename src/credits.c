@@ -51,11 +51,14 @@ typedef struct CreditEntry
 {
 	CreditKey	key;
 	slock_t		mutex;
-	int64		gen;			/* the row generation balance follows */
+	int64		gen;			/* the row generation balance follows; -1: none yet */
+	CreditRefill refill;		/* that generation's refill */
+	int64		refill_amount;
 	int32		period;			/* the refill period balance belongs to */
 	int64		balance;		/* what the key has left */
-	int64		pending;		/* spent in period, not yet taken by a flush */
+	int64		pending;		/* spent in period, not yet taken by a flush (< 0: refunds) */
 	int64		inflight;		/* taken by the flush inflight_xid */
+	CreditRefill inflight_refill;
 	int32		inflight_period;
 	TransactionId inflight_xid;
 } CreditEntry;
@@ -187,29 +190,50 @@ entry_idle(CreditEntry *e)
 	return e->pending == 0 && !TransactionIdIsValid(e->inflight_xid);
 }
 
-/* The balance of a row in a period: its refill amount once its own period is past. */
-static int64
-row_base(const CreditRow *row, int32 period)
+/* Whether in-flight spending belongs to the entry's refill and period. */
+static inline bool
+inflight_current(CreditEntry *e)
 {
-	if (row->refill_amount > 0 && row->period < period)
-		return row->refill_amount;
-	return row->credits;
+	return e->inflight_refill == e->refill && e->inflight_period == e->period;
 }
 
 /*
- * Starts a new period in the entry: a refilling key's balance is its refill
- * amount again, and spending of the past period, not yet taken, need not
- * be written (the column is read as refilled).  Caller holds the spinlock.
+ * Starts a new refill period in the entry, by the refill of the generation
+ * it follows (not the caller's row, which may be older): the balance is the
+ * refill amount again, and spending of the past period, not yet taken, need
+ * not be written (the column is read as refilled).  Caller holds the
+ * spinlock.
  */
 static void
-enter_period(CreditEntry *e, const CreditRow *row, int32 period)
+enter_period(CreditEntry *e, TimestampTz now)
 {
-	if (row->refill_amount > 0 && e->period < period)
+	int32		period;
+
+	if (e->refill == REFILL_NONE)
+		return;
+	period = credit_period(e->refill, now);
+	if (e->period < period)
 	{
-		e->balance = row->refill_amount;
+		e->balance = e->refill_amount;
 		e->pending = 0;
 		e->period = period;
 	}
+}
+
+/* Spends cost unless fewer are left.  Caller holds the spinlock. */
+static bool
+spend(CreditEntry *e, int64 cost, int64 *remaining, int32 *period)
+{
+	bool		spent = e->balance >= cost;
+
+	if (spent)
+	{
+		e->balance -= cost;
+		e->pending += cost;
+	}
+	*remaining = e->balance;
+	*period = e->period;
+	return spent;
 }
 
 /*
@@ -246,50 +270,62 @@ evict_idle(void)
 		pg_atomic_write_u32(evict_futile, 1);
 }
 
+typedef enum LoadResult
+{
+	LOADED,
+	LOAD_UNLIMITED,				/* the key has no credit limit (any more) */
+	LOAD_UNCOMMITTED			/* its latest version is this transaction's own */
+} LoadResult;
+
 /*
  * Loads (or reloads, for a newer generation) a key's balance from the
- * row's latest version.  Call with the partition lock held exclusively:
- * no flush settles meanwhile, so whether its spending is in the column is
- * told by whether the snapshot the column was read with sees it commit.
- * Returns false when the key no longer has a credit limit.
+ * row's latest version: the column less the spending it does not hold yet
+ * (pending, and in flight unless the snapshot the column was read with sees
+ * the flush commit).  Call with the partition lock held exclusively: no
+ * one else touches the entry meanwhile, and no flush takes or settles its
+ * spending.  The caller has opened and locked the relations the reader
+ * reads, so no heavyweight lock is waited for here.  A version this
+ * transaction wrote is not loaded: it may yet roll back.
  */
-static bool
-load_entry(CreditEntry *e, bool is_new, int32 period, CreditRowReader reader, void *arg)
+static LoadResult
+load_entry(CreditEntry *e, CreditRowReader reader, void *arg)
 {
 	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
 	CreditRow	latest;
-	bool		limited;
+	LoadResult	result = LOADED;
 
-	limited = reader(arg, snapshot, &latest) && latest.credits >= 0;
-	if (limited)
+	if (!reader(arg, snapshot, &latest) || latest.credits < 0)
+		result = LOAD_UNLIMITED;
+	else if (latest.own)
+		result = LOAD_UNCOMMITTED;
+	else
 	{
-		SpinLockAcquire(&e->mutex);
-		if (is_new)
-		{
-			e->pending = 0;
-			e->inflight = 0;
-			e->inflight_period = 0;
-			e->inflight_xid = InvalidTransactionId;
-			e->balance = row_base(&latest, period);
-		}
-		else
-		{
-			TransactionId xid = e->inflight_xid;
-			int64		unwritten = e->period == period ? e->pending : 0;
+		int32		period = credit_period(latest.refill, GetCurrentTimestamp());
+		bool		same_period = e->gen >= 0 && e->refill == latest.refill && e->period == period;
+		int64		unwritten = same_period ? e->pending : 0;
+		int64		base = latest.refill_amount > 0 && latest.period < period
+			? latest.refill_amount : latest.credits;
 
-			if (TransactionIdIsValid(xid) && e->inflight_period == period &&
-				!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot)))
-				unwritten += e->inflight;
-			if (e->period != period)
-				e->pending = 0;
-			e->balance = Max(row_base(&latest, period) - unwritten, 0);
-		}
+		/* Outside any spinlock: these may read the commit log. */
+		if (TransactionIdIsValid(e->inflight_xid) && e->inflight_refill == latest.refill &&
+			e->inflight_period == period &&
+			!(TransactionIdDidCommit(e->inflight_xid) &&
+			  !XidInMVCCSnapshot(e->inflight_xid, snapshot)))
+			unwritten += e->inflight;
+
+		SpinLockAcquire(&e->mutex);
+		/* Spending under another refill or period is not the column's: refilled away. */
+		if (!same_period)
+			e->pending = 0;
+		e->balance = Max(base - unwritten, 0);
 		e->gen = latest.gen;
+		e->refill = latest.refill;
+		e->refill_amount = latest.refill_amount;
 		e->period = period;
 		SpinLockRelease(&e->mutex);
 	}
 	UnregisterSnapshot(snapshot);
-	return limited;
+	return result;
 }
 
 /* Spends cost credits of a key unless it has fewer left. */
@@ -303,9 +339,10 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 	CreditEntry *e;
 	bool		found;
 	bool		spent;
+	TimestampTz now = GetCurrentTimestamp();
 
 	*remaining = -1;
-	*period = credit_period(row->refill, GetCurrentTimestamp());
+	*period = 0;
 	if (credit_table == NULL || RecoveryInProgress())
 		return CREDITS_REFUSED;
 
@@ -313,7 +350,10 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 	hashvalue = get_hash_value(credit_table, &key);
 	lock = partition_lock(hashvalue);
 
-	/* The usual case: the entry follows the row's generation. */
+	/*
+	 * The usual case: the entry follows the caller's row's generation, or a
+	 * newer one (the caller's snapshot may be older than the entry).
+	 */
 	LWLockAcquire(lock, LW_SHARED);
 	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
@@ -321,14 +361,8 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 		SpinLockAcquire(&e->mutex);
 		if (e->gen >= row->gen)
 		{
-			enter_period(e, row, *period);
-			spent = e->balance >= cost;
-			if (spent)
-			{
-				e->balance -= cost;
-				e->pending += cost;
-			}
-			*remaining = e->balance;
+			enter_period(e, now);
+			spent = spend(e, cost, remaining, period);
 			SpinLockRelease(&e->mutex);
 			LWLockRelease(lock);
 			return spent ? CREDITS_SPENT : CREDITS_EXCEEDED;
@@ -351,24 +385,36 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 		return CREDITS_REFUSED;
 	}
 	if (!found)
-		SpinLockInit(&e->mutex);
-	if ((!found || e->gen < row->gen) && !load_entry(e, !found, *period, reader, reader_arg))
 	{
-		/* No credit limit any more: nothing to spend. */
-		if (!found)
-			hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_REMOVE, NULL);
-		LWLockRelease(lock);
-		return CREDITS_SPENT;
+		/* Fully set before anything can fail: a failed load leaves it to reload. */
+		SpinLockInit(&e->mutex);
+		e->gen = -1;
+		e->refill = REFILL_NONE;
+		e->refill_amount = 0;
+		e->period = 0;
+		e->balance = 0;
+		e->pending = 0;
+		e->inflight = 0;
+		e->inflight_refill = REFILL_NONE;
+		e->inflight_period = 0;
+		e->inflight_xid = InvalidTransactionId;
+	}
+	if (e->gen < row->gen)
+	{
+		LoadResult	loaded = load_entry(e, reader, reader_arg);
+
+		if (loaded != LOADED)
+		{
+			if (e->gen < 0)
+				hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_REMOVE, NULL);
+			LWLockRelease(lock);
+			/* No credit limit any more: nothing to spend.  Uncommitted: fail closed. */
+			return loaded == LOAD_UNLIMITED ? CREDITS_SPENT : CREDITS_REFUSED;
+		}
 	}
 	SpinLockAcquire(&e->mutex);
-	enter_period(e, row, *period);
-	spent = e->balance >= cost;
-	if (spent)
-	{
-		e->balance -= cost;
-		e->pending += cost;
-	}
-	*remaining = e->balance;
+	enter_period(e, now);
+	spent = spend(e, cost, remaining, period);
 	SpinLockRelease(&e->mutex);
 	LWLockRelease(lock);
 	return spent ? CREDITS_SPENT : CREDITS_EXCEEDED;
@@ -389,16 +435,15 @@ credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaini
 	hashvalue = get_hash_value(credit_table, &key);
 	lock = partition_lock(hashvalue);
 	LWLockAcquire(lock, LW_SHARED);
-	/* Spending pending is never idle, so the entry is still there. */
+	/* An entry with spending pending or in flight is never idle, so it is still there. */
 	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
 	{
 		SpinLockAcquire(&e->mutex);
-		if (e->period == period && e->pending >= cost)
-		{
-			e->balance += cost;
+		e->balance += cost;
+		/* Pending may go below zero if a flush took the spending meanwhile: it writes it back. */
+		if (e->period == period)
 			e->pending -= cost;
-		}
 		*remaining = e->balance;
 		SpinLockRelease(&e->mutex);
 	}
@@ -413,7 +458,7 @@ credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaini
 static void
 settle_inflight(CreditEntry *e, bool committed)
 {
-	if (!committed && e->inflight_period == e->period)
+	if (!committed && inflight_current(e))
 		e->pending += e->inflight;
 	e->inflight = 0;
 	e->inflight_xid = InvalidTransactionId;
@@ -427,12 +472,13 @@ credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **result)
 	CreditEntry *e;
 	CreditDelta *out;
 	int			n = 0;
+	int			size = 64;
 
 	*result = NULL;
 	if (credit_table == NULL)
 		return 0;
 	lock_all(LW_SHARED);
-	out = palloc(sizeof(CreditDelta) * Max(hash_get_num_entries(credit_table), 1));
+	out = palloc(sizeof(CreditDelta) * size);
 	hash_seq_init(&status, credit_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 	{
@@ -448,15 +494,22 @@ credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **result)
 		SpinLockAcquire(&e->mutex);
 		if (TransactionIdIsValid(earlier))
 			settle_inflight(e, committed);
-		if (e->pending > 0)
+		if (e->pending != 0)
 		{
+			if (n == size)
+			{
+				size *= 2;
+				out = repalloc(out, sizeof(CreditDelta) * size);
+			}
 			out[n].entry = e;
 			out[n].written = false;
 			memcpy(&out[n].key_id, &e->key.key_id, sizeof(pg_uuid_t));
 			out[n].spent = e->pending;
+			out[n].refill = e->refill;
 			out[n].period = e->period;
 			n++;
 			e->inflight = e->pending;
+			e->inflight_refill = e->refill;
 			e->inflight_period = e->period;
 			e->inflight_xid = xid;
 			e->pending = 0;
@@ -468,29 +521,50 @@ credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **result)
 	return n;
 }
 
-/*
- * After the flush transaction xid committed: what it wrote is in the table,
- * and what it skipped (a row locked by another transaction) is pending
- * again.  No lookup: an entry with spending in flight is never idle, so
- * nothing removes it meanwhile.  Every partition is held in shared mode,
- * as evict_idle() holds them exclusively.
- */
-void
-credits_flush_done(TransactionId xid, const CreditDelta *deltas, int n)
+/* Settles what a flush took: written (committed) or not, by deltas[i].written or all. */
+static void
+settle_deltas(TransactionId xid, const CreditDelta *deltas, int n, bool only_unwritten)
 {
-	if (credit_table == NULL)
-		return;
 	lock_all(LW_SHARED);
 	for (int i = 0; i < n; i++)
 	{
 		CreditEntry *e = deltas[i].entry;
 
+		if (only_unwritten && deltas[i].written)
+			continue;
 		SpinLockAcquire(&e->mutex);
 		if (e->inflight_xid == xid)
 			settle_inflight(e, deltas[i].written);
 		SpinLockRelease(&e->mutex);
 	}
 	unlock_all();
+}
+
+/*
+ * Before the flush transaction xid commits: what it skipped (a row another
+ * transaction had locked) is pending again, so that from its commit on, a
+ * reader that sees xid committed may take all that is still in flight to
+ * be in the column.  No lookup: an entry with spending in flight is never
+ * idle, so nothing removes it meanwhile.
+ */
+void
+credits_take_back_unwritten(TransactionId xid, const CreditDelta *deltas, int n)
+{
+	if (credit_table != NULL)
+		settle_deltas(xid, deltas, n, true);
+}
+
+/*
+ * After the flush transaction xid committed: what it wrote is in the
+ * table.  Every partition is held in shared mode, as evict_idle() holds
+ * them exclusively.
+ */
+void
+credits_flush_done(TransactionId xid, const CreditDelta *deltas, int n)
+{
+	if (credit_table == NULL)
+		return;
+	settle_deltas(xid, deltas, n, false);
 	pg_atomic_write_u32(evict_futile, 0);
 }
 

@@ -28,6 +28,7 @@ typedef struct CreditRow
 	CreditRefill refill;
 	int32		period;			/* the period credits belongs to */
 	int64		gen;			/* bumped by every change but the worker's */
+	bool		own;			/* written by the current transaction, not yet committed */
 } CreditRow;
 
 /* Reads a key's credit columns with a snapshot; false if the key is gone. */
@@ -45,7 +46,8 @@ typedef struct CreditDelta
 {
 	struct CreditEntry *entry;	/* taken from; stays put while its spending is in flight */
 	pg_uuid_t	key_id;
-	int64		spent;
+	int64		spent;			/* negative when refunds outweigh spending */
+	CreditRefill refill;		/* the refill the spending was made under */
 	int32		period;
 	bool		written;		/* set by the flush: false if the row was locked */
 } CreditDelta;
@@ -74,9 +76,13 @@ extern void credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, in
 extern int	credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **out);
 
 /*
- * After the flush transaction xid committed: forgets the spending it wrote,
- * and takes back what it could not (deltas not written).
+ * Before the flush transaction xid commits: takes back the spending it
+ * could not write (deltas not written), so that "xid committed" means "the
+ * column holds it".
  */
+extern void credits_take_back_unwritten(TransactionId xid, const CreditDelta *deltas, int n);
+
+/* After the flush transaction xid committed: forgets the spending it wrote. */
 extern void credits_flush_done(TransactionId xid, const CreditDelta *deltas, int n);
 
 /* Forgets every balance of a database that is gone. */

@@ -254,30 +254,41 @@ read_credit_columns(TupleTableSlot *slot, CreditRow *row)
 	row->gen = DatumGetInt64(slot_getattr(slot, att_credits_gen, &isnull));
 }
 
+/* What credits_spend()'s reader reads with: relations opened and locked beforehand. */
+typedef struct CreditReader
+{
+	Relation	heap;
+	Relation	pkey;
+	Datum		key_id;
+} CreditReader;
+
 /*
  * credits_spend()'s reader: a key's credit columns as the snapshot sees
- * its row, found by id through the primary key.  The relations are locked
- * already, by the lookup that found the key.
+ * its row, found by id through the primary key.  It runs under a partition
+ * lock of the credits table, so it opens and locks nothing: the caller did.
  */
 static bool
 read_latest_credits(void *arg, Snapshot snapshot, CreditRow *row)
 {
-	Relation	heap = table_open(cached_keys_relid, AccessShareLock);
-	Relation	index = index_open(cached_pkey_indexid, AccessShareLock);
-	TupleTableSlot *slot = table_slot_create(heap, NULL);
-	IndexScanDesc scan = index_beginscan(heap, index, snapshot, 1, 0);
+	CreditReader *r = (CreditReader *) arg;
+	TupleTableSlot *slot = table_slot_create(r->heap, NULL);
+	IndexScanDesc scan = index_beginscan(r->heap, r->pkey, snapshot, 1, 0);
 	ScanKeyData skey;
 	bool		exists;
 
-	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_UUID_EQ, *(Datum *) arg);
+	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_UUID_EQ, r->key_id);
 	index_rescan(scan, &skey, 1, NULL, 0);
 	exists = index_getnext_slot(scan, ForwardScanDirection, slot);
 	if (exists)
+	{
+		bool		isnull;
+
 		read_credit_columns(slot, row);
+		row->own = TransactionIdIsCurrentTransactionId(
+			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
+	}
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
-	index_close(index, NoLock);
-	table_close(heap, NoLock);
 	return exists;
 }
 
@@ -543,15 +554,31 @@ spend_credits(FoundKey *key, bool countable, int64 cost, CreditResult *credit)
 	int64		written = row->refill_amount > 0 && row->period < period
 		? row->refill_amount : row->credits;
 	CreditOutcome outcome;
+	CreditReader reader;
+	Oid			relid;
+	Oid			indexid;
+	Oid			pkey;
 
 	credit->applies = true;
 	credit->cost = cost;
 	credit->remaining = written;
 	if (!countable || RecoveryInProgress())
 		return cost == 0 || (!countable && written >= cost);
-	/* Cost 0 too: it reports what is left now, spending not yet written included. */
+
+	/*
+	 * Cost 0 too: it reports what is left now, spending not yet written
+	 * included.  The relations a reload reads are opened (and locked) here,
+	 * before credits_spend() takes any lightweight lock.
+	 */
+	keys_relation_oids(&relid, &indexid);
+	pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
+	reader.heap = table_open(relid, AccessShareLock);
+	reader.pkey = index_open(pkey, AccessShareLock);
+	reader.key_id = key->id;
 	outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, read_latest_credits,
-							&key->id, &credit->remaining, &credit->period);
+							&reader, &credit->remaining, &credit->period);
+	index_close(reader.pkey, NoLock);
+	table_close(reader.heap, NoLock);
 	/* Refused outright (no shared memory, no room): report the written balance. */
 	if (outcome == CREDITS_REFUSED)
 	{

@@ -485,7 +485,7 @@ key_id_cmp(const void *a, const void *b)
 
 /*
  * Subtracts what verify spent from apikeys.keys.credits, in one statement
- * per batch, and marks the deltas it wrote.  Rows another transaction has
+ * per batch, and marks the deltas it wrote (or that need no writing).  Rows another transaction has
  * locked (an admin's update_key, say) are skipped, not waited for: their
  * spending goes back to shared memory for the next flush, so the worker
  * never waits for, or deadlocks with, a session.  The subtraction is
@@ -502,18 +502,22 @@ write_credits(CreditDelta *deltas, int n)
 	static SPIPlanPtr plan = NULL;
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	Datum	   *spent = palloc(sizeof(Datum) * n);
+	Datum	   *refills = palloc(sizeof(Datum) * n);
+	bool	   *refill_nulls = palloc(sizeof(bool) * n);
 	Datum	   *periods = palloc(sizeof(Datum) * n);
+	int			dims[1] = {n};
+	int			lbs[1] = {1};
 	pg_uuid_t  *locked;
-	Datum		values[3];
+	Datum		values[4];
 	uint64		n_locked;
 
 	if (plan == NULL)
 	{
-		Oid			types[3] = {UUIDARRAYOID, INT8ARRAYOID, INT4ARRAYOID};
+		Oid			types[4] = {UUIDARRAYOID, INT8ARRAYOID, TEXTARRAYOID, INT4ARRAYOID};
 
 		plan = SPI_prepare(
 						   "WITH d AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
-						   "    pg_catalog.unnest($3)) AS d(key_id, spent, period)), "
+						   "    pg_catalog.unnest($3), pg_catalog.unnest($4)) AS d(key_id, spent, refill, period)), "
 						   "locked AS (SELECT k.id FROM apikeys.keys k "
 						   "    WHERE k.id OPERATOR(pg_catalog.=) ANY ($1) FOR NO KEY UPDATE SKIP LOCKED), "
 						   "written AS (UPDATE apikeys.keys AS k SET "
@@ -523,11 +527,15 @@ write_credits(CreditDelta *deltas, int n)
 						   "    OPERATOR(pg_catalog.-) d.spent, 0), "
 						   "  credits_period = d.period "
 						   "  FROM d WHERE k.id OPERATOR(pg_catalog.=) d.key_id "
-						   "    AND k.id IN (SELECT l.id FROM locked l) AND k.credits IS NOT NULL "
+						   "    AND k.id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT l.id FROM locked l)) "
+						   "    AND k.credits IS NOT NULL "
+						   "    AND k.credits_refill_interval IS NOT DISTINCT FROM d.refill "
 						   "    AND k.credits_period OPERATOR(pg_catalog.<=) d.period "
 						   "  RETURNING k.id) "
-						   "SELECT l.id FROM locked l",
-						   3, types);
+						   "SELECT l.id FROM locked l "
+						   "UNION ALL SELECT d.key_id FROM d WHERE NOT EXISTS "
+						   "  (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) d.key_id)",
+						   4, types);
 		if (plan == NULL || SPI_keepplan(plan) != 0)
 			elog(ERROR, "apikeys worker could not prepare its credits write");
 	}
@@ -535,11 +543,15 @@ write_credits(CreditDelta *deltas, int n)
 	{
 		ids[i] = UUIDPGetDatum(&deltas[i].key_id);
 		spent[i] = Int64GetDatum(deltas[i].spent);
+		refill_nulls[i] = deltas[i].refill == REFILL_NONE;
+		refills[i] = CStringGetTextDatum(deltas[i].refill == REFILL_DAY ? "day" : "month");
 		periods[i] = Int32GetDatum(deltas[i].period);
 	}
 	values[0] = PointerGetDatum(construct_array(ids, n, UUIDOID, UUID_LEN, false, TYPALIGN_CHAR));
 	values[1] = PointerGetDatum(construct_array(spent, n, INT8OID, 8, FLOAT8PASSBYVAL, TYPALIGN_DOUBLE));
-	values[2] = PointerGetDatum(construct_array(periods, n, INT4OID, 4, true, TYPALIGN_INT));
+	values[2] = PointerGetDatum(construct_md_array(refills, refill_nulls, 1, dims, lbs,
+												   TEXTOID, -1, false, TYPALIGN_INT));
+	values[3] = PointerGetDatum(construct_array(periods, n, INT4OID, 4, true, TYPALIGN_INT));
 	(void) set_config_option("apikeys.audit_context", "credits_flush", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
 	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
@@ -547,7 +559,11 @@ write_credits(CreditDelta *deltas, int n)
 	(void) set_config_option("apikeys.audit_context", "", PGC_SUSET, PGC_S_SESSION,
 							 GUC_ACTION_LOCAL, true, 0, false);
 
-	/* A locked row was written, or needs nothing (no credit limit, or refilled since). */
+	/*
+	 * A locked row was written, or needs nothing (no credit limit, a refill
+	 * since, or another refill than the spending was made under, which the
+	 * change that set it accounted for); so does a key that is gone.
+	 */
 	n_locked = SPI_processed;
 	locked = palloc(sizeof(pg_uuid_t) * Max(n_locked, 1));
 	for (uint64 i = 0; i < n_locked; i++)
@@ -631,6 +647,10 @@ flush_usage(Oid dboid, bool installed)
 		CHECK_FOR_INTERRUPTS();
 		write_credits(credits + i, Min(USAGE_BATCH, n_credits - i));
 	}
+	/* With the extension gone, spending has nowhere to go: forget it. */
+	for (int i = 0; !installed && i < n_credits; i++)
+		credits[i].written = true;
+	credits_take_back_unwritten(xid, credits, n_credits);
 	if (installed)
 		commit_flush_xact();
 	else

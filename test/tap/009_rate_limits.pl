@@ -16,6 +16,9 @@
 #     whose allowance is spent keeps its entry while other keys fill the
 #     table (forgetting it would hand it a fresh burst), and is still
 #     RATE_LIMITED.
+#  4. An owner-wide limit (its plan's rate_limit 3, so 3 at once): 8
+#     pgbench clients, 400 verifications spread over 4 keys of the owner:
+#     exactly 3 VALID in all.
 #
 # Run from the repository root (make prove_installcheck), with the helpers
 # of test/perl/ApikeysTest.pm.
@@ -60,6 +63,33 @@ is(sql($node, 'rl',
 sql($node, 'rl', 'SELECT apikeys.flush()');
 is(sql($node, 'rl', qq{SELECT requests || '|' || failures FROM apikeys.key_usage WHERE key_id = '$id'}),
 	'50|351', '2: the flushes wrote exactly those counts');
+
+# 4 (before 3, which fills the usage table). An owner-wide limit under the
+# same race: four keys of one owner whose
+# plan allows 3 a minute (its burst is a minute's worth: 3 at once, then one
+# every 20 s, longer than the race takes), shared by 8 clients over the
+# four keys.
+sql($node, 'rl', q{INSERT INTO apikeys.plans (name, rate_limit) VALUES ('metered', 3)});
+sql($node, 'rl', q{SELECT apikeys.set_plan('tenant', 'metered')});
+my @tenant;
+for my $i (1 .. 4)
+{
+	my ($kid, $t) = new_key($node, 'rl', qq{'tenant', 'tenant $i'});
+	push @tenant, [ $kid, $t ];
+}
+sql($node, 'rl', 'CREATE TABLE tenant_tok (n int, token text)');
+sql($node, 'rl', 'INSERT INTO tenant_tok VALUES ' . join(',', map { "($_, '$tenant[$_ - 1][1]')" } 1 .. 4));
+my $tscript = $node->basedir . '/verify_tenant.sql';
+open($fh, '>', $tscript) or die "cannot write $tscript: $!";
+print $fh "\\set n random(1, 4)\n";
+print $fh "SELECT (apikeys.verify(token)).code FROM tenant_tok WHERE n = :n;\n";
+close($fh);
+$node->command_ok(
+	[ 'pgbench', '-n', '-c', '8', '-j', '8', '-t', '50', '-f', $tscript, '-d', 'rl' ],
+	'4: pgbench: 8 clients x 50 verifications over 4 keys of one owner');
+is(sql($node, 'rl',
+		q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('tenant')}),
+	'3|397', "4: exactly 3 VALID across the owner's keys (the plan's 3 a minute), 397 RATE_LIMITED");
 
 # 3. A full table does not forget a spent allowance.  In the next minute the
 # raced key's entry has nothing to write and was not used this minute: only
