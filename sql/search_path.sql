@@ -34,6 +34,21 @@ SELECT apikeys.revoke_token(:'t3') IS NOT NULL AS revoked_by_token;
 SELECT apikeys.revoke_all('path-owner') AS revoked_all;
 SELECT preloaded FROM apikeys.status();
 SELECT apikeys.is_well_formed(:'t'), apikeys.prefix(:'t'), apikeys.start(:'t') OPERATOR(pg_catalog.=) pg_catalog.left(:'t', 12) AS start_ok;
+-- Credits and owner-wide limits: the functions, the triggers and the
+-- worker's write of spent credits (flush) resolve nothing through the path.
+SELECT key_id AS k4, token AS t4 FROM apikeys.create_key('path-owner', 'metered', credits => 5) \gset
+SELECT code, credits_remaining FROM apikeys.verify(:'t4', ARRAY[]::text[], NULL, 2);
+SELECT apikeys.add_credits(:'k4', 'path-owner', 3) AS left_after_adding;
+SELECT credits FROM apikeys.update_key(:'k4', 'path-owner', credits => 4, credits_refill_amount => 4,
+                                       credits_refill_interval => 'day');
+SELECT code, credits_remaining FROM apikeys.verify(:'t4');
+SELECT apikeys.flush();
+SELECT credits FROM apikeys.keys WHERE id OPERATOR(pg_catalog.=) :'k4';
+INSERT INTO apikeys.plans (name, rate_limit) VALUES ('path-metered', 1);
+SELECT apikeys.set_plan('path-owner', 'path-metered');
+SELECT pg_catalog.string_agg(v.code, ',') FROM pg_catalog.generate_series(1, 2) i,
+       LATERAL apikeys.verify(CASE WHEN i OPERATOR(pg_catalog.>) 0 THEN :'t4' END) v;
+SELECT apikeys.revoke(:'k4', 'path-owner') IS NOT NULL AS revoked;
 SELECT apikeys.set_plan('path-owner', 'free');
 -- Guards still refuse, with their own SQLSTATEs.
 \set VERBOSITY sqlstate

@@ -1,5 +1,6 @@
 /*
- * loghook.c — an emit_log_hook that keeps tokens out of the server log.
+ * loghook.c — an emit_log_hook that keeps tokens, and floods of refused
+ * keys, out of the server log.
  *
  * errhidestmt and errhidecontext keep the statement and the context out of
  * a report, but when a malformed token is a literal cast to apikeys.apikey
@@ -7,6 +8,13 @@
  * and PL/pgSQL adds the expression itself as the report's internal query
  * ("QUERY:  k := 'ak_live_...'::apikeys.apikey").  The hook removes that
  * query, and its position, from apikeys' own input errors.
+ *
+ * authenticate() refuses a key by raising 28000; each refusal would write an
+ * ERROR and a DETAIL line to the server log, so a client sending bad tokens
+ * could fill the disk.  The refusals are in the audit log already
+ * (aggregated per key and prefix), so the hook keeps exactly those reports
+ * out of the server log; the client still gets the error.  They are told by
+ * the C function that raised them, which no SQL can imitate.
  */
 #include "postgres.h"
 
@@ -14,7 +22,10 @@
 
 static emit_log_hook_type prev_emit_log_hook = NULL;
 
-/* Strips every part of an apikey input error that may quote the token. */
+/*
+ * Strips every part of an apikey input error that may quote the token, and
+ * keeps authenticate()'s refusals out of the server log.
+ */
 static void
 apikeys_emit_log(ErrorData *edata)
 {
@@ -27,6 +38,10 @@ apikeys_emit_log(ErrorData *edata)
 		edata->hide_stmt = true;
 		edata->hide_ctx = true;
 	}
+	else if (edata->sqlerrcode == ERRCODE_INVALID_AUTHORIZATION_SPECIFICATION &&
+			 edata->funcname != NULL &&
+			 strcmp(edata->funcname, AUTHENTICATE_REFUSAL_FUNCTION) == 0)
+		edata->output_to_server = false;
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);
 }
