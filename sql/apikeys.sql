@@ -346,7 +346,7 @@ CREATE TABLE apikeys.keys (
     CONSTRAINT keys_credits_refill_check CHECK (
         (credits_refill_amount IS NULL) OPERATOR(pg_catalog.=) (credits_refill_interval IS NULL)
         AND (credits_refill_amount IS NULL OR credits IS NOT NULL))
-);
+) WITH (fillfactor = 80);
 COMMENT ON TABLE apikeys.keys IS 'Every key ever issued; only the digest of a token is stored. Rows are never deleted.';
 COMMENT ON COLUMN apikeys.keys.id IS 'Key id.';
 COMMENT ON COLUMN apikeys.keys.owner IS 'The key''s owner.';
