@@ -8,7 +8,8 @@
 #   installcheck (isolation)       isolation specs, likewise
 #   installcheck-nopreload         pg_regress on a temporary server without the preload
 #   prove_installcheck             TAP tests (each starts its own servers)
-#   clientcheck                    client examples (test/clients) on their own server
+#   clientcheck                    client examples (test/clients) on their own server,
+#                                  then test/clients/pgbouncer.sh (apikeys behind PgBouncer)
 source "$(dirname "${BASH_SOURCE[0]}")/scripts/lib.sh"
 
 WORK=$(mktemp -d /tmp/apikeys-work.XXXXXX)
@@ -42,6 +43,13 @@ suite isolation installcheck TEMP_INSTANCE=1 REGRESS= TAP_TESTS=
 suite nopreload installcheck-nopreload TEMP_INSTANCE=1
 suite tap prove_installcheck
 suite clients clientcheck
+# The clients suite goes on behind PgBouncer in transaction-pooling mode
+# (test/clients/pgbouncer.sh: its own cluster and pgbouncer); a failure there
+# fails the clients suite.
+echo "== clients (pgbouncer)"
+if ! as_postgres env PATH="$PATH" bash "$WORK/tree/test/clients/pgbouncer.sh"; then
+    [[ " ${failures[*]} " == *" clients "* ]] || failures+=("clients")
+fi
 
 echo "== benchmark smoke runs (prove test/bench/run.sh and manage.sh work; figures are not judged)"
 { APIKEYS_SKIP_BUILD=1 bash "$REPO/test/bench/run.sh" --smoke &&

@@ -15,9 +15,11 @@ as_postgres() {
 
 install_packages() {
     local pkgs=(build-essential postgresql-15 postgresql-server-dev-15
-                libsodium-dev libipc-run-perl python3-psycopg)
+                libsodium-dev libipc-run-perl python3-psycopg nodejs npm pgbouncer)
     local missing=()
     for p in "${pkgs[@]}"; do
+        # NodeSource's nodejs brings its own npm and conflicts with Debian's.
+        [ "$p" = npm ] && command -v npm >/dev/null && continue
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
     done
     if [ ${#missing[@]} -gt 0 ]; then
