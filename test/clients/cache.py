@@ -1,11 +1,13 @@
 """An application-side cache of apikeys.verify() results, kept correct by
 LISTEN apikeys_event (psycopg 3).
 
-    cache = VerifyCache("dbname=app user=app_verifier")
+    from cache import VerifyCache
+
+    cache = VerifyCache("dbname=app user=app_verifier")   # a role granted apikeys_app
     cache.wait_ready()
-    r = cache.verify(token, ["read"])          # dict: valid, code, key_id, owner, ...
-    ...
-    cache.close()
+    r = cache.verify(token, ["orders:read"], client_ip)    # a dict: valid, code, key_id, owner, ...
+    if not r["valid"]:
+        reject(r["code"])
 
 How it stays correct:
 
@@ -77,13 +79,17 @@ class VerifyCache:
     silently dropped connection is noticed.
     on_notify: optional callable(payload: str), called in the listener
     thread after each notification has been applied (metrics, tests).
+    prepare=False: the verify connection prepares no statement (psycopg's
+    prepare_threshold=None), for conninfo through a transaction pooler such
+    as PgBouncer that does not track prepared statements.
     """
 
     def __init__(self, conninfo, listen_conninfo=None, *, ttl=300.0,
                  max_entries=10000, reconnect_delay=0.5,
                  max_reconnect_delay=30.0, health_interval=30.0,
-                 on_notify=None):
+                 on_notify=None, prepare=True):
         self._conninfo = conninfo
+        self._prepare = prepare
         self._listen_conninfo = listen_conninfo or conninfo
         self._ttl = ttl
         self._max_entries = max_entries
@@ -266,6 +272,8 @@ class VerifyCache:
                     self._conn.close()
                 self._conn = psycopg.connect(self._conninfo, autocommit=True,
                                              row_factory=dict_row)
+                if not self._prepare:
+                    self._conn.prepare_threshold = None
             return self._conn.execute(_VERIFY, (token, scopes, ip)).fetchone()
 
     # ------------------------------------------------------------------

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The client examples' tests: test/clients/test_cache.py (the LISTEN-based
-# verify cache of cache.py), then test/clients/node/test.js (the Node.js HTTP
-# service of service.js), against a private cluster with the preload, on
-# port $APIKEYS_CLIENTS_PORT (default 54341), in a fresh directory under /tmp
-# that is removed on exit.  Needs the installed extension, python3-psycopg,
-# and node (18 or later) with npm; npm ci installs the Node example's one
-# dependency, pg, from its committed package-lock.json into
+# verify cache of cache.py), test/clients/test_app.py (the Python HTTP service
+# of app.py), then test/clients/node/test.js (the Node.js HTTP service of
+# service.js), against a private cluster with the preload, on port
+# $APIKEYS_CLIENTS_PORT (default 54341), in a fresh directory under /tmp that
+# is removed on exit.  Needs the installed extension, python3-psycopg,
+# python3-psycopg-pool, and node (18 or later) with npm; npm ci installs the
+# Node example's one dependency, pg, from its committed package-lock.json into
 # test/clients/node/node_modules (registry access needed), as the user running
 # this script.
 #
@@ -13,13 +14,17 @@
 #                                   # (make clientcheck, from run-tests.sh)
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 PGPORT=${APIKEYS_CLIENTS_PORT:-54341}
-PYTHON=/usr/bin/python3          # Debian's, which has python3-psycopg
+PYTHON=/usr/bin/python3          # Debian's, which has python3-psycopg(-pool)
 
 # Run as postgres (no sudo needed): lib.sh's helpers run their commands directly.
 if [ "$(id -un)" = postgres ]; then as_postgres() { "$@"; }; fi
 
 if ! "$PYTHON" -c 'import psycopg' 2>/dev/null; then
     echo "test/clients/run.sh: $PYTHON cannot import psycopg; install python3-psycopg" >&2
+    exit 1
+fi
+if ! "$PYTHON" -c 'import psycopg_pool' 2>/dev/null; then
+    echo "test/clients/run.sh: $PYTHON cannot import psycopg_pool; install python3-psycopg-pool" >&2
     exit 1
 fi
 for tool in node npm; do
@@ -57,6 +62,9 @@ SET client_min_messages = warning;
 CREATE EXTENSION apikeys;
 CREATE ROLE cache_app LOGIN IN ROLE apikeys_app;
 CREATE ROLE cache_admin LOGIN IN ROLE apikeys_admin;
+-- The Python service's roles (test_app.py).
+CREATE ROLE py_app LOGIN IN ROLE apikeys_app;
+CREATE ROLE py_admin LOGIN IN ROLE apikeys_admin;
 -- The Node example's roles, granted as the README's "Granting roles" says.
 CREATE ROLE node_app LOGIN;
 GRANT apikeys_app TO node_app;
@@ -67,7 +75,8 @@ SQL
 # The scripts run from the cluster's directory, which postgres owns, wherever
 # the tree is.
 mkdir -p "$CLUSTER/py"
-cp "$REPO/test/clients/cache.py" "$REPO/test/clients/test_cache.py" "$CLUSTER/py/"
+cp "$REPO/test/clients/cache.py" "$REPO/test/clients/test_cache.py" \
+   "$REPO/test/clients/app.py" "$REPO/test/clients/test_app.py" "$CLUSTER/py/"
 chown -R postgres:postgres "$CLUSTER/py" 2>/dev/null || true
 
 echo "== clients: test_cache.py (python3-psycopg $("$PYTHON" -c 'import psycopg; print(psycopg.__version__)'))"
@@ -75,6 +84,15 @@ as_postgres env PGHOST="$PGHOST" PGPORT="$PGPORT" PYTHONDONTWRITEBYTECODE=1 \
     APIKEYS_CLIENTS_DB="$DB" APIKEYS_CLIENTS_APP=cache_app \
     APIKEYS_CLIENTS_ADMIN=cache_admin APIKEYS_CLIENTS_SU=postgres \
     "$PYTHON" "$CLUSTER/py/test_cache.py"
+
+# test_app.py also reads README.md, doc/keys.md and cache.py from the tree
+# (postgres must be able to read it).
+echo "== clients: test_app.py (psycopg_pool $("$PYTHON" -c 'import psycopg_pool; print(psycopg_pool.__version__)'))"
+as_postgres env PGHOST="$PGHOST" PGPORT="$PGPORT" PYTHONDONTWRITEBYTECODE=1 \
+    APIKEYS_CLIENTS_DB="$DB" APIKEYS_CLIENTS_PY_APP=py_app \
+    APIKEYS_CLIENTS_PY_ADMIN=py_admin APIKEYS_CLIENTS_SU=postgres \
+    APIKEYS_CLIENTS_REPO="$REPO" \
+    "$PYTHON" "$CLUSTER/py/test_app.py"
 
 # The Node.js example runs in place, as the user running this script: it
 # connects over the cluster's socket directory, which any user may use (trust).

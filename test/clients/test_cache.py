@@ -371,6 +371,21 @@ class CacheTest(unittest.TestCase):
             self.assertNotIn("digest", p)
         # tearDown checks the same for every test's notifications
 
+    def test_prepare_false_prepares_nothing(self):
+        # psycopg prepares a statement run 5 times (prepare_threshold); a
+        # transaction pooler that does not track them needs prepare=False.
+        def prepared_after_refusals(cache):
+            """How many verify statements cache's connection prepared for 8 refusals."""
+            for _ in range(8):                  # refusals: never cached, each one a query
+                self.assertEqual(cache.verify("ak_live_garbage")["code"], "API_KEY_INVALID")
+            return cache._conn.execute(
+                "SELECT count(*) FROM pg_prepared_statements"
+                " WHERE statement LIKE '%apikeys.verify(%'").fetchone()["count"]
+        self.assertEqual(prepared_after_refusals(self.cache), 1)
+        self.cache.close()
+        self.cache = self.new_cache(prepare=False)
+        self.assertEqual(prepared_after_refusals(self.cache), 0)
+
     def test_forged_payload_clears(self):
         _, token = self.create_key()
         self.cached_valid(token)
