@@ -10,10 +10,12 @@
 #include "postgres.h"
 
 #include "access/genam.h"
+#include "access/hash.h"
 #include "access/xlog.h"
 #include "access/table.h"
 #include "access/tableam.h"
 #include "catalog/namespace.h"
+#include "catalog/pg_am.h"
 #include "catalog/pg_type.h"
 #include "fmgr.h"
 #include "funcapi.h"
@@ -82,6 +84,7 @@ typedef struct CreditResult
 #define KEYS_ATT_OWNER		2
 #define KEYS_ATT_NAME		3
 #define KEYS_ATT_START		5
+#define KEYS_ATT_DIGEST		6
 #define KEYS_ATT_SCOPES		7
 #define KEYS_ATT_METADATA	8
 #define KEYS_ATT_RATE_LIMIT	9
@@ -167,8 +170,12 @@ keys_relation_oids(Oid *relid, Oid *indexid)
 	{
 		Oid			nsp = get_namespace_oid("apikeys", false);
 		Oid			heap = get_relname_relid("keys", nsp);
-		Oid			index = get_relname_relid("keys_digest_key", nsp);
+		Oid			index = get_relname_relid("keys_digest_hash", nsp);
 		Oid			pkey = get_relname_relid("keys_pkey", nsp);
+
+		/* A 1.0 schema has only the unique B-tree, which serves as well. */
+		if (!OidIsValid(index))
+			index = get_relname_relid("keys_digest_key", nsp);
 
 		if (!OidIsValid(heap) || !OidIsValid(index) || !OidIsValid(pkey))
 			ereport(ERROR,
@@ -292,8 +299,20 @@ read_latest_credits(void *arg, Snapshot snapshot, CreditRow *row)
 	return exists;
 }
 
+/* Whether the row's digest is the token's (the hash index's matches are not exact). */
+static bool
+digest_matches(TupleTableSlot *slot, const unsigned char *digest)
+{
+	bool		isnull;
+	bytea	   *stored = DatumGetByteaPP(slot_getattr(slot, KEYS_ATT_DIGEST, &isnull));
+
+	return !isnull && VARSIZE_ANY_EXHDR(stored) == TOKEN_DIGEST_LEN &&
+		memcmp(VARDATA_ANY(stored), digest, TOKEN_DIGEST_LEN) == 0;
+}
+
 /*
- * One probe of the unique digest index, read with the statement's snapshot.
+ * One probe of the digest index (the hash index from 1.1, the unique B-tree
+ * before), read with the statement's snapshot.
  * The lookup reads the table directly rather than through SQL, so it costs no
  * executor set-up.  Returns false when no key has the digest.
  */
@@ -319,11 +338,16 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 	heap = table_open(relid, AccessShareLock);
 	index = index_open(indexid, AccessShareLock);
 	slot = table_slot_create(heap, NULL);
-	ScanKeyInit(&skey, 1, BTEqualStrategyNumber, F_BYTEAEQ, PointerGetDatum(param));
+	ScanKeyInit(&skey, 1,
+				index->rd_rel->relam == HASH_AM_OID ? HTEqualStrategyNumber : BTEqualStrategyNumber,
+				F_BYTEAEQ, PointerGetDatum(param));
 	scan = index_beginscan(heap, index, snapshot, 1, 0);
 	index_rescan(scan, &skey, 1, NULL, 0);
 
-	exists = index_getnext_slot(scan, ForwardScanDirection, slot);
+	/* A hash index returns every row whose digest has the same hash code. */
+	while ((exists = index_getnext_slot(scan, ForwardScanDirection, slot)) &&
+		   !digest_matches(slot, digest))
+		CHECK_FOR_INTERRUPTS();
 	if (exists)
 	{
 		bool		isnull;
