@@ -10,10 +10,9 @@
 // Run it as service.js runs: PGHOST=... PGDATABASE=... PGUSER=<a role that
 // may read bench.plain_keys> PORT=0 node handwritten.js
 
-const http = require('node:http');
 // service.js's status table and pool (max 10, an 'error' listener), reused
 // so that both services differ only in how they check the key.
-const { DENY, createPool } = require('../../clients/node/service');
+const { DENY, createPool, createService } = require('../../clients/node/service');
 
 // One probe of the digest's unique index.  The row is fetched whether or not
 // the key is revoked or expired so that, like verify(), the refusal can be
@@ -67,16 +66,9 @@ async function route(pool, req, res) {
   }
 }
 
-// The HTTP server, with service.js's 503 when the database cannot answer.
+// The HTTP server: service.js's, with these routes (and its 503).
 function createHandService(pool, log = console.error) {
-  return http.createServer((req, res) => {
-    route(pool, req, res).catch((err) => {
-      log(`${req.method} ${req.url}: ${err.message}`);
-      if (res.headersSent) return res.destroy();
-      for (const name of res.getHeaderNames()) res.removeHeader(name);
-      sendJson(res, 503, { error: 'SERVICE_UNAVAILABLE' });
-    });
-  });
+  return createService(pool, log, route);
 }
 
 module.exports = { apiKeyByHand, createHandService };
