@@ -174,3 +174,15 @@ SELECT details->>'via' AS via, details->'credits' AS credits
 
 -- list_keys shows the balance and refill.
 SELECT name, credits, credits_refill_amount FROM apikeys.list_keys('cr-a', 'active') ORDER BY name;
+
+-- A key deleted behind the extension's back (a superuser, its triggers
+-- off) with spending not yet written: the worker's flush forgets that
+-- spending, as it has nowhere to go, instead of taking it back for ever.
+SELECT key_id AS kg, token AS tg FROM apikeys.create_key('cr-a', 'deleted', credits => 5) \gset
+SELECT code, credits_remaining FROM apikeys.verify(:'tg');
+SELECT apikeys._credits_unflushed(:'kg', apikeys._credit_period(NULL, now())) AS unwritten_before;
+SET session_replication_role = replica;
+DELETE FROM apikeys.keys WHERE id = :'kg';
+RESET session_replication_role;
+SELECT apikeys.flush();
+SELECT apikeys._credits_unflushed(:'kg', apikeys._credit_period(NULL, now())) AS unwritten_after;

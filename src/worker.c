@@ -484,6 +484,51 @@ key_id_cmp(const void *a, const void *b)
 }
 
 /*
+ * Marks written the unwritten deltas whose key is gone: their spending has
+ * nowhere to go.  Only a batch with rows left unlocked pays for this probe.
+ */
+static void
+mark_gone_keys(CreditDelta *deltas, int n)
+{
+	static SPIPlanPtr plan = NULL;
+	Datum	   *ids = palloc(sizeof(Datum) * n);
+	int			n_unwritten = 0;
+	pg_uuid_t  *gone;
+	Datum		values[1];
+
+	if (plan == NULL)
+	{
+		Oid			types[1] = {UUIDARRAYOID};
+
+		plan = SPI_prepare("SELECT u.id FROM pg_catalog.unnest($1) AS u(id) WHERE NOT EXISTS "
+						   "  (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) u.id)",
+						   1, types);
+		if (plan == NULL || SPI_keepplan(plan) != 0)
+			elog(ERROR, "apikeys worker could not prepare its look-up of deleted keys");
+	}
+	for (int i = 0; i < n; i++)
+		if (!deltas[i].written)
+			ids[n_unwritten++] = UUIDPGetDatum(&deltas[i].key_id);
+	values[0] = PointerGetDatum(construct_array(ids, n_unwritten, UUIDOID, UUID_LEN, false,
+												TYPALIGN_CHAR));
+	if (SPI_execute_plan(plan, values, NULL, true, 0) != SPI_OK_SELECT)
+		elog(ERROR, "apikeys worker could not look up deleted keys");
+	gone = palloc(sizeof(pg_uuid_t) * Max(SPI_processed, 1));
+	for (uint64 i = 0; i < SPI_processed; i++)
+	{
+		bool		isnull;
+
+		memcpy(&gone[i], DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+													 1, &isnull)), sizeof(pg_uuid_t));
+	}
+	qsort(gone, SPI_processed, sizeof(pg_uuid_t), key_id_cmp);
+	for (int i = 0; i < n; i++)
+		if (!deltas[i].written)
+			deltas[i].written = bsearch(&deltas[i].key_id, gone, SPI_processed, sizeof(pg_uuid_t),
+										key_id_cmp) != NULL;
+}
+
+/*
  * Subtracts what verify spent from apikeys.keys.credits, in one statement
  * per batch, and marks the deltas it wrote (or that need no writing).  Rows another transaction has
  * locked (an admin's update_key, say) are skipped, not waited for: their
@@ -494,7 +539,10 @@ key_id_cmp(const void *a, const void *b)
  * spending of a period the row has already left is not written (the
  * refill replaced it).  apikeys.audit_context (settable only as a
  * superuser) tells the table's triggers that this is the worker: the
- * update is neither audited nor a new generation.
+ * update is neither audited nor a new generation.  Both steps join the
+ * batch to the table through its primary key, key by key: a generic plan
+ * of the earlier form (k.id = ANY (the locked ids)) joined the batch to
+ * itself, quadratic in its size (133 ms a batch of 1,000 keys, against 27).
  */
 static void
 write_credits(CreditDelta *deltas, int n)
@@ -518,24 +566,22 @@ write_credits(CreditDelta *deltas, int n)
 		plan = SPI_prepare(
 						   "WITH d AS (SELECT * FROM ROWS FROM (pg_catalog.unnest($1), pg_catalog.unnest($2), "
 						   "    pg_catalog.unnest($3), pg_catalog.unnest($4)) AS d(key_id, spent, refill, period)), "
-						   "locked AS (SELECT k.id FROM apikeys.keys k "
-						   "    WHERE k.id OPERATOR(pg_catalog.=) ANY ($1) FOR NO KEY UPDATE SKIP LOCKED), "
+						   "locked AS (SELECT k.id, d.spent, d.refill, d.period "
+						   "    FROM d JOIN apikeys.keys k ON k.id OPERATOR(pg_catalog.=) d.key_id "
+						   "    FOR NO KEY UPDATE OF k SKIP LOCKED), "
 						   "written AS (UPDATE apikeys.keys AS k SET "
 						   "  credits = pg_catalog.int8larger(CASE WHEN k.credits_refill_amount IS NOT NULL "
-						   "      AND k.credits_period OPERATOR(pg_catalog.<) d.period "
+						   "      AND k.credits_period OPERATOR(pg_catalog.<) l.period "
 						   "    THEN k.credits_refill_amount ELSE k.credits END "
-						   "    OPERATOR(pg_catalog.-) d.spent, 0), "
-						   "  credits_period = d.period "
-						   "  FROM d WHERE k.id OPERATOR(pg_catalog.=) d.key_id "
-						   "    AND k.id OPERATOR(pg_catalog.=) ANY (ARRAY(SELECT l.id FROM locked l)) "
+						   "    OPERATOR(pg_catalog.-) l.spent, 0), "
+						   "  credits_period = l.period "
+						   "  FROM locked l WHERE k.id OPERATOR(pg_catalog.=) l.id "
 						   "    AND k.credits IS NOT NULL "
-						   "    AND ((k.credits_refill_interval IS NULL AND d.refill IS NULL) "
-						   "         OR k.credits_refill_interval OPERATOR(pg_catalog.=) d.refill) "
-						   "    AND k.credits_period OPERATOR(pg_catalog.<=) d.period "
+						   "    AND ((k.credits_refill_interval IS NULL AND l.refill IS NULL) "
+						   "         OR k.credits_refill_interval OPERATOR(pg_catalog.=) l.refill) "
+						   "    AND k.credits_period OPERATOR(pg_catalog.<=) l.period "
 						   "  RETURNING k.id) "
-						   "SELECT l.id FROM locked l "
-						   "UNION ALL SELECT d.key_id FROM d WHERE NOT EXISTS "
-						   "  (SELECT FROM apikeys.keys k WHERE k.id OPERATOR(pg_catalog.=) d.key_id)",
+						   "SELECT l.id FROM locked l",
 						   4, types);
 		if (plan == NULL || SPI_keepplan(plan) != 0)
 			elog(ERROR, "apikeys worker could not prepare its credits write");
@@ -590,6 +636,8 @@ write_credits(CreditDelta *deltas, int n)
 	for (int i = 0; i < n; i++)
 		deltas[i].written = bsearch(&deltas[i].key_id, locked, n_locked, sizeof(pg_uuid_t),
 									key_id_cmp) != NULL;
+	if (n_locked < (uint64) n)
+		mark_gone_keys(deltas, n);
 }
 
 /* By key, then day: each batch walks the primary key in order. */
