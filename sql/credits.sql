@@ -186,3 +186,20 @@ DELETE FROM apikeys.keys WHERE id = :'kg';
 RESET session_replication_role;
 SELECT apikeys.flush();
 SELECT apikeys._credits_unflushed(:'kg', apikeys._credit_period(NULL, now())) AS unwritten_after;
+
+-- A balance already in shared memory is spent without reading the table:
+-- verify then takes no lock on the primary key, which only a (re)load reads.
+SELECT key_id AS kl, token AS tl FROM apikeys.create_key('cr-a', 'loaded', credits => 5) \gset
+SELECT code, credits_remaining FROM apikeys.verify(:'tl');
+BEGIN;
+SELECT code, credits_remaining FROM apikeys.verify(:'tl');
+SELECT count(*) AS pkey_locks FROM pg_locks
+ WHERE locktype = 'relation' AND relation = 'apikeys.keys_pkey'::regclass AND pid = pg_backend_pid();
+COMMIT;
+-- A change of the balance is a new generation: that verify reloads it, and so reads the key.
+SELECT credits FROM apikeys.update_key(:'kl', 'cr-a', credits => 9);
+BEGIN;
+SELECT code, credits_remaining FROM apikeys.verify(:'tl');
+SELECT count(*) AS pkey_locks FROM pg_locks
+ WHERE locktype = 'relation' AND relation = 'apikeys.keys_pkey'::regclass AND pid = pg_backend_pid();
+COMMIT;

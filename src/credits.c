@@ -372,6 +372,8 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 	LWLockRelease(lock);
 
 	/* A first use, or a newer generation: (re)load from the table. */
+	if (reader == NULL)
+		return CREDITS_NEED_READER;
 	if (e == NULL && hash_get_num_entries(credit_table) >= max_credit_keys)
 		evict_idle();
 	LWLockAcquire(lock, LW_EXCLUSIVE);

@@ -38,7 +38,8 @@ typedef enum CreditOutcome
 {
 	CREDITS_SPENT,				/* cost spent (or the key turned out unlimited) */
 	CREDITS_EXCEEDED,			/* fewer credits than cost: nothing spent */
-	CREDITS_REFUSED				/* none can be spent here (standby, no room) */
+	CREDITS_REFUSED,			/* none can be spent here (standby, no room) */
+	CREDITS_NEED_READER			/* the balance must be (re)loaded: call again with a reader */
 } CreditOutcome;
 
 /* What one database's worker subtracts from apikeys.keys.credits. */
@@ -63,7 +64,9 @@ extern int32 credit_period(CreditRefill refill, TimestampTz at);
  * is row, unless it has fewer left; *remaining is what it has left after
  * (-1: the key has no credit limit after all) and *period the period spent
  * in, for credits_refund().  reader reads the row's latest version when
- * the balance must be (re)loaded from the table.
+ * the balance must be (re)loaded from the table; without one (NULL), that
+ * case returns CREDITS_NEED_READER having changed nothing, so that the
+ * caller opens the table only when it is read.
  */
 extern CreditOutcome credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 								   CreditRowReader reader, void *reader_arg,

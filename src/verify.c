@@ -591,18 +591,24 @@ spend_credits(FoundKey *key, bool countable, int64 cost, CreditResult *credit)
 
 	/*
 	 * Cost 0 too: it reports what is left now, spending not yet written
-	 * included.  The relations a reload reads are opened (and locked) here,
-	 * before credits_spend() takes any lightweight lock.
+	 * included.  A balance already in shared memory needs no table; one to
+	 * (re)load is read through relations opened (and locked) here, before
+	 * credits_spend() takes any lightweight lock.
 	 */
-	keys_relation_oids(&relid, &indexid);
-	pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
-	reader.heap = table_open(relid, AccessShareLock);
-	reader.pkey = index_open(pkey, AccessShareLock);
-	reader.key_id = key->id;
-	outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, read_latest_credits,
-							&reader, &credit->remaining, &credit->period);
-	index_close(reader.pkey, NoLock);
-	table_close(reader.heap, NoLock);
+	outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, NULL, NULL,
+							&credit->remaining, &credit->period);
+	if (outcome == CREDITS_NEED_READER)
+	{
+		keys_relation_oids(&relid, &indexid);
+		pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
+		reader.heap = table_open(relid, AccessShareLock);
+		reader.pkey = index_open(pkey, AccessShareLock);
+		reader.key_id = key->id;
+		outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, read_latest_credits,
+								&reader, &credit->remaining, &credit->period);
+		index_close(reader.pkey, NoLock);
+		table_close(reader.heap, NoLock);
+	}
 	/* Refused outright (no shared memory, no room): report the written balance. */
 	if (outcome == CREDITS_REFUSED)
 	{
