@@ -10,8 +10,9 @@
 # binaries), so both versions of apikeys run at once; this tree is installed
 # into the system's PostgreSQL as run.sh does.  Only one cluster is busy at
 # a time.  Knobs: BENCH_KEYS (200000), BENCH_SECONDS (10), BENCH_WARMUP (12),
-# BENCH_ROUNDS (3), BENCH_CLIENTS (2), APIKEYS_COMPARE_DIR, and the two
-# ports APIKEYS_COMPARE_PORT (54331 and the next).
+# BENCH_ROUNDS (3), BENCH_CLIENTS (2), BENCH_VARIANTS ("b d e f i"),
+# APIKEYS_COMPARE_DIR, and the two ports APIKEYS_COMPARE_PORT (54331 and
+# the next).
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -45,7 +46,8 @@ make -C "$DIR/src" -s install PG_CONFIG="$OLD_BIN/pg_config" >/dev/null
 chmod -R a+rX "$DIR"
 
 settings=("shared_preload_libraries = 'apikeys'" "fsync = on" "shared_buffers = 1GB"
-          "apikeys.max_tracked_keys = $((KEYS + KEYS / 4 + 1000))")
+          "apikeys.max_tracked_keys = $((KEYS + KEYS / 4 + 1000))"
+          "apikeys.max_credit_keys = $((KEYS / 5 + 1000))")
 PG_BIN=$OLD_BIN PGPORT=$PORT_BEFORE start_cluster "$DIR/before" "${settings[@]}"
 PG_BIN=$SYSTEM_BIN PGPORT=$PORT_AFTER start_cluster "$DIR/after" "${settings[@]}"
 
@@ -63,10 +65,11 @@ bench_scripts "$SCRIPTS"
 
 REV_KEYS=$((KEYS / 10))
 declare -A TPS
-variants=(b d e f)
-declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql)
-declare -A LO=([b]=$((REV_KEYS + 1)) [d]=$((REV_KEYS + 1)) [e]=1 [f]=1)
-declare -A HI=([b]=$KEYS [d]=$KEYS [e]=$KEYS [f]=$REV_KEYS)
+read -r -a variants <<<"${BENCH_VARIANTS:-b d e f i}"
+# (i): the sixth tenth, keys with credits (see bench_load).
+declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [i]=d.sql)
+declare -A LO=([b]=$((REV_KEYS + 1)) [d]=$((REV_KEYS + 1)) [e]=1 [f]=1 [i]=$((5 * REV_KEYS + 1)))
+declare -A HI=([b]=$KEYS [d]=$KEYS [e]=$KEYS [f]=$REV_KEYS [i]=$((6 * REV_KEYS)))
 echo "== $ROUNDS rounds, ${SECONDS_EACH}s a run after ${WARMUP}s warm-up, $CLIENTS clients; sides alternate"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) = 1 ]; then order=(before after); else order=(after before); fi
@@ -82,7 +85,8 @@ echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB; keys: 
 echo "before: $REV ($(git -C "$REPO" rev-parse --short "$REV")); after: this tree"
 printf '%-44s %9s %9s %7s   %s\n' "variant" "before" "after" "after/" "each round (before | after)"
 declare -A labels=([b]="(b) hand-written SHA-256 lookup (pgcrypto)" [d]="(d) apikeys.verify, valid keys"
-                   [e]="(e) apikeys.verify, malformed tokens" [f]="(f) apikeys.verify, revoked keys")
+                   [e]="(e) apikeys.verify, malformed tokens" [f]="(f) apikeys.verify, revoked keys"
+                   [i]="(i) apikeys.verify, keys with credits")
 for v in "${variants[@]}"; do
     before=$(bench_median "${TPS[$v.before]}"); after=$(bench_median "${TPS[$v.after]}")
     printf '%-44s %9.0f %9.0f %7s   %s | %s\n' "${labels[$v]}" "$before" "$after" \

@@ -117,11 +117,11 @@ bench_quiesce() {
 
 # bench_run DB SCRIPT LO HI -> TPS (uses SCRIPTS, CLIENTS, WARMUP, SECONDS_EACH)
 # A checkpoint first, so that none falls inside a measured run; then an
-# unmeasured warm-up.  The measured run should last at least a usage flush
-# interval (run.sh: 60 s, as shipped), so that it contains the worker's
-# write of a full interval's counts, as on a server under steady load.
-# Afterwards the counts left are written before the next variant starts,
-# so that no variant pays for another's writes.
+# unmeasured warm-up.  The worker starts with the warm-up, so its first
+# usage flush begins one usage_flush_interval (60 s) later: near the end of
+# a 60-s measured run, and after a 30-s one.  Afterwards the counts left
+# are written before the next variant starts, so that no variant pays for
+# another's writes; the soak (run.sh) is what pays for every flush.
 bench_run() {
     local out
     psql -X -q -d "$1" -c CHECKPOINT
