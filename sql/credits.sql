@@ -178,12 +178,16 @@ SELECT name, credits, credits_refill_amount FROM apikeys.list_keys('cr-a', 'acti
 -- A key deleted behind the extension's back (a superuser, its triggers
 -- off) with spending not yet written: the worker's flush forgets that
 -- spending, as it has nowhere to go, instead of taking it back for ever.
+-- The row stays locked until the delete commits, so that no flush can
+-- write the spending first (a flush skips locked rows).
 SELECT key_id AS kg, token AS tg FROM apikeys.create_key('cr-a', 'deleted', credits => 5) \gset
+BEGIN;
+SELECT credits FROM apikeys.keys WHERE id = :'kg' FOR NO KEY UPDATE;
 SELECT code, credits_remaining FROM apikeys.verify(:'tg');
 SELECT apikeys._credits_unflushed(:'kg', apikeys._credit_period(NULL, now())) AS unwritten_before;
-SET session_replication_role = replica;
+SET LOCAL session_replication_role = replica;
 DELETE FROM apikeys.keys WHERE id = :'kg';
-RESET session_replication_role;
+COMMIT;
 SELECT apikeys.flush();
 SELECT apikeys._credits_unflushed(:'kg', apikeys._credit_period(NULL, now())) AS unwritten_after;
 

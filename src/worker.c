@@ -476,11 +476,33 @@ write_usage_direct(Relation rel, Relation index, const UsageDelta *deltas, int n
 	CommandCounterIncrement();
 }
 
-/* By key id (bsearch over the keys a credits write locked). */
+/* By key id (bsearch over the keys a credits write listed). */
 static int
 key_id_cmp(const void *a, const void *b)
 {
 	return memcmp(a, b, sizeof(pg_uuid_t));
+}
+
+/* Marks written the deltas whose key the last SPI result lists in its first column. */
+static void
+mark_listed_written(CreditDelta *deltas, int n)
+{
+	uint64		n_listed = SPI_processed;
+	pg_uuid_t  *listed = palloc(sizeof(pg_uuid_t) * Max(n_listed, 1));
+
+	for (uint64 i = 0; i < n_listed; i++)
+	{
+		bool		isnull;
+
+		memcpy(&listed[i], DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
+													   1, &isnull)), sizeof(pg_uuid_t));
+	}
+	qsort(listed, n_listed, sizeof(pg_uuid_t), key_id_cmp);
+	for (int i = 0; i < n; i++)
+		if (!deltas[i].written)
+			deltas[i].written = bsearch(&deltas[i].key_id, listed, n_listed, sizeof(pg_uuid_t),
+										key_id_cmp) != NULL;
+	pfree(listed);
 }
 
 /*
@@ -493,7 +515,6 @@ mark_gone_keys(CreditDelta *deltas, int n)
 	static SPIPlanPtr plan = NULL;
 	Datum	   *ids = palloc(sizeof(Datum) * n);
 	int			n_unwritten = 0;
-	pg_uuid_t  *gone;
 	Datum		values[1];
 
 	if (plan == NULL)
@@ -511,21 +532,14 @@ mark_gone_keys(CreditDelta *deltas, int n)
 			ids[n_unwritten++] = UUIDPGetDatum(&deltas[i].key_id);
 	values[0] = PointerGetDatum(construct_array(ids, n_unwritten, UUIDOID, UUID_LEN, false,
 												TYPALIGN_CHAR));
-	if (SPI_execute_plan(plan, values, NULL, true, 0) != SPI_OK_SELECT)
+	/*
+	 * Not read-only: a snapshot taken now, after the write, so that a key
+	 * committed since the flush began (with spending already taken) is not
+	 * mistaken for a deleted one.
+	 */
+	if (SPI_execute_plan(plan, values, NULL, false, 0) != SPI_OK_SELECT)
 		elog(ERROR, "apikeys worker could not look up deleted keys");
-	gone = palloc(sizeof(pg_uuid_t) * Max(SPI_processed, 1));
-	for (uint64 i = 0; i < SPI_processed; i++)
-	{
-		bool		isnull;
-
-		memcpy(&gone[i], DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
-													 1, &isnull)), sizeof(pg_uuid_t));
-	}
-	qsort(gone, SPI_processed, sizeof(pg_uuid_t), key_id_cmp);
-	for (int i = 0; i < n; i++)
-		if (!deltas[i].written)
-			deltas[i].written = bsearch(&deltas[i].key_id, gone, SPI_processed, sizeof(pg_uuid_t),
-										key_id_cmp) != NULL;
+	mark_listed_written(deltas, n);
 }
 
 /*
@@ -555,7 +569,6 @@ write_credits(CreditDelta *deltas, int n)
 	Datum	   *periods = palloc(sizeof(Datum) * n);
 	int			dims[1] = {n};
 	int			lbs[1] = {1};
-	pg_uuid_t  *locked;
 	Datum		values[4];
 	uint64		n_locked;
 
@@ -624,18 +637,9 @@ write_credits(CreditDelta *deltas, int n)
 	 * change that set it accounted for); so does a key that is gone.
 	 */
 	n_locked = SPI_processed;
-	locked = palloc(sizeof(pg_uuid_t) * Max(n_locked, 1));
-	for (uint64 i = 0; i < n_locked; i++)
-	{
-		bool		isnull;
-
-		memcpy(&locked[i], DatumGetUUIDP(SPI_getbinval(SPI_tuptable->vals[i], SPI_tuptable->tupdesc,
-													   1, &isnull)), sizeof(pg_uuid_t));
-	}
-	qsort(locked, n_locked, sizeof(pg_uuid_t), key_id_cmp);
 	for (int i = 0; i < n; i++)
-		deltas[i].written = bsearch(&deltas[i].key_id, locked, n_locked, sizeof(pg_uuid_t),
-									key_id_cmp) != NULL;
+		deltas[i].written = false;
+	mark_listed_written(deltas, n);
 	if (n_locked < (uint64) n)
 		mark_gone_keys(deltas, n);
 }
