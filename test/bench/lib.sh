@@ -133,6 +133,32 @@ bench_run() {
     echo "$out" | awk '/^tps = / { print $3; exit }'
 }
 
+# bench_flush DB LO HI -> milliseconds the worker takes to write what
+# SECONDS_EACH of (d) over keys LO..HI left: usage counts and spent credits.
+# The usage flush interval is lifted for the run, and a session stays
+# connected throughout (a worker writes counts at once when no client is
+# connected), so that all of it is written by the one timed apikeys.flush().
+# Needs a revision with apikeys.usage_flush_interval and apikeys.flush().
+bench_flush() {
+    local t0 t1
+    psql -X -q -d postgres -c "ALTER SYSTEM SET apikeys.usage_flush_interval = '1d'" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    psql -X -q -d "$1" -c "SELECT apikeys.flush('5 min')" -c CHECKPOINT >/dev/null
+    PGAPPNAME=bench_flush_holder psql -X -q -d "$1" -c "SELECT pg_sleep(3600)" >/dev/null 2>&1 &
+    pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SECONDS_EACH" \
+        -D lo="$2" -D hi="$3" -f "$SCRIPTS/d.sql" "$1" >/dev/null 2>&1 || exit 1
+    t0=$(date +%s%N)
+    psql -X -q -d "$1" -c "SELECT apikeys.flush('5 min')" >/dev/null
+    t1=$(date +%s%N)
+    psql -X -q -d postgres -c "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                                WHERE application_name = 'bench_flush_holder'" >/dev/null
+    wait
+    psql -X -q -d postgres -c "ALTER SYSTEM RESET apikeys.usage_flush_interval" \
+        -c "SELECT pg_reload_conf()" >/dev/null
+    bench_quiesce
+    echo $(((t1 - t0) / 1000000))
+}
+
 # The rounds' figures, in the order they ran; their median; a ratio; met or MISSED.
 bench_rounds() { tr ' ' '\n' <<<"$1" | grep . | awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }'; }
 bench_median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
