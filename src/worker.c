@@ -544,7 +544,8 @@ mark_gone_keys(CreditDelta *deltas, int n)
 
 /*
  * Subtracts what verify spent from apikeys.keys.credits, in one statement
- * per batch, and marks the deltas it wrote (or that need no writing).  Rows another transaction has
+ * per batch (and a second for a batch with rows left unlocked), and marks
+ * the deltas it wrote (or that need no writing).  Rows another transaction has
  * locked (an admin's update_key, say) are skipped, not waited for: their
  * spending goes back to shared memory for the next flush, so the worker
  * never waits for, or deadlocks with, a session.  The subtraction is
@@ -635,10 +636,9 @@ write_credits(CreditDelta *deltas, int n)
 	 * A locked row was written, or needs nothing (no credit limit, a refill
 	 * since, or another refill than the spending was made under, which the
 	 * change that set it accounted for); so does a key that is gone.
+	 * Deltas come from credits_take_pending() unwritten.
 	 */
 	n_locked = SPI_processed;
-	for (int i = 0; i < n; i++)
-		deltas[i].written = false;
 	mark_listed_written(deltas, n);
 	if (n_locked < (uint64) n)
 		mark_gone_keys(deltas, n);

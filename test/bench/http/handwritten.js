@@ -10,9 +10,10 @@
 // Run it as service.js runs: PGHOST=... PGDATABASE=... PGUSER=<a role that
 // may read bench.plain_keys> PORT=0 node handwritten.js
 
-// service.js's status table and pool (max 10, an 'error' listener), reused
-// so that both services differ only in how they check the key.
-const { DENY, createPool, createService } = require('../../clients/node/service');
+// service.js's status table, JSON answer, server and pool (max 10, an
+// 'error' listener), reused so that both services differ only in how they
+// check the key.
+const { DENY, createPool, createService, sendJson } = require('../../clients/node/service');
 
 // One probe of the digest's unique index.  The row is fetched whether or not
 // the key is revoked or expired so that, like verify(), the refusal can be
@@ -23,13 +24,6 @@ const LOOKUP = `
          k.expires_at IS NOT NULL AND k.expires_at <= now() AS expired
     FROM bench.plain_keys k
    WHERE k.digest = digest($1::text, 'sha256')`;
-
-// The same JSON answer as service.js's sendJson (which it does not export).
-function sendJson(res, status, body) {
-  res.statusCode = status;
-  res.setHeader('Content-Type', 'application/json');
-  res.end(JSON.stringify(body));
-}
 
 // A scope is granted by itself or by its family's wildcard ("orders:*").
 function granted(scopes, needed) {

@@ -144,7 +144,7 @@ function createService(pool, log = console.error, handle = route) {
   });
 }
 
-module.exports = { DENY, apiKey, createPool, createService, withActor };
+module.exports = { DENY, apiKey, createPool, createService, sendJson, withActor };
 
 if (require.main === module) {
   const pool = createPool();
