@@ -86,6 +86,18 @@ SELECT token AS pa FROM apikeys.create_key('rl-p', 'a') \gset
 SELECT code, ratelimit_limit, ratelimit_remaining FROM apikeys.verify(:'pa');
 SELECT code FROM apikeys.verify(:'pa');
 SELECT code FROM apikeys.verify(:'ob');
+-- Both limits spent: the columns describe the one that passes the next
+-- request later, so that ratelimit_reset is when it will pass.  rl-q's key
+-- paces one request every 30 s, its plan one every 60 s; the key refuses
+-- the second request itself, and still the owner's reset is reported.
+SELECT apikeys.set_plan('rl-q', 'metered');
+SELECT token AS qa FROM apikeys.create_key('rl-q', 'a', rate_limit => 2, rate_burst => 0) \gset
+SELECT code, ratelimit_limit, ratelimit_remaining,
+       ratelimit_reset - now() > interval '45 seconds' AS reset_is_owners
+  FROM apikeys.verify(:'qa');
+SELECT code, ratelimit_limit, ratelimit_remaining,
+       ratelimit_reset - now() > interval '45 seconds' AS reset_is_owners
+  FROM apikeys.verify(:'qa');
 -- Bounds: 22023, and the plan is unchanged.
 SELECT pg_temp.try($$UPDATE apikeys.plans SET rate_limit = 0 WHERE name = 'metered'$$) AS zero_plan_limit;
 SELECT rate_limit FROM apikeys.plans WHERE name = 'metered';

@@ -57,6 +57,8 @@ typedef enum PlansState
 static const OwnerPolicy no_policy = {-1, 0, {{0}}};
 
 static PlansState plans_state = PLANS_UNKNOWN;
+/* Counts resets, so that a lookup can tell one happened while it read. */
+static uint64 policy_resets = 0;
 static HTAB *owner_policies = NULL;
 static Oid	owners_relid = InvalidOid;
 static Oid	plans_relid = InvalidOid;
@@ -67,6 +69,7 @@ static void
 policy_reset(void)
 {
 	plans_state = PLANS_UNKNOWN;
+	policy_resets++;
 	if (owner_policies != NULL)
 	{
 		hash_destroy(owner_policies);
@@ -124,10 +127,12 @@ int_column(TupleTableSlot *slot, AttrNumber attnum)
 static bool
 plan_policy(Snapshot snapshot, Datum plan_name, OwnerPolicy *policy)
 {
-	Relation	plans = table_open(plans_relid, AccessShareLock);
-	AttrNumber	att_name = get_attnum(plans_relid, "name");
-	AttrNumber	att_threshold = get_attnum(plans_relid, "alert_requests_per_minute");
-	AttrNumber	att_rate_limit = get_attnum(plans_relid, "rate_limit");
+	/* Opening may accept an invalidation that forgets plans_relid. */
+	Oid			relid = plans_relid;
+	Relation	plans = table_open(relid, AccessShareLock);
+	AttrNumber	att_name = get_attnum(relid, "name");
+	AttrNumber	att_threshold = get_attnum(relid, "alert_requests_per_minute");
+	AttrNumber	att_rate_limit = get_attnum(relid, "rate_limit");
 	bool		found = false;
 
 	*policy = no_policy;
@@ -172,9 +177,11 @@ plan_policy(Snapshot snapshot, Datum plan_name, OwnerPolicy *policy)
 static OwnerPolicy
 lookup_owner_policy(Snapshot snapshot, Datum owner)
 {
-	Relation	owners = table_open(owners_relid, AccessShareLock);
-	Oid			indexid = get_relname_relid("owners_pkey", get_rel_namespace(owners_relid));
-	AttrNumber	att_plan = get_attnum(owners_relid, "plan");
+	/* Opening may accept an invalidation that forgets owners_relid. */
+	Oid			relid = owners_relid;
+	Relation	owners = table_open(relid, AccessShareLock);
+	Oid			indexid = get_relname_relid("owners_pkey", get_rel_namespace(relid));
+	AttrNumber	att_plan = get_attnum(relid, "plan");
 	OwnerPolicy result = no_policy;
 
 	if (OidIsValid(indexid) && att_plan > 0)
@@ -226,13 +233,26 @@ policy_for_owner(Datum owner)
 	if (!policy_relations())
 		return no_policy;
 
-	/* Opening the tables below accepts pending invalidations first. */
-	if (plans_state == PLANS_UNKNOWN)
+	/*
+	 * Opening plans accepts pending invalidations, after the snapshot was
+	 * taken: one accepted then may be of a change that snapshot missed (its
+	 * commit waited for a lock on plans, say), so the answer is kept only if
+	 * no reset came meanwhile, and sought again otherwise.
+	 */
+	while (plans_state == PLANS_UNKNOWN)
 	{
+		uint64		resets = policy_resets;
+		PlansState	state;
+
+		CHECK_FOR_INTERRUPTS();
+		if (!policy_relations())
+			return no_policy;
 		snapshot = RegisterSnapshot(GetLatestSnapshot());
-		plans_state = plan_policy(snapshot, (Datum) 0, &policy)
+		state = plan_policy(snapshot, (Datum) 0, &policy)
 			? PLANS_WITH_POLICIES : PLANS_WITHOUT_POLICIES;
 		UnregisterSnapshot(snapshot);
+		if (policy_resets == resets)
+			plans_state = state;
 	}
 	if (plans_state != PLANS_WITH_POLICIES)
 		return no_policy;

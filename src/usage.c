@@ -298,6 +298,28 @@ previous_day_tat(const UsageKey *key, LWLock *held)
 }
 
 /*
+ * Finds the entry, adding none.  Returns it with its partition's lock held
+ * shared (in *lock), or NULL with no lock held.
+ */
+static UsageEntry *
+find_entry(const pg_uuid_t *key_id, int32 day, LWLock **lock)
+{
+	UsageKey	key;
+	uint32		hashvalue;
+	UsageEntry *e;
+
+	usage_key(&key, MyDatabaseId, day, key_id);
+	hashvalue = get_hash_value(usage_table, &key);
+	*lock = partition_lock(hashvalue);
+
+	LWLockAcquire(*lock, LW_SHARED);
+	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
+	if (e == NULL)
+		LWLockRelease(*lock);
+	return e;
+}
+
+/*
  * Finds or adds the entry.  Returns it with its partition's lock held (in
  * *lock; shared when the entry existed, exclusive when it was just added),
  * or NULL with no lock held when there is no room.
@@ -310,15 +332,12 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 	UsageEntry *e;
 	bool		found;
 
-	usage_key(&key, MyDatabaseId, day, key_id);
-	hashvalue = get_hash_value(usage_table, &key);
-	*lock = partition_lock(hashvalue);
-
-	LWLockAcquire(*lock, LW_SHARED);
-	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
+	e = find_entry(key_id, day, lock);
 	if (e != NULL)
 		return e;
-	LWLockRelease(*lock);
+
+	usage_key(&key, MyDatabaseId, day, key_id);
+	hashvalue = get_hash_value(usage_table, &key);
 
 	if (hash_get_num_entries(usage_table) >= max_tracked_keys)
 		evict_idle(minute, GetCurrentTimestamp());
@@ -357,12 +376,14 @@ get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
  * The generic cell rate algorithm: a key with rate_limit N gets one request
  * every interval = 60 s / N, and may run ahead of that pace by rate_burst
  * requests (tolerance = burst intervals).  So in any 60-second window it
- * passes at most N + burst requests, wherever the window starts.  Updates
- * the entry's theoretical arrival time when the request passes, and fills
- * in what is left.  Call with the entry's spinlock held.
+ * passes at most N + burst requests, wherever the window starts.  With
+ * take, updates the entry's theoretical arrival time when the request
+ * passes; without, changes nothing.  Fills in what is left.  Call with the
+ * entry's spinlock held.
  */
 static bool
-gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, UsageLimit *limit)
+gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, bool take,
+		   UsageLimit *limit)
 {
 	/* Rounded up, so that a window of 60 s never fits one request more. */
 	int64		interval = (USECS_PER_MINUTE + rate_limit - 1) / rate_limit;
@@ -381,6 +402,12 @@ gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, U
 		limit->reset = tat - tolerance;
 		return false;
 	}
+	if (!take)
+	{
+		limit->remaining = (int32) Min((tolerance - (tat - now)) / interval + 1, PG_INT32_MAX);
+		limit->reset = tat;
+		return true;
+	}
 	e->tat = tat + interval;
 	ahead = e->tat - now;
 	limit->remaining = ahead > tolerance ? 0 : (int32) Min((tolerance - ahead) / interval + 1, PG_INT32_MAX);
@@ -398,34 +425,41 @@ gcra_undo(UsageEntry *e, int32 rate_limit)
 /*
  * The owner-wide limit: one GCRA state per owner and database, kept in the
  * table under the owner's id and day OWNER_DAY (no key has that day), with
- * a minute's requests of burst.  Returns whether the request passes.
+ * a minute's requests of burst.  Returns whether the request passes (with
+ * take, taking it; without, only looking).
  */
 static bool
 owner_admit(const pg_uuid_t *owner_id, int32 rate_limit, TimestampTz now, int64 minute,
-			UsageLimit *limit)
+			bool take, UsageLimit *limit)
 {
 	LWLock	   *lock;
-	UsageEntry *e = get_entry(owner_id, OWNER_DAY, minute, &lock);
+	UsageEntry *e = take ? get_entry(owner_id, OWNER_DAY, minute, &lock)
+		: find_entry(owner_id, OWNER_DAY, &lock);
 	bool		admitted;
 
-	/* No room: like an untracked key, not limited. */
+	/* No room (or, to look, no state): like an untracked key, not limited. */
 	if (e == NULL)
 		return true;
 	SpinLockAcquire(&e->mutex);
-	admitted = gcra_admit(e, now, rate_limit, -1, limit);
+	admitted = gcra_admit(e, now, rate_limit, -1, take, limit);
 	SpinLockRelease(&e->mutex);
 	LWLockRelease(lock);
 	return admitted;
 }
 
-/* The limit to report: the one that refused, else the one with fewer requests left. */
+/*
+ * The limit to report: the one that refused, else the one with fewer
+ * requests left; with none left in either, the one that passes the next
+ * request later, so that its reset is when the next request will pass.
+ */
 static void
 tighter_limit(UsageLimit *limit, const UsageLimit *key, bool key_ok,
 			  const UsageLimit *owner, bool owner_ok)
 {
 	if (!key_ok || !owner->applies)
 		*limit = *key;
-	else if (!owner_ok || !key->applies || owner->remaining < key->remaining)
+	else if (!owner_ok || !key->applies || owner->remaining < key->remaining ||
+			 (owner->remaining == 0 && key->remaining == 0 && owner->reset > key->reset))
 		*limit = *owner;
 	else
 		*limit = *key;
@@ -469,7 +503,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 		e->minute = minute;
 		e->minute_count = 0;
 	}
-	key_ok = rate_limit <= 0 || gcra_admit(e, now, rate_limit, rate_burst, &key_limit);
+	key_ok = rate_limit <= 0 || gcra_admit(e, now, rate_limit, rate_burst, true, &key_limit);
 	if (key_ok && owner_rate_limit > 0)
 	{
 		/*
@@ -480,7 +514,7 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 		 */
 		SpinLockRelease(&e->mutex);
 		LWLockRelease(lock);
-		owner_ok = owner_admit(owner_id, owner_rate_limit, now, minute, &owner_limit);
+		owner_ok = owner_admit(owner_id, owner_rate_limit, now, minute, true, &owner_limit);
 		e = get_entry(key_id, day, minute, &lock);
 		if (e == NULL)
 		{
@@ -517,6 +551,15 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	}
 	SpinLockRelease(&e->mutex);
 	LWLockRelease(lock);
+
+	/*
+	 * The key refused without asking its owner's limit, which may hold the
+	 * next request longer: then that is when it will pass.
+	 */
+	if (!key_ok && owner_rate_limit > 0 &&
+		!owner_admit(owner_id, owner_rate_limit, now, minute, false, &owner_limit) &&
+		owner_limit.reset > limit->reset)
+		*limit = owner_limit;
 	return outcome;
 }
 
