@@ -207,3 +207,27 @@ SELECT code, credits_remaining FROM apikeys.verify(:'tl');
 SELECT count(*) AS pkey_locks FROM pg_locks
  WHERE locktype = 'relation' AND relation = 'apikeys.keys_pkey'::regclass AND pid = pg_backend_pid();
 COMMIT;
+
+-- A key this transaction only updated (a new name) existed before: it is
+-- charged from the live balance like any other, not checked against its
+-- row, whose credits do not hold the spending not yet written.  With 3
+-- credits spent, the column still says 3, and the answer is USAGE_EXCEEDED.
+SELECT key_id AS ku, token AS tu FROM apikeys.create_key('cr-a', 'updated', credits => 3) \gset
+SELECT count(*) FILTER (WHERE v.code = 'VALID') AS valid
+  FROM generate_series(1, 3) i, LATERAL apikeys.verify(:'tu', cost => 1 + 0 * i) v;
+BEGIN;
+SELECT name FROM apikeys.update_key(:'ku', 'cr-a', name => 'renamed');
+SELECT credits AS column_says FROM apikeys.keys WHERE id = :'ku';
+SELECT code, credits_remaining FROM apikeys.verify(:'tu');
+COMMIT;
+-- One with credits left spends them, and is counted as a use; the balance
+-- add_credits made a new generation of is loaded from the row this
+-- transaction wrote, as the rename left the credits as they were.
+SELECT apikeys.add_credits(:'ku', 'cr-a', 2) AS credits;
+BEGIN;
+SELECT name FROM apikeys.update_key(:'ku', 'cr-a', name => 'renamed again');
+SELECT code, credits_remaining FROM apikeys.verify(:'tu');
+COMMIT;
+SELECT code, credits_remaining FROM apikeys.verify(:'tu', cost => 0);
+SELECT apikeys.flush();
+SELECT requests FROM apikeys.key_usage WHERE key_id = :'ku';

@@ -274,7 +274,7 @@ typedef enum LoadResult
 {
 	LOADED,
 	LOAD_UNLIMITED,				/* the key has no credit limit (any more) */
-	LOAD_UNCOMMITTED			/* its latest version is this transaction's own */
+	LOAD_UNCOMMITTED			/* its latest balance is this transaction's own */
 } LoadResult;
 
 /*
@@ -284,8 +284,8 @@ typedef enum LoadResult
  * the flush commit).  Call with the partition lock held exclusively: no
  * one else touches the entry meanwhile, and no flush takes or settles its
  * spending.  The caller has opened and locked the relations the reader
- * reads, so no heavyweight lock is waited for here.  A version this
- * transaction wrote is not loaded: it may yet roll back.
+ * reads, so no heavyweight lock is waited for here.  A balance this
+ * transaction set is not loaded: it may yet roll back.
  */
 static LoadResult
 load_entry(CreditEntry *e, CreditRowReader reader, void *arg)

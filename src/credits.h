@@ -28,7 +28,7 @@ typedef struct CreditRow
 	CreditRefill refill;
 	int32		period;			/* the period credits belongs to */
 	int64		gen;			/* bumped by every change but the worker's */
-	bool		own;			/* written by the current transaction, not yet committed */
+	bool		own;			/* set by the current transaction (inserted, or a new generation) */
 } CreditRow;
 
 /* Reads a key's credit columns with a snapshot; false if the key is gone. */

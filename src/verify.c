@@ -63,7 +63,7 @@ typedef struct FoundKey
 	bool		disabled;
 	ArrayType  *allowed_ips;	/* NULL: any address */
 	CreditRow	credit;			/* credit.credits < 0: no credit limit */
-	bool		created_here;	/* by this transaction, so it may yet roll back */
+	bool		written_here;	/* this version by this transaction, so it may yet roll back */
 } FoundKey;
 
 /* What a verification spent and has left, for the credits_remaining column. */
@@ -269,10 +269,14 @@ typedef struct CreditReader
 	Datum		key_id;
 } CreditReader;
 
+static bool read_credits_before(void *arg, Snapshot snapshot, CreditRow *before);
+
 /*
  * credits_spend()'s reader: a key's credit columns as the snapshot sees
  * its row, found by id through the primary key.  It runs under a partition
  * lock of the credits table, so it opens and locks nothing: the caller did.
+ * A version this transaction wrote is its own balance (row->own) only if
+ * the transaction set the credits: a key it inserted, or a new generation.
  */
 static bool
 read_latest_credits(void *arg, Snapshot snapshot, CreditRow *row)
@@ -291,12 +295,58 @@ read_latest_credits(void *arg, Snapshot snapshot, CreditRow *row)
 		bool		isnull;
 
 		read_credit_columns(slot, row);
-		row->own = TransactionIdIsCurrentTransactionId(
-			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
+		row->own = false;
+		if (TransactionIdIsCurrentTransactionId(
+			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull))))
+		{
+			CreditRow	before;
+
+			row->own = !read_credits_before(arg, snapshot, &before) || before.gen != row->gen;
+		}
 	}
 	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
 	return exists;
+}
+
+/*
+ * The key's credit columns as the snapshot would show its row without any
+ * of this transaction's commands: none of the versions it wrote, and each
+ * one it replaced.  False when this transaction inserted the key.
+ */
+static bool
+read_credits_before(void *arg, Snapshot snapshot, CreditRow *before)
+{
+	SnapshotData pre_transaction = *snapshot;
+
+	pre_transaction.curcid = FirstCommandId;
+	return read_latest_credits(arg, &pre_transaction, before);
+}
+
+/*
+ * Whether this transaction inserted the key, rather than updated one that
+ * existed before it.  *before gets the credit columns of the version it
+ * replaced, when there is one.
+ */
+static bool
+key_inserted_here(FoundKey *key, CreditRow *before)
+{
+	Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
+	CreditReader reader;
+	Oid			relid;
+	Oid			indexid;
+	Oid			pkey;
+	bool		existed;
+
+	keys_relation_oids(&relid, &indexid);
+	pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
+	reader.heap = table_open(relid, AccessShareLock);
+	reader.pkey = index_open(pkey, AccessShareLock);
+	reader.key_id = key->id;
+	existed = read_credits_before(&reader, snapshot, before);
+	index_close(reader.pkey, NoLock);
+	table_close(reader.heap, NoLock);
+	return !existed;
 }
 
 /* Whether the row's digest is the token's (the hash index's matches are not exact). */
@@ -395,7 +445,7 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 				found->alert_threshold = DatumGetInt32(threshold);
 		}
 		read_credit_columns(slot, &found->credit);
-		found->created_here = TransactionIdIsCurrentTransactionId(
+		found->written_here = TransactionIdIsCurrentTransactionId(
 			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
 	}
 
@@ -566,12 +616,12 @@ decide(text *token, ArrayType *required, Datum client_ip, bool client_ip_null,
  * Checks and spends the key's credits for a verification that would pass.
  * Returns false (USAGE_EXCEEDED) when it has fewer than cost left; a
  * standby, a server without the preload, or a full table refuses any cost
- * but 0 (fail closed) and reports the written balance.  A key this
- * transaction created is checked against its row alone and spends
- * nothing: it may yet roll back.
+ * but 0 (fail closed) and reports the written balance.  A balance this
+ * transaction set (a key it created, or credits it changed) is checked
+ * against its row alone and spends nothing: it may yet roll back.
  */
 static bool
-spend_credits(FoundKey *key, bool countable, int64 cost, CreditResult *credit)
+spend_credits(FoundKey *key, bool own_balance, int64 cost, CreditResult *credit)
 {
 	CreditRow  *row = &key->credit;
 	int32		period = credit_period(row->refill, GetCurrentTimestamp());
@@ -586,8 +636,8 @@ spend_credits(FoundKey *key, bool countable, int64 cost, CreditResult *credit)
 	credit->applies = true;
 	credit->cost = cost;
 	credit->remaining = written;
-	if (!countable || RecoveryInProgress())
-		return cost == 0 || (!countable && written >= cost);
+	if (own_balance || RecoveryInProgress())
+		return cost == 0 || (own_balance && written >= cost);
 
 	/*
 	 * Cost 0 too: it reports what is left now, spending not yet written
@@ -640,14 +690,20 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	/*
 	 * Counts and audit records name a key only if it will still exist when
 	 * they are written: not a key this transaction created, which may roll
-	 * back.
+	 * back.  A key it only updated existed before, and is counted, limited
+	 * and charged like any other, unless the update set its credits.
 	 */
-	bool		countable = *found_key && !key->created_here;
+	CreditRow	before = {0};
+	bool		inserted_here = *found_key && key->written_here &&
+		key_inserted_here(key, &before);
+	bool		countable = *found_key && !inserted_here;
+	bool		own_balance = inserted_here ||
+		(*found_key && key->written_here && before.gen != key->credit.gen);
 
 	limit->applies = false;
 	memset(credit, 0, sizeof(CreditResult));
 	if (code == VERIFY_VALID && key->credit.credits >= 0 &&
-		!spend_credits(key, countable, cost, credit))
+		!spend_credits(key, own_balance, cost, credit))
 		code = VERIFY_USAGE_EXCEEDED;
 	if (code == VERIFY_VALID && countable)
 	{
