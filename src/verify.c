@@ -700,6 +700,15 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	bool		own_balance = inserted_here ||
 		(*found_key && key->written_here && before.gen != key->credit.gen);
 
+	OwnerPolicy policy;
+
+	/*
+	 * The owner's policy is looked up first: that may wait for a lock, and
+	 * so be cancelled, and credits spent in shared memory are not given back
+	 * by an error.  Nothing after the spending raises.
+	 */
+	if (code == VERIFY_VALID && countable)
+		policy = policy_for_owner(key->owner);
 	limit->applies = false;
 	memset(credit, 0, sizeof(CreditResult));
 	if (code == VERIFY_VALID && key->credit.credits >= 0 &&
@@ -709,7 +718,6 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	{
 		int64		alert_requests;
 		int32		alert_threshold;
-		OwnerPolicy policy = policy_for_owner(key->owner);
 
 		alert_threshold = key->alert_threshold >= 0 ? key->alert_threshold : policy.alert_threshold;
 		if (usage_count_request(DatumGetUUIDP(key->id), key->rate_limit, key->rate_burst,
