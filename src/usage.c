@@ -13,6 +13,7 @@
 #include "postgres.h"
 
 #include "access/xlog.h"
+#include "common/hashfn.h"
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
@@ -59,10 +60,10 @@ typedef struct UsageCounters
 	int64		full_scan_minute;	/* under mutex */
 } UsageCounters;
 
-/* An entry whose rate-limit state could not be carried over from the day before. */
-#define TAT_UNKNOWN		((TimestampTz) -1)
 /* The day of owners' rate-limit entries: no key's. */
 #define OWNER_DAY		(-1)
+/* The day of keys' rate-limit entries, one a key whatever the date. */
+#define RATE_DAY		(-2)
 
 static HTAB *usage_table = NULL;
 static UsageCounters *usage_counters = NULL;
@@ -84,6 +85,20 @@ static inline bool
 counts_empty(const UsageCounts *c)
 {
 	return c->requests == 0 && c->failures == 0;
+}
+
+/*
+ * Hashes an entry's key without its day, so that all of a key's entries
+ * (each day's counts and its rate-limit state) share a partition: one lock
+ * covers them together.  Keys compare as bytes (padding zeroed).
+ */
+static uint32
+usage_hash(const void *key, Size keysize)
+{
+	const UsageKey *k = (const UsageKey *) key;
+
+	return hash_combine(hash_bytes_uint32((uint32) k->dboid),
+						hash_bytes((const unsigned char *) &k->key_id, sizeof(pg_uuid_t)));
 }
 
 /* Reserves the table and its partition locks, a tranche of their own (postmaster). */
@@ -121,10 +136,11 @@ usage_shmem_startup(void)
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(UsageKey);
 	info.entrysize = sizeof(UsageEntry);
+	info.hash = usage_hash;
 	info.num_partitions = USAGE_PARTITIONS;
 	usage_table = ShmemInitHash("apikeys usage", max_tracked_keys,
 								max_tracked_keys, &info,
-								HASH_ELEM | HASH_BLOBS | HASH_PARTITION);
+								HASH_ELEM | HASH_FUNCTION | HASH_PARTITION);
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -263,41 +279,6 @@ evict_idle(int64 minute, TimestampTz now)
 }
 
 /*
- * The rate-limit state a key's new entry for a day starts from: that of its
- * entry for the day before, so that no burst is handed out at midnight.
- * None (0) when there is no such entry: it was never used, or was forgotten
- * once its state no longer mattered.  TAT_UNKNOWN when that entry's
- * partition is busy: it is not waited for (the caller holds another
- * partition's lock, and two such waits could deadlock).  Call with the new
- * entry's partition lock held exclusively.
- */
-static TimestampTz
-previous_day_tat(const UsageKey *key, LWLock *held)
-{
-	UsageKey	previous = *key;
-	uint32		hashvalue;
-	LWLock	   *lock;
-	UsageEntry *e;
-	TimestampTz tat = 0;
-
-	previous.day--;
-	hashvalue = get_hash_value(usage_table, &previous);
-	lock = partition_lock(hashvalue);
-	if (lock != held && !LWLockConditionalAcquire(lock, LW_SHARED))
-		return TAT_UNKNOWN;
-	e = hash_search_with_hash_value(usage_table, &previous, hashvalue, HASH_FIND, NULL);
-	if (e != NULL)
-	{
-		SpinLockAcquire(&e->mutex);
-		tat = e->tat;
-		SpinLockRelease(&e->mutex);
-	}
-	if (lock != held)
-		LWLockRelease(lock);
-	return tat;
-}
-
-/*
  * Finds the entry, adding none.  Returns it with its partition's lock held
  * shared (in *lock), or NULL with no lock held.
  */
@@ -320,6 +301,86 @@ find_entry(const pg_uuid_t *key_id, int32 day, LWLock **lock)
 }
 
 /*
+ * Finds or adds an entry, without waiting for room: NULL when the table is
+ * full.  Call with its partition's lock held exclusively.
+ */
+static UsageEntry *
+enter_entry(const UsageKey *key, uint32 hashvalue)
+{
+	UsageEntry *e;
+	bool		found;
+
+	e = hash_search_with_hash_value(usage_table, key, hashvalue, HASH_FIND, NULL);
+	/* A shared hash can outgrow its size into spare shared memory: cap it. */
+	if (e != NULL || hash_get_num_entries(usage_table) >= max_tracked_keys)
+		return e;
+	e = hash_search_with_hash_value(usage_table, key, hashvalue, HASH_ENTER_NULL, &found);
+	if (e != NULL && !found)
+	{
+		SpinLockInit(&e->mutex);
+		memset(&e->pending, 0, sizeof(UsageCounts));
+		memset(&e->inflight, 0, sizeof(UsageCounts));
+		e->inflight_xid = InvalidTransactionId;
+		e->minute = 0;
+		e->minute_count = 0;
+		e->alerted_minute = 0;
+		e->tat = 0;
+	}
+	return e;
+}
+
+/*
+ * Finds or adds a key's entry for a day (*e) and, with rate, its
+ * rate-limit entry (*r); either is NULL when there is no room for it (a
+ * full table keeps a rate-limit state that still matters, while the day's
+ * entry may have been forgotten).  Returns false, with no lock held, when
+ * both are; else true with their partition's lock held (in *lock; shared
+ * when both existed, exclusive when one was just added).
+ */
+static bool
+get_key_entries(const pg_uuid_t *key_id, int32 day, int64 minute, bool rate,
+				UsageEntry **e, UsageEntry **r, LWLock **lock)
+{
+	UsageKey	day_key;
+	UsageKey	rate_key;
+	uint32		hashvalue;
+
+	usage_key(&day_key, MyDatabaseId, day, key_id);
+	usage_key(&rate_key, MyDatabaseId, RATE_DAY, key_id);
+	hashvalue = get_hash_value(usage_table, &day_key);
+	*lock = partition_lock(hashvalue);
+	*r = NULL;
+
+	LWLockAcquire(*lock, LW_SHARED);
+	*e = hash_search_with_hash_value(usage_table, &day_key, hashvalue, HASH_FIND, NULL);
+	if (rate)
+		*r = hash_search_with_hash_value(usage_table, &rate_key, hashvalue, HASH_FIND, NULL);
+	if (*e != NULL && (!rate || *r != NULL))
+		return true;
+	LWLockRelease(*lock);
+
+	if (hash_get_num_entries(usage_table) + (rate ? 2 : 1) > max_tracked_keys)
+		evict_idle(minute, GetCurrentTimestamp());
+
+	LWLockAcquire(*lock, LW_EXCLUSIVE);
+	*e = enter_entry(&day_key, hashvalue);
+	if (rate)
+		*r = enter_entry(&rate_key, hashvalue);
+	if (*e == NULL)
+	{
+		SpinLockAcquire(&usage_counters->mutex);
+		usage_counters->untracked++;
+		SpinLockRelease(&usage_counters->mutex);
+		if (*r == NULL)
+		{
+			LWLockRelease(*lock);
+			return false;
+		}
+	}
+	return true;
+}
+
+/*
  * Finds or adds the entry.  Returns it with its partition's lock held (in
  * *lock; shared when the entry existed, exclusive when it was just added),
  * or NULL with no lock held when there is no room.
@@ -327,49 +388,10 @@ find_entry(const pg_uuid_t *key_id, int32 day, LWLock **lock)
 static UsageEntry *
 get_entry(const pg_uuid_t *key_id, int32 day, int64 minute, LWLock **lock)
 {
-	UsageKey	key;
-	uint32		hashvalue;
 	UsageEntry *e;
-	bool		found;
+	UsageEntry *unused;
 
-	e = find_entry(key_id, day, lock);
-	if (e != NULL)
-		return e;
-
-	usage_key(&key, MyDatabaseId, day, key_id);
-	hashvalue = get_hash_value(usage_table, &key);
-
-	if (hash_get_num_entries(usage_table) >= max_tracked_keys)
-		evict_idle(minute, GetCurrentTimestamp());
-
-	LWLockAcquire(*lock, LW_EXCLUSIVE);
-	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
-	if (e != NULL)
-		return e;
-	/* A shared hash can outgrow its size into spare shared memory: cap it. */
-	if (hash_get_num_entries(usage_table) < max_tracked_keys)
-	{
-		e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_ENTER_NULL, &found);
-		if (e != NULL && !found)
-		{
-			SpinLockInit(&e->mutex);
-			memset(&e->pending, 0, sizeof(UsageCounts));
-			memset(&e->inflight, 0, sizeof(UsageCounts));
-			e->inflight_xid = InvalidTransactionId;
-			e->minute = 0;
-			e->minute_count = 0;
-			e->alerted_minute = 0;
-			e->tat = previous_day_tat(&key, *lock);
-		}
-	}
-	if (e == NULL)
-	{
-		LWLockRelease(*lock);
-		SpinLockAcquire(&usage_counters->mutex);
-		usage_counters->untracked++;
-		SpinLockRelease(&usage_counters->mutex);
-	}
-	return e;
+	return get_key_entries(key_id, day, minute, false, &e, &unused, lock) ? e : NULL;
 }
 
 /*
@@ -392,8 +414,13 @@ gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, b
 	TimestampTz tat;
 	int64		ahead;
 
-	/* Unknown state: assume the burst was just spent, so that none is given twice. */
-	tat = e->tat == TAT_UNKNOWN ? now + tolerance : Max(e->tat, now);
+	/*
+	 * No state gets further ahead than a burst just spent; one that is (the
+	 * clock was set back) counts as that, not as a debt of the step.
+	 */
+	tat = Min(Max(e->tat, now), now + tolerance + interval);
+	if (take && tat < e->tat)
+		e->tat = tat;
 	limit->applies = true;
 	limit->limit = rate_limit;
 	if (tat - now > tolerance)
@@ -415,11 +442,17 @@ gcra_admit(UsageEntry *e, TimestampTz now, int32 rate_limit, int32 rate_burst, b
 	return true;
 }
 
-/* Takes back a request gcra_admit() let pass.  Call with the entry's spinlock held. */
+/*
+ * Takes back a request gcra_admit() let pass (and left the entry at
+ * admitted_tat), unless another request passed since: taking an interval
+ * off that one's state could let one request more through.  Call with the
+ * entry's spinlock held.
+ */
 static void
-gcra_undo(UsageEntry *e, int32 rate_limit)
+gcra_undo(UsageEntry *e, int32 rate_limit, TimestampTz admitted_tat)
 {
-	e->tat -= (USECS_PER_MINUTE + rate_limit - 1) / rate_limit;
+	if (e->tat == admitted_tat)
+		e->tat -= (USECS_PER_MINUTE + rate_limit - 1) / rate_limit;
 }
 
 /*
@@ -465,6 +498,50 @@ tighter_limit(UsageLimit *limit, const UsageLimit *key, bool key_ok,
 		*limit = *key;
 }
 
+/*
+ * Counts a request in its key's entry for the day: a use, or (refused by a
+ * rate limit) a failure; and whether it crossed the alert threshold.  Call
+ * with the entry's partition lock held.
+ */
+static UsageOutcome
+count_request(UsageEntry *e, bool allowed, TimestampTz now, int64 minute, int32 alert_threshold,
+			  int64 *alert_requests)
+{
+	/* A standby enforces rate limits but keeps no counts: nothing could write them. */
+	bool		standby = RecoveryInProgress();
+	UsageOutcome outcome = allowed ? USAGE_ALLOWED : USAGE_RATE_LIMITED;
+
+	SpinLockAcquire(&e->mutex);
+	if (e->minute != minute)
+	{
+		e->minute = minute;
+		e->minute_count = 0;
+	}
+	if (!allowed)
+	{
+		if (!standby)
+			e->pending.failures++;
+	}
+	else
+	{
+		e->minute_count++;
+		if (!standby)
+		{
+			e->pending.requests++;
+			e->pending.last_used_at = now;
+		}
+		if (alert_threshold > 0 && !standby &&
+			e->minute_count > alert_threshold &&
+			e->alerted_minute != minute)
+		{
+			e->alerted_minute = minute;
+			*alert_requests = e->minute_count;
+		}
+	}
+	SpinLockRelease(&e->mutex);
+	return outcome;
+}
+
 /* Counts a verification that would pass, enforcing the key's and its owner's rate limits. */
 UsageOutcome
 usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
@@ -475,11 +552,12 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	int64		minute;
 	int32		day;
 	UsageEntry *e;
+	UsageEntry *r;
 	LWLock	   *lock;
 	UsageOutcome outcome;
-	bool		standby;
-	bool		key_ok;
+	bool		key_ok = true;
 	bool		owner_ok = true;
+	TimestampTz admitted_tat = 0;
 	UsageLimit	key_limit = {false, 0, 0, 0};
 	UsageLimit	owner_limit = {false, 0, 0, 0};
 
@@ -490,66 +568,51 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	if (*alert_threshold < 0)
 		*alert_threshold = alert_requests_per_minute;
 
+	/*
+	 * The key's rate-limit state is an entry of its own, whatever the day:
+	 * midnight neither hands out a fresh burst nor splits the state between
+	 * two days' entries.  No room for it: the key is not limited, like an
+	 * untracked one; no room for the day's entry: the request is not counted.
+	 */
 	now_parts(&now, &minute, &day);
-	e = get_entry(key_id, day, minute, &lock);
-	if (e == NULL)
+	if (!get_key_entries(key_id, day, minute, rate_limit > 0, &e, &r, &lock))
 		return USAGE_UNTRACKED;
-
-	/* A standby enforces rate limits but keeps no counts: nothing could write them. */
-	standby = RecoveryInProgress();
-	SpinLockAcquire(&e->mutex);
-	if (e->minute != minute)
+	if (r != NULL)
 	{
-		e->minute = minute;
-		e->minute_count = 0;
+		SpinLockAcquire(&r->mutex);
+		key_ok = gcra_admit(r, now, rate_limit, rate_burst, true, &key_limit);
+		admitted_tat = r->tat;
+		SpinLockRelease(&r->mutex);
 	}
-	key_ok = rate_limit <= 0 || gcra_admit(e, now, rate_limit, rate_burst, true, &key_limit);
 	if (key_ok && owner_rate_limit > 0)
 	{
 		/*
 		 * The owner's state is in another partition: this one is let go
 		 * first, since holding one partition while waiting for another could
-		 * deadlock with a pass over the whole table.  The key's entry, used
-		 * this minute, is not idle, so it is found again.
+		 * deadlock with a pass over the whole table.  The key's entries, used
+		 * now, are not idle, so they are found again.
 		 */
-		SpinLockRelease(&e->mutex);
 		LWLockRelease(lock);
 		owner_ok = owner_admit(owner_id, owner_rate_limit, now, minute, true, &owner_limit);
-		e = get_entry(key_id, day, minute, &lock);
-		if (e == NULL)
+		if (!get_key_entries(key_id, day, minute, !owner_ok && r != NULL, &e, &r, &lock))
 		{
 			tighter_limit(limit, &key_limit, key_ok, &owner_limit, owner_ok);
 			return owner_ok ? USAGE_UNTRACKED : USAGE_RATE_LIMITED;
 		}
-		SpinLockAcquire(&e->mutex);
-		if (!owner_ok && rate_limit > 0)
-			gcra_undo(e, rate_limit);
+		if (r != NULL)
+		{
+			SpinLockAcquire(&r->mutex);
+			gcra_undo(r, rate_limit, admitted_tat);
+			SpinLockRelease(&r->mutex);
+		}
 	}
 	tighter_limit(limit, &key_limit, key_ok, &owner_limit, owner_ok);
-	if (!key_ok || !owner_ok)
-	{
-		if (!standby)
-			e->pending.failures++;
-		outcome = USAGE_RATE_LIMITED;
-	}
+
+	if (e != NULL)
+		outcome = count_request(e, key_ok && owner_ok, now, minute, *alert_threshold,
+								alert_requests);
 	else
-	{
-		e->minute_count++;
-		if (!standby)
-		{
-			e->pending.requests++;
-			e->pending.last_used_at = now;
-		}
-		outcome = USAGE_ALLOWED;
-		if (*alert_threshold > 0 && !standby &&
-			e->minute_count > *alert_threshold &&
-			e->alerted_minute != minute)
-		{
-			e->alerted_minute = minute;
-			*alert_requests = e->minute_count;
-		}
-	}
-	SpinLockRelease(&e->mutex);
+		outcome = key_ok && owner_ok ? USAGE_UNTRACKED : USAGE_RATE_LIMITED;
 	LWLockRelease(lock);
 
 	/*

@@ -16,7 +16,7 @@ as_postgres() {
 install_packages() {
     local pkgs=(build-essential postgresql-15 postgresql-server-dev-15
                 libsodium-dev libipc-run-perl python3-psycopg python3-psycopg-pool
-                nodejs npm pgbouncer)
+                nodejs npm pgbouncer libfaketime)
     local missing=()
     for p in "${pkgs[@]}"; do
         # NodeSource's nodejs brings its own npm and conflicts with Debian's.
