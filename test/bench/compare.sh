@@ -11,7 +11,7 @@
 # binaries), so both versions of apikeys run at once; this tree is installed
 # into the system's PostgreSQL as run.sh does.  Only one cluster is busy at
 # a time.  Knobs: BENCH_KEYS (200000), BENCH_SECONDS (10), BENCH_WARMUP (12),
-# BENCH_ROUNDS (3), BENCH_CLIENTS (2), BENCH_VARIANTS ("b d e f i w"),
+# BENCH_ROUNDS (3), BENCH_CLIENTS (2), BENCH_VARIANTS ("b d e f i w"; also h, p),
 # APIKEYS_COMPARE_DIR, and the two ports APIKEYS_COMPARE_PORT (54331 and
 # the next).
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -67,12 +67,14 @@ bench_scripts "$SCRIPTS"
 REV_KEYS=$((KEYS / 10))
 declare -A TPS
 read -r -a variants <<<"${BENCH_VARIANTS:-b d e f i w}"
-# (i): the sixth tenth, keys with credits (see bench_load).  (w): not a
-# rate but the worker's time, in ms, to write what a run of (d) left.
-declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [i]=d.sql)
-declare -A LO=([b]=$((REV_KEYS + 1)) [d]=$((REV_KEYS + 1)) [e]=1 [f]=1 [i]=$((5 * REV_KEYS + 1))
-               [w]=$((REV_KEYS + 1)))
-declare -A HI=([b]=$KEYS [d]=$KEYS [e]=$KEYS [f]=$REV_KEYS [i]=$((6 * REV_KEYS)) [w]=$KEYS)
+# (h): the second tenth, rate-limited keys; (p): the third, plain ones;
+# (i): the sixth, keys with credits (see bench_load).  (w): not a rate but
+# the worker's time, in ms, to write what a run of (d) left.
+declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [h]=d.sql [p]=d.sql [i]=d.sql)
+declare -A LO=([b]=$((REV_KEYS + 1)) [d]=$((REV_KEYS + 1)) [e]=1 [f]=1 [h]=$((REV_KEYS + 1))
+               [p]=$((2 * REV_KEYS + 1)) [i]=$((5 * REV_KEYS + 1)) [w]=$((REV_KEYS + 1)))
+declare -A HI=([b]=$KEYS [d]=$KEYS [e]=$KEYS [f]=$REV_KEYS [h]=$((2 * REV_KEYS))
+               [p]=$((3 * REV_KEYS)) [i]=$((6 * REV_KEYS)) [w]=$KEYS)
 echo "== $ROUNDS rounds, ${SECONDS_EACH}s a run after ${WARMUP}s warm-up, $CLIENTS clients; sides alternate"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) = 1 ]; then order=(before after); else order=(after before); fi
@@ -93,6 +95,7 @@ echo "before: $REV ($(git -C "$REPO" rev-parse --short "$REV")); after: this tre
 printf '%-44s %9s %9s %7s   %s\n' "variant" "before" "after" "after/" "each round (before | after)"
 declare -A labels=([b]="(b) hand-written SHA-256 lookup (pgcrypto)" [d]="(d) apikeys.verify, valid keys"
                    [e]="(e) apikeys.verify, malformed tokens" [f]="(f) apikeys.verify, revoked keys"
+                   [h]="(h) apikeys.verify, rate-limited keys" [p]="(p) apikeys.verify, plain keys"
                    [i]="(i) apikeys.verify, keys with credits"
                    [w]="(w) worker's flush after a run of (d), ms")
 for v in "${variants[@]}"; do
