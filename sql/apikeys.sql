@@ -1083,6 +1083,7 @@ BEGIN
             v_old.allowed_ips, v_old.alert_requests_per_minute, v_old.rate_burst,
             apikeys._credits_left(v_old), v_old.credits_refill_amount,
             v_old.credits_refill_interval);
+    PERFORM apikeys._rate_carry(v_old.id, v_new_id);
 
     -- The balance moves to the new key rather than being copied: during a
     -- grace the old key keeps working for calls that cost nothing.
@@ -1147,6 +1148,12 @@ COMMENT ON FUNCTION apikeys._credits_base(apikeys.keys, integer) IS 'Internal: a
 CREATE FUNCTION apikeys._credits_unflushed(key_id uuid, period integer) RETURNS bigint
     AS 'MODULE_PATHNAME', 'apikeys_credits_unflushed' LANGUAGE C VOLATILE STRICT;
 COMMENT ON FUNCTION apikeys._credits_unflushed(uuid, integer) IS 'Internal: credits of a key spent in a refill period and not yet written, as the caller''s snapshot sees the table (0 without the preload).';
+
+-- rotate's new key takes over the old one's rate-limit allowance, spent as
+-- far as it is: a rotation hands out no fresh burst.
+CREATE FUNCTION apikeys._rate_carry(from_key uuid, to_key uuid) RETURNS void
+    AS 'MODULE_PATHNAME', 'apikeys_rate_carry' LANGUAGE C VOLATILE STRICT;
+COMMENT ON FUNCTION apikeys._rate_carry(uuid, uuid) IS 'Internal: gives to_key the rate-limit state from_key has in shared memory, unless its own is further ahead (nothing without the preload).';
 
 -- What a key has left now; NULL when it has no credit limit.
 CREATE FUNCTION apikeys._credits_left(k apikeys.keys) RETURNS bigint

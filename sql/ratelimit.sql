@@ -98,6 +98,13 @@ SELECT code, ratelimit_limit, ratelimit_remaining,
 SELECT code, ratelimit_limit, ratelimit_remaining,
        ratelimit_reset - now() > interval '45 seconds' AS reset_is_owners
   FROM apikeys.verify(:'qa');
+-- A rotation hands out no fresh burst: the new key takes over the old
+-- one's allowance, spent as far as it is.
+SELECT key_id AS rk, token AS rt FROM apikeys.create_key('rl-a', 'rotated', rate_limit => 1, rate_burst => 0) \gset
+SELECT code FROM apikeys.verify(:'rt');
+SELECT code FROM apikeys.verify(:'rt');
+SELECT token AS rt2 FROM apikeys.rotate(:'rk', 'rl-a') \gset
+SELECT code, ratelimit_remaining FROM apikeys.verify(:'rt2');
 -- Bounds: 22023, and the plan is unchanged.
 SELECT pg_temp.try($$UPDATE apikeys.plans SET rate_limit = 0 WHERE name = 'metered'$$) AS zero_plan_limit;
 SELECT rate_limit FROM apikeys.plans WHERE name = 'metered';

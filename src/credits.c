@@ -13,7 +13,10 @@
  * A verification that reads a newer generation than the entry's reloads
  * the balance: the column as the latest snapshot sees it, less the
  * spending that column does not hold yet (pending, and in flight unless
- * that snapshot sees the flush committed).  A standby spends nothing:
+ * that snapshot sees the flush committed).  Each balance names the
+ * apikeys.keys it is of: a table dropped and made again (pg_restore
+ * --clean) has rows that know nothing of the old one's balances and
+ * spending, which are forgotten.  A standby spends nothing:
  * nothing there could write it, and its balance would not be the
  * primary's; credit-limited keys are refused there (see verify.c).
  */
@@ -21,6 +24,7 @@
 
 #include "access/transam.h"
 #include "access/xlog.h"
+#include "catalog/namespace.h"
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgtime.h"
@@ -31,6 +35,7 @@
 #include "utils/datetime.h"
 #include "utils/guc.h"
 #include "utils/hsearch.h"
+#include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
 
 #include "credits.h"
@@ -51,6 +56,7 @@ typedef struct CreditEntry
 {
 	CreditKey	key;
 	slock_t		mutex;
+	Oid			relid;			/* the apikeys.keys whose row balance is of */
 	int64		gen;			/* the row generation balance follows; -1: none yet */
 	CreditRefill refill;		/* that generation's refill */
 	int64		refill_amount;
@@ -330,7 +336,7 @@ load_entry(CreditEntry *e, CreditRowReader reader, void *arg)
 
 /* Spends cost credits of a key unless it has fewer left. */
 CreditOutcome
-credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
+credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 cost,
 			  CreditRowReader reader, void *reader_arg, int64 *remaining, int32 *period)
 {
 	CreditKey	key;
@@ -359,7 +365,7 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 	if (e != NULL)
 	{
 		SpinLockAcquire(&e->mutex);
-		if (e->gen >= row->gen)
+		if (e->relid == relid && e->gen >= row->gen)
 		{
 			enter_period(e, now);
 			spent = spend(e, cost, remaining, period);
@@ -387,9 +393,15 @@ credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
 		return CREDITS_REFUSED;
 	}
 	if (!found)
-	{
-		/* Fully set before anything can fail: a failed load leaves it to reload. */
 		SpinLockInit(&e->mutex);
+	if (!found || e->relid != relid)
+	{
+		/*
+		 * Fully set before anything can fail: a failed load leaves it to
+		 * reload.  An entry of another table's row loses its spending too:
+		 * that table is gone, and the spending has nowhere to go.
+		 */
+		e->relid = relid;
 		e->gen = -1;
 		e->refill = REFILL_NONE;
 		e->refill_amount = 0;
@@ -466,9 +478,13 @@ settle_inflight(CreditEntry *e, bool committed)
 	e->inflight_xid = InvalidTransactionId;
 }
 
-/* Takes a database's unwritten spending for a flush transaction. */
+/*
+ * Takes a database's unwritten spending for a flush transaction; that of
+ * balances of another apikeys.keys than relid (InvalidOid: the extension
+ * is gone) is forgotten, as it has nowhere to go.
+ */
 int
-credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **result)
+credits_take_pending(Oid dboid, Oid relid, TransactionId xid, CreditDelta **result)
 {
 	HASH_SEQ_STATUS status;
 	CreditEntry *e;
@@ -496,6 +512,8 @@ credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **result)
 		SpinLockAcquire(&e->mutex);
 		if (TransactionIdIsValid(earlier))
 			settle_inflight(e, committed);
+		if (e->relid != relid)
+			e->pending = 0;
 		if (e->pending != 0)
 		{
 			if (n == size)
@@ -657,6 +675,8 @@ apikeys_credits_unflushed(PG_FUNCTION_ARGS)
 	CreditEntry *e;
 	int32		period = PG_GETARG_INT32(1);
 	int64		unwritten = 0;
+	Oid			nsp = get_namespace_oid("apikeys", true);
+	Oid			relid = OidIsValid(nsp) ? get_relname_relid("keys", nsp) : InvalidOid;
 
 	if (credit_table == NULL)
 		PG_RETURN_INT64(0);
@@ -665,7 +685,7 @@ apikeys_credits_unflushed(PG_FUNCTION_ARGS)
 	lock = partition_lock(hashvalue);
 	LWLockAcquire(lock, LW_SHARED);
 	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
-	if (e != NULL)
+	if (e != NULL && e->relid == relid)
 	{
 		TransactionId xid;
 		int64		inflight;

@@ -68,15 +68,15 @@ extern int32 credit_period(CreditRefill refill, TimestampTz at);
  * case returns CREDITS_NEED_READER having changed nothing, so that the
  * caller opens the table only when it is read.
  */
-extern CreditOutcome credits_spend(const pg_uuid_t *key_id, const CreditRow *row, int64 cost,
-								   CreditRowReader reader, void *reader_arg,
+extern CreditOutcome credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row,
+								   int64 cost, CreditRowReader reader, void *reader_arg,
 								   int64 *remaining, int32 *period);
 
 /* Gives back what credits_spend() took, when the request was refused after all. */
 extern void credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaining);
 
 /* Takes a database's unwritten spending for the flush transaction xid; returns how many. */
-extern int	credits_take_pending(Oid dboid, TransactionId xid, CreditDelta **out);
+extern int	credits_take_pending(Oid dboid, Oid relid, TransactionId xid, CreditDelta **out);
 
 /*
  * Before the flush transaction xid commits: takes back the spending it

@@ -957,3 +957,44 @@ apikeys_pending_usage(PG_FUNCTION_ARGS)
 	nulls[2] = counts.last_used_at == 0;
 	PG_RETURN_DATUM(HeapTupleGetDatum(heap_form_tuple(tupdesc, values, nulls)));
 }
+
+PG_FUNCTION_INFO_V1(apikeys_rate_carry);
+
+/*
+ * _rate_carry(from_key, to_key): gives to_key from_key's rate-limit state,
+ * unless its own is further ahead, so that rotate's new key takes over the
+ * allowance spent so far.  Nothing without the preload, or when from_key's
+ * whole allowance is back.
+ */
+Datum
+apikeys_rate_carry(PG_FUNCTION_ARGS)
+{
+	TimestampTz now;
+	int64		minute;
+	int32		day;
+	LWLock	   *lock;
+	UsageEntry *e;
+	TimestampTz tat;
+
+	if (usage_table == NULL)
+		PG_RETURN_VOID();
+	e = find_entry(PG_GETARG_UUID_P(0), RATE_DAY, &lock);
+	if (e == NULL)
+		PG_RETURN_VOID();
+	SpinLockAcquire(&e->mutex);
+	tat = e->tat;
+	SpinLockRelease(&e->mutex);
+	LWLockRelease(lock);
+
+	now_parts(&now, &minute, &day);
+	if (tat <= now)
+		PG_RETURN_VOID();
+	e = get_entry(PG_GETARG_UUID_P(1), RATE_DAY, minute, &lock);
+	if (e == NULL)
+		PG_RETURN_VOID();
+	SpinLockAcquire(&e->mutex);
+	e->tat = Max(e->tat, tat);
+	SpinLockRelease(&e->mutex);
+	LWLockRelease(lock);
+	PG_RETURN_VOID();
+}

@@ -645,16 +645,16 @@ spend_credits(FoundKey *key, bool own_balance, int64 cost, CreditResult *credit)
 	 * (re)load is read through relations opened (and locked) here, before
 	 * credits_spend() takes any lightweight lock.
 	 */
-	outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, NULL, NULL,
+	keys_relation_oids(&relid, &indexid);
+	outcome = credits_spend(DatumGetUUIDP(key->id), relid, row, cost, NULL, NULL,
 							&credit->remaining, &credit->period);
 	if (outcome == CREDITS_NEED_READER)
 	{
-		keys_relation_oids(&relid, &indexid);
 		pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
 		reader.heap = table_open(relid, AccessShareLock);
 		reader.pkey = index_open(pkey, AccessShareLock);
 		reader.key_id = key->id;
-		outcome = credits_spend(DatumGetUUIDP(key->id), row, cost, read_latest_credits,
+		outcome = credits_spend(DatumGetUUIDP(key->id), relid, row, cost, read_latest_credits,
 								&reader, &credit->remaining, &credit->period);
 		index_close(reader.pkey, NoLock);
 		table_close(reader.heap, NoLock);

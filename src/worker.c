@@ -657,6 +657,13 @@ delta_cmp(const void *a, const void *b)
 	return (x->day > y->day) - (x->day < y->day);
 }
 
+/* The OID of apikeys.keys, whose rows the spending is of (InvalidOid if it is missing). */
+static Oid
+keys_relid(void)
+{
+	return RangeVarGetRelid(makeRangeVar("apikeys", "keys", -1), NoLock, true);
+}
+
 /* Holds one flush's usage deltas. */
 static MemoryContext deltas_cxt = NULL;
 
@@ -685,7 +692,7 @@ flush_usage(Oid dboid, bool installed)
 	/* The deltas outlive the transaction: usage_flush_done() needs them after commit. */
 	oldcxt = MemoryContextSwitchTo(deltas_cxt);
 	n = usage_take_pending(dboid, xid, &deltas);
-	n_credits = credits_take_pending(dboid, xid, &credits);
+	n_credits = credits_take_pending(dboid, installed ? keys_relid() : InvalidOid, xid, &credits);
 	MemoryContextSwitchTo(oldcxt);
 	qsort(deltas, n, sizeof(UsageDelta), delta_cmp);
 	if (installed && n > 0)
