@@ -105,6 +105,17 @@ SELECT code FROM apikeys.verify(:'rt');
 SELECT code FROM apikeys.verify(:'rt');
 SELECT token AS rt2 FROM apikeys.rotate(:'rk', 'rl-a') \gset
 SELECT code, ratelimit_remaining FROM apikeys.verify(:'rt2');
+-- A raised limit forgives what the key ran ahead beyond a burst under the
+-- new limit: 6 spent at 1 a minute (6 minutes ahead), then 60000 a minute
+-- (1 ms apart): refused for about an interval, not six minutes.
+SELECT key_id AS fk, token AS ft FROM apikeys.create_key('rl-a', 'raised', rate_limit => 1, rate_burst => 5) \gset
+SELECT count(*) FILTER (WHERE v.code = 'VALID') AS valid
+  FROM generate_series(1, 7) i, LATERAL apikeys.verify(CASE WHEN i > 0 THEN :'ft' END) v;
+SELECT rate_limit FROM apikeys.update_key(:'fk', 'rl-a', rate_limit => 60000);
+SELECT code, ratelimit_reset - clock_timestamp() < interval '1 second' AS passes_within_a_second
+  FROM apikeys.verify(:'ft');
+SELECT pg_sleep(0.01);
+SELECT code FROM apikeys.verify(:'ft');
 -- Bounds: 22023, and the plan is unchanged.
 SELECT pg_temp.try($$UPDATE apikeys.plans SET rate_limit = 0 WHERE name = 'metered'$$) AS zero_plan_limit;
 SELECT rate_limit FROM apikeys.plans WHERE name = 'metered';

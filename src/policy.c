@@ -122,13 +122,13 @@ int_column(TupleTableSlot *slot, AttrNumber attnum)
 
 /*
  * The policy of the plan named plan_name; or, when plan_name is NULL,
- * whether any plan sets one.  Returns false when none is found.
+ * whether any plan sets one.  Returns false when none is found.  plans is
+ * read by the OID given: opening it may accept an invalidation that
+ * forgets the cached one.
  */
 static bool
-plan_policy(Snapshot snapshot, Datum plan_name, OwnerPolicy *policy)
+plan_policy(Oid relid, Snapshot snapshot, Datum plan_name, OwnerPolicy *policy)
 {
-	/* Opening may accept an invalidation that forgets plans_relid. */
-	Oid			relid = plans_relid;
 	Relation	plans = table_open(relid, AccessShareLock);
 	AttrNumber	att_name = get_attnum(relid, "name");
 	AttrNumber	att_threshold = get_attnum(relid, "alert_requests_per_minute");
@@ -173,12 +173,13 @@ plan_policy(Snapshot snapshot, Datum plan_name, OwnerPolicy *policy)
 	return found;
 }
 
-/* The policy of the owner's plan, read from the tables, with the owner's id when it limits. */
+/*
+ * The policy of the owner's plan, read from the tables (by the OIDs given,
+ * as in plan_policy()), with the owner's id when it limits.
+ */
 static OwnerPolicy
-lookup_owner_policy(Snapshot snapshot, Datum owner)
+lookup_owner_policy(Oid relid, Oid plans, Snapshot snapshot, Datum owner)
 {
-	/* Opening may accept an invalidation that forgets owners_relid. */
-	Oid			relid = owners_relid;
 	Relation	owners = table_open(relid, AccessShareLock);
 	Oid			indexid = get_relname_relid("owners_pkey", get_rel_namespace(relid));
 	AttrNumber	att_plan = get_attnum(relid, "plan");
@@ -201,7 +202,7 @@ lookup_owner_policy(Snapshot snapshot, Datum owner)
 			Datum		plan = slot_getattr(slot, att_plan, &isnull);
 
 			if (!isnull)
-				(void) plan_policy(snapshot, plan, &result);
+				(void) plan_policy(plans, snapshot, plan, &result);
 		}
 		index_endscan(scan);
 		ExecDropSingleTupleTableSlot(slot);
@@ -248,19 +249,19 @@ policy_for_owner(Datum owner)
 		if (!policy_relations())
 			return no_policy;
 		snapshot = RegisterSnapshot(GetLatestSnapshot());
-		state = plan_policy(snapshot, (Datum) 0, &policy)
+		state = plan_policy(plans_relid, snapshot, (Datum) 0, &policy)
 			? PLANS_WITH_POLICIES : PLANS_WITHOUT_POLICIES;
 		UnregisterSnapshot(snapshot);
 		if (policy_resets == resets)
 			plans_state = state;
 	}
-	if (plans_state != PLANS_WITH_POLICIES)
+	if (plans_state != PLANS_WITH_POLICIES || !policy_relations())
 		return no_policy;
 
 	if (len >= POLICY_OWNER_LEN)
 	{
 		snapshot = RegisterSnapshot(GetLatestSnapshot());
-		policy = lookup_owner_policy(snapshot, owner);
+		policy = lookup_owner_policy(owners_relid, plans_relid, snapshot, owner);
 		UnregisterSnapshot(snapshot);
 		return policy;
 	}
@@ -275,7 +276,7 @@ policy_for_owner(Datum owner)
 	}
 
 	snapshot = RegisterSnapshot(GetLatestSnapshot());
-	policy = lookup_owner_policy(snapshot, owner);
+	policy = lookup_owner_policy(owners_relid, plans_relid, snapshot, owner);
 	UnregisterSnapshot(snapshot);
 
 	/* The lookup may have accepted an invalidation that reset the cache. */

@@ -333,9 +333,10 @@ enter_entry(const UsageKey *key, uint32 hashvalue)
  * Finds or adds a key's entry for a day (*e) and, with rate, its
  * rate-limit entry (*r); either is NULL when there is no room for it (a
  * full table keeps a rate-limit state that still matters, while the day's
- * entry may have been forgotten).  Returns false, with no lock held, when
- * both are; else true with their partition's lock held (in *lock; shared
- * when both existed, exclusive when one was just added).
+ * entry may have been forgotten), and the request then counts as
+ * untracked.  Returns false, with no lock held, when both are; else true
+ * with their partition's lock held (in *lock; shared when both existed,
+ * exclusive when one was just added).
  */
 static bool
 get_key_entries(const pg_uuid_t *key_id, int32 day, int64 minute, bool rate,
@@ -362,16 +363,17 @@ get_key_entries(const pg_uuid_t *key_id, int32 day, int64 minute, bool rate,
 	if (hash_get_num_entries(usage_table) + (rate ? 2 : 1) > max_tracked_keys)
 		evict_idle(minute, GetCurrentTimestamp());
 
+	/* The rate-limit state first: with one entry left, limiting matters more than counting. */
 	LWLockAcquire(*lock, LW_EXCLUSIVE);
-	*e = enter_entry(&day_key, hashvalue);
 	if (rate)
 		*r = enter_entry(&rate_key, hashvalue);
-	if (*e == NULL)
+	*e = enter_entry(&day_key, hashvalue);
+	if (*e == NULL || (rate && *r == NULL))
 	{
 		SpinLockAcquire(&usage_counters->mutex);
 		usage_counters->untracked++;
 		SpinLockRelease(&usage_counters->mutex);
-		if (*r == NULL)
+		if (*e == NULL && *r == NULL)
 		{
 			LWLockRelease(*lock);
 			return false;
@@ -969,9 +971,8 @@ PG_FUNCTION_INFO_V1(apikeys_rate_carry);
 Datum
 apikeys_rate_carry(PG_FUNCTION_ARGS)
 {
-	TimestampTz now;
-	int64		minute;
-	int32		day;
+	UsageKey	key;
+	uint32		hashvalue;
 	LWLock	   *lock;
 	UsageEntry *e;
 	TimestampTz tat;
@@ -986,15 +987,20 @@ apikeys_rate_carry(PG_FUNCTION_ARGS)
 	SpinLockRelease(&e->mutex);
 	LWLockRelease(lock);
 
-	now_parts(&now, &minute, &day);
-	if (tat <= now)
+	if (tat <= GetCurrentTimestamp())
 		PG_RETURN_VOID();
-	e = get_entry(PG_GETARG_UUID_P(1), RATE_DAY, minute, &lock);
-	if (e == NULL)
-		PG_RETURN_VOID();
-	SpinLockAcquire(&e->mutex);
-	e->tat = Max(e->tat, tat);
-	SpinLockRelease(&e->mutex);
+	/* No room: the new key starts afresh (no verification went untracked). */
+	usage_key(&key, MyDatabaseId, RATE_DAY, PG_GETARG_UUID_P(1));
+	hashvalue = get_hash_value(usage_table, &key);
+	lock = partition_lock(hashvalue);
+	LWLockAcquire(lock, LW_EXCLUSIVE);
+	e = enter_entry(&key, hashvalue);
+	if (e != NULL)
+	{
+		SpinLockAcquire(&e->mutex);
+		e->tat = Max(e->tat, tat);
+		SpinLockRelease(&e->mutex);
+	}
 	LWLockRelease(lock);
 	PG_RETURN_VOID();
 }

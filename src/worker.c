@@ -657,11 +657,14 @@ delta_cmp(const void *a, const void *b)
 	return (x->day > y->day) - (x->day < y->day);
 }
 
-/* The OID of apikeys.keys, whose rows the spending is of (InvalidOid if it is missing). */
+/*
+ * The OID of apikeys.keys, whose rows the spending is of (InvalidOid if it
+ * is missing), locked so that it stays the table this flush writes.
+ */
 static Oid
 keys_relid(void)
 {
-	return RangeVarGetRelid(makeRangeVar("apikeys", "keys", -1), NoLock, true);
+	return RangeVarGetRelid(makeRangeVar("apikeys", "keys", -1), AccessShareLock, true);
 }
 
 /* Holds one flush's usage deltas. */
