@@ -372,8 +372,11 @@ CREATE FUNCTION apikeys._rate_carry(from_key uuid, to_key uuid) RETURNS void
 COMMENT ON FUNCTION apikeys._rate_carry(uuid, uuid) IS 'Internal: gives to_key the rate-limit state from_key has in shared memory, unless its own is further ahead (nothing without the preload).';
 
 -- What a key has left now; NULL when it has no credit limit.
+-- STABLE: it reads the shared-memory spending with its caller's snapshot,
+-- the one that read k (a snapshot of its own, taken later, could see a
+-- flush commit that k's column does not hold).
 CREATE FUNCTION apikeys._credits_left(k apikeys.keys) RETURNS bigint
-    LANGUAGE sql VOLATILE
+    LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
     SELECT GREATEST(apikeys._credits_base(k, p.period)

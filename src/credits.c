@@ -67,6 +67,9 @@ typedef struct CreditEntry
 	CreditRefill inflight_refill;
 	int32		inflight_period;
 	TransactionId inflight_xid;
+	int64		settled;		/* what the last committed flush wrote, in */
+	int32		settled_period; /* that period, for readers whose snapshot */
+	TransactionId settled_xid;	/* missed its commit */
 } CreditEntry;
 
 static HTAB *credit_table = NULL;
@@ -412,6 +415,9 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 		e->inflight_refill = REFILL_NONE;
 		e->inflight_period = 0;
 		e->inflight_xid = InvalidTransactionId;
+		e->settled = 0;
+		e->settled_period = 0;
+		e->settled_xid = InvalidTransactionId;
 	}
 	if (e->gen < row->gen)
 	{
@@ -465,14 +471,21 @@ credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaini
 }
 
 /*
- * Settles what an earlier flush took: forgotten if its transaction
- * committed, pending again if not (and still of the entry's period).
- * Caller holds the spinlock.
+ * Settles what an earlier flush took: written if its transaction
+ * committed (and kept as the last settled flush, for readers whose
+ * snapshot does not see that commit), pending again if not (and still of
+ * the entry's period).  Caller holds the spinlock.
  */
 static void
 settle_inflight(CreditEntry *e, bool committed)
 {
-	if (!committed && inflight_current(e))
+	if (committed)
+	{
+		e->settled = e->inflight;
+		e->settled_period = e->inflight_period;
+		e->settled_xid = e->inflight_xid;
+	}
+	else if (inflight_current(e))
 		e->pending += e->inflight;
 	e->inflight = 0;
 	e->inflight_xid = InvalidTransactionId;
@@ -687,20 +700,30 @@ apikeys_credits_unflushed(PG_FUNCTION_ARGS)
 	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL && e->relid == relid)
 	{
+		Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
 		TransactionId xid;
 		int64		inflight;
 		int32		inflight_period;
+		TransactionId settled_xid;
+		int64		settled;
+		int32		settled_period;
 
 		SpinLockAcquire(&e->mutex);
 		unwritten = e->period == period ? e->pending : 0;
 		xid = e->inflight_xid;
 		inflight = e->inflight;
 		inflight_period = e->inflight_period;
+		settled_xid = e->settled_xid;
+		settled = e->settled;
+		settled_period = e->settled_period;
 		SpinLockRelease(&e->mutex);
 		if (TransactionIdIsValid(xid) && inflight_period == period &&
-			!(TransactionIdDidCommit(xid) &&
-			  !XidInMVCCSnapshot(xid, ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot())))
+			!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot)))
 			unwritten += inflight;
+		/* The last flush settled may have committed after our snapshot too. */
+		if (TransactionIdIsValid(settled_xid) && settled_period == period &&
+			XidInMVCCSnapshot(settled_xid, snapshot))
+			unwritten += settled;
 	}
 	LWLockRelease(lock);
 	PG_RETURN_INT64(unwritten);

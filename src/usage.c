@@ -47,6 +47,8 @@ typedef struct UsageEntry
 	UsageCounts pending;		/* not yet taken by a flush */
 	UsageCounts inflight;		/* taken by a flush that may not have committed */
 	TransactionId inflight_xid; /* that flush's transaction, or invalid */
+	UsageCounts settled;		/* what the last committed flush wrote, */
+	TransactionId settled_xid;	/* for readers whose snapshot missed its commit */
 	int64		minute;			/* the minute minute_count belongs to */
 	int64		minute_count;	/* requests allowed in that minute (for alerts) */
 	int64		alerted_minute;
@@ -321,6 +323,8 @@ enter_entry(const UsageKey *key, uint32 hashvalue)
 		memset(&e->pending, 0, sizeof(UsageCounts));
 		memset(&e->inflight, 0, sizeof(UsageCounts));
 		e->inflight_xid = InvalidTransactionId;
+		memset(&e->settled, 0, sizeof(UsageCounts));
+		e->settled_xid = InvalidTransactionId;
 		e->minute = 0;
 		e->minute_count = 0;
 		e->alerted_minute = 0;
@@ -681,36 +685,51 @@ usage_pending(const pg_uuid_t *key_id, UsageCounts *counts)
 	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
 	if (e != NULL)
 	{
+		Snapshot	snapshot = snapshot_for_reading();
 		TransactionId xid;
 		UsageCounts inflight;
+		TransactionId settled_xid;
+		UsageCounts settled;
 
 		SpinLockAcquire(&e->mutex);
 		*counts = e->pending;
 		xid = e->inflight_xid;
 		inflight = e->inflight;
+		settled_xid = e->settled_xid;
+		settled = e->settled;
 		SpinLockRelease(&e->mutex);
 
 		/*
 		 * Counts a flush has taken are in apikeys.key_usage only if its
 		 * transaction committed and our snapshot sees it; otherwise they are
-		 * still ours to add, so totals stay exact across a flush.
+		 * still ours to add, so totals stay exact across a flush.  That holds
+		 * for the last flush settled too: it may have committed and settled
+		 * after our snapshot was taken (read before the row it wrote).
 		 */
 		if (TransactionIdIsValid(xid) &&
-			!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot_for_reading())))
+			!(TransactionIdDidCommit(xid) && !XidInMVCCSnapshot(xid, snapshot)))
 			counts_add(counts, &inflight);
+		if (TransactionIdIsValid(settled_xid) && XidInMVCCSnapshot(settled_xid, snapshot))
+			counts_add(counts, &settled);
 	}
 	LWLockRelease(lock);
 }
 
 /*
- * Settles what an earlier flush took: forgotten if its transaction
- * committed (the counts are in the table), pending again if not.  Caller
- * holds the entry's spinlock.
+ * Settles what an earlier flush took: in the table if its transaction
+ * committed (and kept as the last settled flush, for readers whose
+ * snapshot does not see that commit), pending again if not.  Caller holds
+ * the entry's spinlock.
  */
 static void
 settle_inflight(UsageEntry *e, bool committed)
 {
-	if (!committed)
+	if (committed)
+	{
+		e->settled = e->inflight;
+		e->settled_xid = e->inflight_xid;
+	}
+	else
 		counts_add(&e->pending, &e->inflight);
 	memset(&e->inflight, 0, sizeof(UsageCounts));
 	e->inflight_xid = InvalidTransactionId;
