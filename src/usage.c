@@ -351,7 +351,8 @@ get_key_entries(const pg_uuid_t *key_id, int32 day, int64 minute, bool rate,
 	uint32		hashvalue;
 
 	usage_key(&day_key, MyDatabaseId, day, key_id);
-	usage_key(&rate_key, MyDatabaseId, RATE_DAY, key_id);
+	if (rate)
+		usage_key(&rate_key, MyDatabaseId, RATE_DAY, key_id);
 	hashvalue = get_hash_value(usage_table, &day_key);
 	*lock = partition_lock(hashvalue);
 	*r = NULL;

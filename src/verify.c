@@ -271,6 +271,29 @@ typedef struct CreditReader
 
 static bool read_credits_before(void *arg, Snapshot snapshot, CreditRow *before);
 
+/* Opens (and locks) what a CreditReader reads, for the key key_id. */
+static void
+reader_open(CreditReader *reader, Datum key_id)
+{
+	Oid			relid;
+	Oid			indexid;
+	Oid			pkey;
+
+	keys_relation_oids(&relid, &indexid);
+	pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
+	reader->heap = table_open(relid, AccessShareLock);
+	reader->pkey = index_open(pkey, AccessShareLock);
+	reader->key_id = key_id;
+}
+
+/* Closes what reader_open() opened; the locks are kept to the end of the transaction. */
+static void
+reader_close(CreditReader *reader)
+{
+	index_close(reader->pkey, NoLock);
+	table_close(reader->heap, NoLock);
+}
+
 /*
  * credits_spend()'s reader: a key's credit columns as the snapshot sees
  * its row, found by id through the primary key.  It runs under a partition
@@ -333,19 +356,11 @@ key_inserted_here(FoundKey *key, CreditRow *before)
 {
 	Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
 	CreditReader reader;
-	Oid			relid;
-	Oid			indexid;
-	Oid			pkey;
 	bool		existed;
 
-	keys_relation_oids(&relid, &indexid);
-	pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
-	reader.heap = table_open(relid, AccessShareLock);
-	reader.pkey = index_open(pkey, AccessShareLock);
-	reader.key_id = key->id;
+	reader_open(&reader, key->id);
 	existed = read_credits_before(&reader, snapshot, before);
-	index_close(reader.pkey, NoLock);
-	table_close(reader.heap, NoLock);
+	reader_close(&reader);
 	return !existed;
 }
 
@@ -631,7 +646,6 @@ spend_credits(FoundKey *key, bool own_balance, int64 cost, CreditResult *credit)
 	CreditReader reader;
 	Oid			relid;
 	Oid			indexid;
-	Oid			pkey;
 
 	credit->applies = true;
 	credit->cost = cost;
@@ -650,14 +664,10 @@ spend_credits(FoundKey *key, bool own_balance, int64 cost, CreditResult *credit)
 							&credit->remaining, &credit->period);
 	if (outcome == CREDITS_NEED_READER)
 	{
-		pkey = cached_pkey_indexid;	/* before opening: that may accept invalidations */
-		reader.heap = table_open(relid, AccessShareLock);
-		reader.pkey = index_open(pkey, AccessShareLock);
-		reader.key_id = key->id;
+		reader_open(&reader, key->id);
 		outcome = credits_spend(DatumGetUUIDP(key->id), relid, row, cost, read_latest_credits,
 								&reader, &credit->remaining, &credit->period);
-		index_close(reader.pkey, NoLock);
-		table_close(reader.heap, NoLock);
+		reader_close(&reader);
 	}
 	/* Refused outright (no shared memory, no room): report the written balance. */
 	if (outcome == CREDITS_REFUSED)

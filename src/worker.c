@@ -684,6 +684,7 @@ flush_usage(Oid dboid, bool installed)
 	MemoryContext oldcxt;
 	int			n;
 	int			n_credits;
+	Oid			keys;
 	TimestampTz began = GetCurrentTimestamp();
 
 	if (!installed || !begin_flush_xact())
@@ -692,10 +693,11 @@ flush_usage(Oid dboid, bool installed)
 		StartTransactionCommand();
 	}
 	xid = GetCurrentTransactionId();
+	keys = installed ? keys_relid() : InvalidOid;
 	/* The deltas outlive the transaction: usage_flush_done() needs them after commit. */
 	oldcxt = MemoryContextSwitchTo(deltas_cxt);
 	n = usage_take_pending(dboid, xid, &deltas);
-	n_credits = credits_take_pending(dboid, installed ? keys_relid() : InvalidOid, xid, &credits);
+	n_credits = credits_take_pending(dboid, keys, xid, &credits);
 	MemoryContextSwitchTo(oldcxt);
 	qsort(deltas, n, sizeof(UsageDelta), delta_cmp);
 	if (installed && n > 0)
