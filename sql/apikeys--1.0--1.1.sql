@@ -141,6 +141,82 @@ COMMENT ON COLUMN apikeys.key_info.credits_refill_interval IS 'The refill period
 ------------------------------------------------------------------------------
 -- Internal functions.
 ------------------------------------------------------------------------------
+-- The chain's zero hash is written E'\\x00...': a plain '\x00...' literal
+-- reads as an escape string, and fails, where a database or role sets
+-- standard_conforming_strings off.
+CREATE OR REPLACE FUNCTION apikeys.audit_verify()
+RETURNS TABLE (ok boolean, rows_checked bigint, first_bad_id bigint)
+    LANGUAGE plpgsql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_zero  CONSTANT bytea := E'\\x0000000000000000000000000000000000000000000000000000000000000000';
+    v_row   apikeys.audit_log;
+    v_prev  apikeys.audit_log;
+    v_count bigint := 0;
+BEGIN
+    FOR v_row IN SELECT * FROM apikeys.audit_log a ORDER BY a.id LOOP
+        v_count := v_count + 1;
+        IF v_prev.id IS NULL THEN
+            -- The first row chains from zeros, or from the rows a purge removed,
+            -- as recorded by that purge's own (chained) audit_purged row.
+            IF v_row.prev_hash <> v_zero AND NOT EXISTS (
+                SELECT FROM apikeys.audit_log p
+                 WHERE p.event = 'audit_purged'
+                   AND p.details ->> 'last_purged_hash' = encode(v_row.prev_hash, 'hex')
+                   AND (p.details ->> 'purged_through_id')::bigint = v_row.id - 1) THEN
+                RETURN QUERY SELECT false, v_count, v_row.id;
+                RETURN;
+            END IF;
+        ELSIF v_row.id <> (v_prev.id + 1)
+              OR v_row.prev_hash <> v_prev.hash THEN
+            RETURN QUERY SELECT false, v_count, v_row.id;
+            RETURN;
+        END IF;
+        IF v_row.hash <> apikeys._audit_hash(v_row.prev_hash, apikeys._audit_payload(v_row)) THEN
+            RETURN QUERY SELECT false, v_count, v_row.id;
+            RETURN;
+        END IF;
+        v_prev := v_row;
+    END LOOP;
+    RETURN QUERY SELECT true, v_count, NULL::bigint;
+END
+$$;
+COMMENT ON FUNCTION apikeys.audit_verify() IS 'Walks the audit log''s hash chain; the first row that does not verify, if any.';
+
+CREATE OR REPLACE FUNCTION apikeys._audit_before_insert() RETURNS trigger
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_tail record;
+BEGIN
+    IF apikeys._restoring(TG_RELID) THEN
+        RETURN NEW;
+    END IF;
+    PERFORM FROM apikeys._audit_chain_lock l FOR UPDATE;
+    SELECT * INTO v_tail FROM apikeys._audit_tail();
+    NEW.id := COALESCE(v_tail.last_id, 0) + 1;
+    NEW.prev_hash := COALESCE(v_tail.last_hash, E'\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+    NEW.at := COALESCE(NEW.at, now());
+    NEW.actor := COALESCE(NEW.actor, apikeys._actor());
+    NEW.db_user := COALESCE(NEW.db_user, apikeys._caller());
+    NEW.client_addr := COALESCE(NEW.client_addr, inet_client_addr());
+    NEW.details := COALESCE(NEW.details, '{}');
+    NEW.hash := apikeys._audit_hash(NEW.prev_hash, apikeys._audit_payload(NEW));
+    RETURN NEW;
+END
+$$;
+COMMENT ON FUNCTION apikeys._audit_before_insert() IS 'Internal: assigns id, prev_hash and hash to a new audit row.';
+
+-- Never inside a maintenance command (ANALYZE, VACUUM, CREATE INDEX,
+-- REINDEX, CLUSTER, REFRESH MATERIALIZED VIEW, autovacuum): those run a
+-- table's index and view functions as the table's owner, whoever the
+-- session's role is.
+CREATE OR REPLACE FUNCTION apikeys._caller_is_admin() RETURNS boolean
+    AS 'MODULE_PATHNAME', 'apikeys_caller_is_admin' LANGUAGE C STABLE;
+COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin, and not inside a maintenance command.';
+
 -- The bounds on what a key holds, for every writer (functions and SQL alike).
 CREATE OR REPLACE FUNCTION apikeys._require_key_fields(k apikeys.keys) RETURNS void
     LANGUAGE plpgsql IMMUTABLE
@@ -502,10 +578,12 @@ BEGIN
     IF p_key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF grace IS NULL OR grace < '0'::interval THEN
+    -- Compared as the moments they end at: intervals compare a month as 30
+    -- days, so '12000 mons -359993 days' equals 7 days yet ends 14 years on.
+    IF grace IS NULL OR now() + grace < now() THEN
         RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF grace > apikeys._max_rotation_grace() THEN
+    IF now() + grace > now() + apikeys._max_rotation_grace() THEN
         RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
@@ -551,7 +629,7 @@ BEGIN
 
     -- Retire the old key before inserting the new one, so an owner at its
     -- plan limit can rotate: a rotating key no longer counts.
-    IF grace = '0'::interval THEN
+    IF now() + grace = now() THEN
         UPDATE apikeys.keys k
            SET replaced_by = v_new_id, revoked_at = now(),
                revoked_by = apikeys._actor(), revoke_reason = 'rotated'
@@ -915,6 +993,8 @@ BEGIN
     END IF;
     IF p_from_day IS NULL OR p_to_day IS NULL THEN
         RAISE EXCEPTION 'from_day and to_day must not be null' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF NOT isfinite(p_from_day) OR NOT isfinite(p_to_day) THEN
+        RAISE EXCEPTION 'from_day and to_day must be finite dates' USING ERRCODE = 'invalid_parameter_value';
     ELSIF p_from_day > p_to_day THEN
         RAISE EXCEPTION 'from_day is after to_day' USING ERRCODE = 'invalid_parameter_value';
     ELSIF p_to_day - p_from_day >= 366 THEN

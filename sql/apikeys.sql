@@ -245,13 +245,13 @@ AS $$
 $$;
 COMMENT ON FUNCTION apikeys._caller() IS 'Internal: the role that called into apikeys (SET ROLE role, else session user).';
 
+-- Never inside a maintenance command (ANALYZE, VACUUM, CREATE INDEX,
+-- REINDEX, CLUSTER, REFRESH MATERIALIZED VIEW, autovacuum): those run a
+-- table's index and view functions as the table's owner, whoever the
+-- session's role is.
 CREATE FUNCTION apikeys._caller_is_admin() RETURNS boolean
-    LANGUAGE sql STABLE
-    SET search_path = pg_catalog, pg_temp
-AS $$
-    SELECT pg_has_role(apikeys._caller(), 'apikeys_admin', 'MEMBER')
-$$;
-COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin.';
+    AS 'MODULE_PATHNAME', 'apikeys_caller_is_admin' LANGUAGE C STABLE;
+COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin, and not inside a maintenance command.';
 
 -- apikeys.actor when the application sets it (its first 200 characters),
 -- else the calling role.
@@ -1003,10 +1003,12 @@ BEGIN
     IF p_key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF grace IS NULL OR grace < '0'::interval THEN
+    -- Compared as the moments they end at: intervals compare a month as 30
+    -- days, so '12000 mons -359993 days' equals 7 days yet ends 14 years on.
+    IF grace IS NULL OR now() + grace < now() THEN
         RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF grace > apikeys._max_rotation_grace() THEN
+    IF now() + grace > now() + apikeys._max_rotation_grace() THEN
         RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
@@ -1052,7 +1054,7 @@ BEGIN
 
     -- Retire the old key before inserting the new one, so an owner at its
     -- plan limit can rotate: a rotating key no longer counts.
-    IF grace = '0'::interval THEN
+    IF now() + grace = now() THEN
         UPDATE apikeys.keys k
            SET replaced_by = v_new_id, revoked_at = now(),
                revoked_by = apikeys._actor(), revoke_reason = 'rotated'
@@ -1593,6 +1595,8 @@ BEGIN
     END IF;
     IF p_from_day IS NULL OR p_to_day IS NULL THEN
         RAISE EXCEPTION 'from_day and to_day must not be null' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF NOT isfinite(p_from_day) OR NOT isfinite(p_to_day) THEN
+        RAISE EXCEPTION 'from_day and to_day must be finite dates' USING ERRCODE = 'invalid_parameter_value';
     ELSIF p_from_day > p_to_day THEN
         RAISE EXCEPTION 'from_day is after to_day' USING ERRCODE = 'invalid_parameter_value';
     ELSIF p_to_day - p_from_day >= 366 THEN
@@ -1668,7 +1672,7 @@ RETURNS TABLE (ok boolean, rows_checked bigint, first_bad_id bigint)
     SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_zero  CONSTANT bytea := '\x0000000000000000000000000000000000000000000000000000000000000000';
+    v_zero  CONSTANT bytea := E'\\x0000000000000000000000000000000000000000000000000000000000000000';
     v_row   apikeys.audit_log;
     v_prev  apikeys.audit_log;
     v_count bigint := 0;
@@ -2002,7 +2006,7 @@ BEGIN
     PERFORM FROM apikeys._audit_chain_lock l FOR UPDATE;
     SELECT * INTO v_tail FROM apikeys._audit_tail();
     NEW.id := COALESCE(v_tail.last_id, 0) + 1;
-    NEW.prev_hash := COALESCE(v_tail.last_hash, '\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
+    NEW.prev_hash := COALESCE(v_tail.last_hash, E'\\x0000000000000000000000000000000000000000000000000000000000000000'::bytea);
     NEW.at := COALESCE(NEW.at, now());
     NEW.actor := COALESCE(NEW.actor, apikeys._actor());
     NEW.db_user := COALESCE(NEW.db_user, apikeys._caller());

@@ -140,3 +140,13 @@ SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, max_keys) VALUES (repeat('
 SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, max_keys) VALUES ('', 1)$$) AS empty_plan_name;
 SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, max_keys) VALUES ('neg', -1)$$) AS negative_limit;
 SELECT pg_temp.try($$INSERT INTO apikeys.plans (name, description) VALUES ('wordy', repeat('d', 1001))$$) AS long_description;
+
+-- With standard_conforming_strings off (a database, role or session may set
+-- it), keys are still created and the chain still checks: its zero hash is
+-- not a literal that setting reads otherwise.  A new session, so that no
+-- function is already compiled with the setting on.
+\c
+SET standard_conforming_strings = off;
+SELECT count(*) AS scs_off_created FROM apikeys.create_key('scs-owner', 'standard_conforming_strings off');
+SELECT ok AS scs_off_chain_ok FROM apikeys.audit_verify();
+RESET standard_conforming_strings;

@@ -53,6 +53,10 @@ SHOW apikeys.max_rotation_grace;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '7 days 1 second')) AS grace_over_cap;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '1000 years')) AS grace_1000_years;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '1 month')) AS grace_month;
+-- Intervals compare a month as 30 days: these equal 7 days and 10 days less
+-- than nothing as intervals, but end 14 years from now and 10 days ago.
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '12000 mons -359993 days')) AS grace_months_past_cap;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '1 mon -40 days')) AS grace_months_negative;
 SELECT status FROM apikeys.list_keys('rot-a') WHERE key_id = :'new_id';
 SELECT pg_temp.try($$SELECT apikeys.rotate('00000000-0000-0000-0000-000000000000')$$) AS unknown_key;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'new_id', 'rot-b')) AS other_owner;

@@ -266,6 +266,8 @@ SELECT count(*) AS range_before FROM apikeys.usage('mg-u', (now() AT TIME ZONE '
 SELECT pg_temp.try($$SELECT apikeys.usage(NULL, current_date - 1, current_date)$$) AS app_without_owner;
 SELECT pg_temp.try($$SELECT apikeys.usage('mg-u', current_date, current_date - 1)$$) AS reversed_range;
 SELECT pg_temp.try($$SELECT apikeys.usage('mg-u', current_date - 366, current_date)$$) AS range_too_long;
+SELECT pg_temp.try($$SELECT apikeys.usage('mg-u', '-infinity', current_date)$$) AS range_from_infinity;
+SELECT pg_temp.try($$SELECT apikeys.usage('mg-u', current_date, 'infinity')$$) AS range_to_infinity;
 SELECT pg_temp.try($$SELECT apikeys.usage('mg-u', NULL, current_date)$$) AS null_day;
 SELECT pg_temp.try(format($$SELECT apikeys.usage('mg-u', current_date - 1, current_date, %L)$$, :'kb')) AS other_owners_key;
 RESET ROLE;

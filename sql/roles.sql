@@ -139,3 +139,30 @@ SELECT length(created_by) AS created_by_chars, created_by = repeat(U&'\+01F600',
   FROM apikeys.keys WHERE id = :'long_actor_key';
 SELECT length(actor) AS audit_actor_chars FROM apikeys.audit_log
  WHERE key_id = :'long_actor_key' AND event = 'key_created';
+
+-- A maintenance command runs a table's index functions as the table's
+-- owner, whoever runs it.  A superuser's REINDEX or ANALYZE (autovacuum's
+-- too) lends a function that apikeys_app put in an index no right to omit
+-- an owner: it gets 42501, and the other owner's key stays as it was.
+SELECT key_id AS trap_victim FROM apikeys.create_key('role-trap-victim', 'target of a maintenance trap') \gset
+CREATE SCHEMA rg_trap AUTHORIZATION apikeys_app;
+SET ROLE apikeys_app;
+CREATE FUNCTION rg_trap.revoke_victim(x int) RETURNS int LANGUAGE plpgsql IMMUTABLE AS $$
+BEGIN
+    IF current_setting('rg_trap.victim', true) <> '' THEN
+        PERFORM apikeys.revoke(current_setting('rg_trap.victim')::uuid);
+    END IF;
+    RETURN x;
+END $$;
+CREATE TABLE rg_trap.t (x int);
+INSERT INTO rg_trap.t VALUES (1), (2);
+CREATE INDEX ON rg_trap.t (rg_trap.revoke_victim(x));
+RESET ROLE;
+SELECT set_config('rg_trap.victim', :'trap_victim', false) IS NOT NULL AS trap_armed;
+\set VERBOSITY terse
+REINDEX TABLE rg_trap.t;
+ANALYZE rg_trap.t;
+\set VERBOSITY default
+SELECT set_config('rg_trap.victim', '', false) = '' AS trap_disarmed;
+SELECT revoked_at IS NULL AS trap_victim_intact FROM apikeys.keys WHERE id = :'trap_victim';
+DROP SCHEMA rg_trap CASCADE;

@@ -359,6 +359,19 @@ queue_put_back(const QueuedEvent *events, int n)
 	LWLockRelease(queue->lock);
 }
 
+/* Counts as lost records taken from the queue that have nowhere to go (their extension is gone). */
+void
+queue_note_lost(const QueuedEvent *events, int n)
+{
+	int64		count = 0;
+
+	for (int i = 0; i < n; i++)
+		count += events[i].count;
+	LWLockAcquire(queue->lock, LW_EXCLUSIVE);
+	queue->lost += count;
+	LWLockRelease(queue->lock);
+}
+
 /* Records of one database queued now. */
 int
 queue_count(Oid dboid)

@@ -92,6 +92,9 @@ extern int	queue_count(Oid dboid);
 /* Whether the database has queued records. */
 extern bool queue_has_records(Oid dboid);
 
+/* Counts as lost records taken from the queue that have nowhere to go. */
+extern void queue_note_lost(const QueuedEvent *events, int n);
+
 /* Discards the records of a database that is gone (counted as lost). */
 extern void queue_discard(Oid dboid);
 

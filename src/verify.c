@@ -744,8 +744,6 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 			audit_record_usage_alert(DatumGetUUIDP(key->id), TextDatumGetCString(key->owner),
 									 TextDatumGetCString(key->start), alert_requests,
 									 alert_threshold);
-		else if (code == VERIFY_VALID && queue_available())
-			launcher_note_pending();
 	}
 	else if (code != VERIFY_VALID && countable)
 		usage_count_failure(DatumGetUUIDP(key->id));
@@ -755,6 +753,14 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 									countable ? TextDatumGetCString(key->owner) : NULL,
 									prefix_len > 0 ? VARDATA_ANY(token) : NULL, prefix_len,
 									(int) code);
+
+	/*
+	 * What was counted or spent waits in shared memory for the worker,
+	 * whether or not the audit queue had room for a record (which would
+	 * have called the worker too).
+	 */
+	if (countable)
+		launcher_note_pending();
 	return code;
 }
 

@@ -53,8 +53,10 @@ static int	usage_flush_interval = 60;
 /*
  * Settings every transaction of the worker runs with, whatever the
  * database, its owner or the configuration file set: names resolve in
- * pg_catalog first, and no timeout, isolation level, read-only default or
- * PL/pgSQL check a database owner can set makes every flush fail.
+ * pg_catalog first; no timeout, isolation level, read-only default,
+ * string syntax or PL/pgSQL check a database owner can set makes every
+ * flush fail; and exit_on_error cannot turn a failed flush, whose records
+ * go back to the queue, into an exit that loses them.
  */
 static void
 pin_settings(void)
@@ -68,11 +70,16 @@ pin_settings(void)
 		{"default_transaction_read_only", "off"},
 		{"session_replication_role", "origin"},
 		{"plpgsql.extra_errors", "none"},
+		{"standard_conforming_strings", "on"},
+		{"exit_on_error", "off"},
 	};
 
 	for (size_t i = 0; i < lengthof(pinned); i++)
 		SetConfigOption(pinned[i][0], pinned[i][1], PGC_SUSET, PGC_S_OVERRIDE);
 }
+
+/* Holds one flush's audit batch and usage deltas; reset after each flush and on error. */
+static MemoryContext deltas_cxt = NULL;
 
 /* The user and security context a flush transaction restores before it commits. */
 static Oid	saved_userid;
@@ -242,7 +249,9 @@ static bool
 flush_audit(Oid dboid)
 {
 	int			budget = queue_count(dboid);
-	QueuedEvent *batch = palloc(sizeof(QueuedEvent) * AUDIT_BATCH);
+
+	/* In the flush's context, which an error resets: a failed flush leaks nothing. */
+	QueuedEvent *batch = MemoryContextAlloc(deltas_cxt, sizeof(QueuedEvent) * AUDIT_BATCH);
 	bool		installed = true;
 
 	while (budget > 0)
@@ -253,11 +262,17 @@ flush_audit(Oid dboid)
 			break;
 		budget -= n;
 		if (!installed)
-			continue;			/* the extension is gone: its records go with it */
+		{
+			/* The extension is gone: its records go with it, counted as lost. */
+			queue_note_lost(batch, n);
+			continue;
+		}
 		PG_TRY();
 		{
 			installed = begin_flush_xact();
-			if (installed)
+			if (!installed)
+				queue_note_lost(batch, n);
+			else
 			{
 				for (int i = 0; i < n; i++)
 				{
@@ -358,6 +373,21 @@ write_usage(const UsageDelta *deltas, int n)
 #define USAGE_NATTS				5
 
 /*
+ * Whether the worker's role holds each of SELECT, INSERT and UPDATE on
+ * key_usage (pg_class_aclcheck() with all three passes if it holds any one).
+ */
+static bool
+has_usage_privileges(Oid relid)
+{
+	static const AclMode modes[] = {ACL_SELECT, ACL_INSERT, ACL_UPDATE};
+
+	for (size_t i = 0; i < lengthof(modes); i++)
+		if (pg_class_aclcheck(relid, GetUserId(), modes[i]) != ACLCHECK_OK)
+			return false;
+	return true;
+}
+
+/*
  * Whether key_usage is as the extension made it, so that counts may be
  * written through the table and index access methods rather than SQL: its
  * columns, its primary key as its only index, no trigger, rule or CHECK
@@ -376,8 +406,7 @@ usage_direct_index(Relation rel)
 	if (desc->natts != USAGE_NATTS || rel->trigdesc != NULL || rel->rd_rules != NULL ||
 		rel->rd_rel->relrowsecurity || rel->rd_rel->relkind != RELKIND_RELATION ||
 		(desc->constr != NULL && desc->constr->num_check > 0) ||
-		pg_class_aclcheck(RelationGetRelid(rel), GetUserId(),
-						  ACL_SELECT | ACL_INSERT | ACL_UPDATE) != ACLCHECK_OK)
+		!has_usage_privileges(RelationGetRelid(rel)))
 		return NULL;
 	for (int i = 0; i < USAGE_NATTS; i++)
 		if (TupleDescAttr(desc, i)->atttypid != types[i] || TupleDescAttr(desc, i)->attisdropped)
@@ -667,9 +696,6 @@ keys_relid(void)
 	return RangeVarGetRelid(makeRangeVar("apikeys", "keys", -1), AccessShareLock, true);
 }
 
-/* Holds one flush's usage deltas. */
-static MemoryContext deltas_cxt = NULL;
-
 /*
  * Writes the database's usage counts in one transaction, or forgets them
  * when the extension is gone.  If the transaction fails, the next flush
@@ -739,6 +765,9 @@ flush_usage(Oid dboid, bool installed)
 		 (long) (TimestampDifferenceMilliseconds(began, GetCurrentTimestamp())));
 }
 
+/* Whether the last flush failed (not counting one a SIGTERM cancelled). */
+static bool last_flush_failed = false;
+
 /* True while a flush runs: a SIGTERM then cancels it (see handle_sigterm()). */
 static volatile sig_atomic_t flushing = false;
 
@@ -779,6 +808,7 @@ flush_or_report(Oid dboid, bool with_usage)
 	{
 		installed = flush_once(dboid, with_usage);
 		registry_flush_done(dboid, seq);
+		last_flush_failed = false;
 	}
 	PG_CATCH();
 	{
@@ -792,6 +822,7 @@ flush_or_report(Oid dboid, bool with_usage)
 		{
 			EmitErrorReport();
 			registry_count_flush_failure();
+			last_flush_failed = true;
 		}
 		FreeErrorData(edata);
 		AbortCurrentTransaction();
@@ -843,12 +874,21 @@ flush_before_exit(Oid dboid)
 			break;
 }
 
+/* How often a sleeping worker looks whether its database still has a client connected. */
+#define IDLE_CHECK_MS 250
+
 /*
  * Sleeps until the flush interval since "since" has passed, a flush is
- * asked for (*with_usage: usage counts too), or a shutdown is requested.
+ * asked for (*with_usage: usage counts too), or a shutdown is requested;
+ * or, unless the last flush failed, until no client is connected to the
+ * database: nothing new can then arrive, so the worker writes what is left
+ * and leaves at once, and DROP DATABASE, which waits only 5 seconds for
+ * other sessions to go, finds none.  After a failure it waits the whole
+ * interval, so that an error that repeats is not retried (and logged) four
+ * times a second.
  */
 static void
-wait_for_flush(Oid dboid, TimestampTz since, bool *with_usage)
+wait_for_flush(Oid dboid, TimestampTz since, bool last_failed, bool *with_usage)
 {
 	for (;;)
 	{
@@ -858,8 +898,10 @@ wait_for_flush(Oid dboid, TimestampTz since, bool *with_usage)
 
 		if (ShutdownRequestPending || ms <= 0 || registry_take_flush_request(dboid, with_usage))
 			return;
+		if (!last_failed && CountDBConnections(dboid) == 0)
+			return;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 ms, PG_WAIT_EXTENSION);
+						 Min(ms, IDLE_CHECK_MS), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
@@ -900,7 +942,7 @@ apikeys_worker_main(Datum main_arg)
 	{
 		bool		with_usage = false;
 
-		wait_for_flush(dboid, GetCurrentTimestamp(), &with_usage);
+		wait_for_flush(dboid, GetCurrentTimestamp(), last_flush_failed, &with_usage);
 		if (ShutdownRequestPending)
 			break;
 		if (RecoveryInProgress())
