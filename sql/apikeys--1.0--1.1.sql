@@ -209,13 +209,9 @@ END
 $$;
 COMMENT ON FUNCTION apikeys._audit_before_insert() IS 'Internal: assigns id, prev_hash and hash to a new audit row.';
 
--- Never inside a maintenance command (ANALYZE, VACUUM, CREATE INDEX,
--- REINDEX, CLUSTER, REFRESH MATERIALIZED VIEW, autovacuum): those run a
--- table's index and view functions as the table's owner, whoever the
--- session's role is.
-CREATE OR REPLACE FUNCTION apikeys._caller_is_admin() RETURNS boolean
-    AS 'MODULE_PATHNAME', 'apikeys_caller_is_admin' LANGUAGE C STABLE;
-COMMENT ON FUNCTION apikeys._caller_is_admin() IS 'Internal: whether the caller is a member of apikeys_admin, and not inside a maintenance command.';
+-- Replaced by the EXECUTE grants of the internal functions (section "Who
+-- may omit an owner" below).
+DROP FUNCTION apikeys._caller_is_admin();
 
 -- The bounds on what a key holds, for every writer (functions and SQL alike).
 CREATE OR REPLACE FUNCTION apikeys._require_key_fields(k apikeys.keys) RETURNS void
@@ -316,9 +312,52 @@ END
 $$;
 COMMENT ON FUNCTION apikeys._expiry_within_plan(text, timestamptz, boolean) IS 'Internal: checks an expiry against max_key_lifetime of the owner''s plan (22023).';
 
--- The key of that id the caller may act on, locked for update: 42501 for
--- apikeys_app without an owner, P0002 when the key is missing or another
--- owner's (as revoke() scopes its key), 55000 when it is revoked.
+-- Who may omit an owner is decided as PostgreSQL decides any privilege: by
+-- the role running the call (current_user), through the EXECUTE grant of
+-- the internal function that acts on any owner's keys (apikeys_admin
+-- only).  So each public function that takes an optional owner is a
+-- SECURITY INVOKER wrapper: with an owner it calls the _owned form (any
+-- caller, owner required); without, the internal function itself.  Inside
+-- a maintenance command (ANALYZE, REINDEX, autovacuum) current_user is the
+-- table's owner, and inside a function of a role's SECURITY DEFINER, that
+-- role: neither borrows the rights of the session's role.
+
+-- 42501 with p_message unless the role running the call may act for
+-- apikeys_admin.  It runs as its caller.  The wrappers call it for a clear
+-- message; the grant of the internal function they call next enforces it.
+CREATE FUNCTION apikeys._require_admin(p_message text) RETURNS void
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT pg_has_role(current_user, 'apikeys_admin', 'USAGE') THEN
+        RAISE EXCEPTION '%', p_message
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+END
+$$;
+COMMENT ON FUNCTION apikeys._require_admin(text) IS 'Internal: 42501 with the message unless the role running the call (current_user) may act for apikeys_admin.';
+
+-- The owner an _owned function was given: 42501 with p_message for NULL.
+CREATE FUNCTION apikeys._owner_given(p_owner text, p_message text) RETURNS text
+    LANGUAGE plpgsql IMMUTABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_owner IS NULL THEN
+        RAISE EXCEPTION '%', p_message
+            USING ERRCODE = 'insufficient_privilege',
+                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
+    END IF;
+    RETURN p_owner;
+END
+$$;
+COMMENT ON FUNCTION apikeys._owner_given(text, text) IS 'Internal: the owner, or 42501 with the message when it is NULL.';
+
+-- The key of that id (and owner, unless NULL), locked for update: P0002
+-- when the key is missing or another owner's (as revoke() scopes its key),
+-- 55000 when it is revoked.  Callers decide who may pass a NULL owner.
 CREATE FUNCTION apikeys._key_for_change(p_key_id uuid, p_owner text, p_action text)
 RETURNS apikeys.keys
     LANGUAGE plpgsql SECURITY DEFINER
@@ -329,11 +368,6 @@ DECLARE
 BEGIN
     IF p_key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
-        RAISE EXCEPTION 'permission denied to % a key without naming its owner', p_action
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
     END IF;
     SELECT * INTO v_key FROM apikeys.keys k
      WHERE k.id = p_key_id
@@ -350,7 +384,7 @@ BEGIN
     RETURN v_key;
 END
 $$;
-COMMENT ON FUNCTION apikeys._key_for_change(uuid, text, text) IS 'Internal: the unrevoked key a caller may change, locked (42501, P0002, 55000).';
+COMMENT ON FUNCTION apikeys._key_for_change(uuid, text, text) IS 'Internal: the unrevoked key of that id and owner (any owner for NULL), locked (P0002, 55000).';
 
 -- Public rows of the keys of those ids, with usage (counts still in shared memory
 -- included), in the order given.
@@ -589,11 +623,6 @@ BEGIN
                   DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
                   HINT = 'A superuser can raise apikeys.max_rotation_grace.';
     END IF;
-    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
-        RAISE EXCEPTION 'permission denied to rotate a key without naming its owner'
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
-    END IF;
 
     SELECT k.owner INTO v_owner FROM apikeys.keys k
      WHERE k.id = p_key_id
@@ -675,7 +704,103 @@ BEGIN
     RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
 END
 $$;
-COMMENT ON FUNCTION apikeys._rotate(uuid, text, interval) IS 'Internal: the body of rotate().';
+COMMENT ON FUNCTION apikeys._rotate(uuid, text, interval) IS 'Internal: the body of rotate(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._rotate_owned(p_key_id uuid, p_owner text, grace interval)
+RETURNS TABLE (new_key_id uuid, new_token apikeys.apikey, new_start text,
+               old_key_expires_at timestamptz)
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._rotate($1, apikeys._owner_given($2, 'permission denied to rotate a key without naming its owner'), $3)
+$$;
+COMMENT ON FUNCTION apikeys._rotate_owned(uuid, text, interval) IS 'Internal: rotate() of a key of the owner given, which may not be NULL.';
+
+-- rotate() is SQL (its input and result both name key_id), so it cannot
+-- choose between the two; this does, as its caller.
+CREATE FUNCTION apikeys._rotate_call(p_key_id uuid, p_owner text, p_grace interval)
+RETURNS TABLE (new_key_id uuid, new_token apikeys.apikey, new_start text,
+               old_key_expires_at timestamptz)
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_owner IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM apikeys._rotate_owned(p_key_id, p_owner, p_grace);
+        RETURN;
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to rotate a key without naming its owner');
+    RETURN QUERY SELECT * FROM apikeys._rotate(p_key_id, NULL, p_grace);
+END
+$$;
+COMMENT ON FUNCTION apikeys._rotate_call(uuid, text, interval) IS 'Internal: rotate() as its caller, through _rotate_owned() or, for apikeys_admin without an owner, _rotate().';
+
+CREATE OR REPLACE FUNCTION apikeys.rotate(key_id uuid, owner text DEFAULT NULL, grace interval DEFAULT '0')
+RETURNS TABLE (key_id uuid, token apikeys.apikey, start text, old_key_expires_at timestamptz)
+    LANGUAGE sql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._rotate_call(key_id, owner, grace)
+$$;
+COMMENT ON FUNCTION apikeys.rotate(uuid, text, interval) IS 'Issues a replacement key; the old one is revoked now or valid until the grace ends.';
+
+CREATE FUNCTION apikeys._revoke(key_id uuid, owner text, reason text)
+RETURNS timestamptz
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_column
+DECLARE
+    v_key apikeys.keys;
+BEGIN
+    IF _revoke.key_id IS NULL THEN
+        RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+
+    SELECT * INTO v_key FROM apikeys.keys k
+     WHERE k.id = _revoke.key_id
+       AND (_revoke.owner IS NULL OR k.owner = _revoke.owner)
+       FOR NO KEY UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'key % not found', _revoke.key_id USING ERRCODE = 'no_data_found';
+    END IF;
+    IF v_key.revoked_at IS NOT NULL THEN
+        RETURN v_key.revoked_at;
+    END IF;
+
+    UPDATE apikeys.keys k
+       SET revoked_at = now(), revoked_by = apikeys._actor(),
+           revoke_reason = _revoke.reason
+     WHERE k.id = _revoke.key_id
+    RETURNING k.revoked_at INTO v_key.revoked_at;
+    RETURN v_key.revoked_at;
+END
+$$;
+COMMENT ON FUNCTION apikeys._revoke(uuid, text, text) IS 'Internal: the body of revoke(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._revoke_owned(key_id uuid, owner text, reason text)
+RETURNS timestamptz
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT apikeys._revoke($1, apikeys._owner_given($2, 'permission denied to revoke a key without naming its owner'), $3)
+$$;
+COMMENT ON FUNCTION apikeys._revoke_owned(uuid, text, text) IS 'Internal: revoke() on a key of the owner given, which may not be NULL.';
+
+CREATE OR REPLACE FUNCTION apikeys.revoke(key_id uuid, owner text DEFAULT NULL, reason text DEFAULT NULL)
+RETURNS timestamptz
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF $2 IS NOT NULL THEN
+        RETURN apikeys._revoke_owned($1, $2, $3);
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to revoke a key without naming its owner');
+    RETURN apikeys._revoke($1, NULL, $3);
+END
+$$;
+COMMENT ON FUNCTION apikeys.revoke(uuid, text, text) IS 'Revokes a key at once and for good; returns the original revoked_at when already revoked.';
 
 DROP FUNCTION apikeys.list_keys(text);
 -- The owner's keys in creation order, a page at a time: pass the key_id of
@@ -734,7 +859,7 @@ END
 $$;
 COMMENT ON FUNCTION apikeys.list_keys(text, text, integer, uuid) IS 'An owner''s keys with status and usage, a page at a time; never digests or tokens.';
 
-CREATE FUNCTION apikeys.get_key(key_id uuid, owner text)
+CREATE FUNCTION apikeys._get_key(key_id uuid, owner text)
 RETURNS apikeys.key_info
     LANGUAGE plpgsql STABLE SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -744,27 +869,159 @@ DECLARE
     v_key  apikeys.keys;
     v_info apikeys.key_info;
 BEGIN
-    IF get_key.key_id IS NULL THEN
+    IF _get_key.key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF get_key.owner IS NULL AND NOT apikeys._caller_is_admin() THEN
-        RAISE EXCEPTION 'permission denied to read a key without naming its owner'
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
-    END IF;
     SELECT * INTO v_key FROM apikeys.keys k
-     WHERE k.id = get_key.key_id
-       AND (get_key.owner IS NULL OR k.owner = get_key.owner);
+     WHERE k.id = _get_key.key_id
+       AND (_get_key.owner IS NULL OR k.owner = _get_key.owner);
     IF NOT FOUND THEN
-        RAISE EXCEPTION 'key % not found', get_key.key_id USING ERRCODE = 'no_data_found';
+        RAISE EXCEPTION 'key % not found', _get_key.key_id USING ERRCODE = 'no_data_found';
     END IF;
     SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
     RETURN v_info;
 END
 $$;
+COMMENT ON FUNCTION apikeys._get_key(uuid, text) IS 'Internal: the body of get_key(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._get_key_owned(key_id uuid, owner text)
+RETURNS apikeys.key_info
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT apikeys._get_key($1, apikeys._owner_given($2, 'permission denied to read a key without naming its owner'))
+$$;
+COMMENT ON FUNCTION apikeys._get_key_owned(uuid, text) IS 'Internal: get_key() on a key of the owner given, which may not be NULL.';
+
+CREATE FUNCTION apikeys.get_key(key_id uuid, owner text)
+RETURNS apikeys.key_info
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF $2 IS NOT NULL THEN
+        RETURN apikeys._get_key_owned($1, $2);
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to read a key without naming its owner');
+    RETURN apikeys._get_key($1, NULL);
+END
+$$;
 COMMENT ON FUNCTION apikeys.get_key(uuid, text) IS 'One key''s public row with status and usage; never its digest or token.';
 
 -- NULL leaves a field unchanged; clear names the fields to set to NULL.
+CREATE FUNCTION apikeys._update_key(key_id uuid, owner text, name text, scopes text[], metadata jsonb, expires_at timestamptz, rate_limit integer, allowed_ips cidr[], alert_requests_per_minute integer, rate_burst integer, credits bigint, credits_refill_amount bigint, credits_refill_interval text, clear text[])
+RETURNS apikeys.key_info
+    LANGUAGE plpgsql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+#variable_conflict use_variable
+DECLARE
+    v_key     apikeys.keys;
+    v_field   text;
+    v_info    apikeys.key_info;
+    v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute',
+                                     'rate_burst', 'credits', 'credits_refill'];
+    v_period  integer;
+BEGIN
+    IF _update_key.clear IS NULL OR array_ndims(_update_key.clear) > 1 THEN
+        RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
+    ELSIF cardinality(_update_key.clear) > cardinality(v_clear) THEN
+        RAISE EXCEPTION 'clear names at most % fields', cardinality(v_clear)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    FOREACH v_field IN ARRAY _update_key.clear LOOP
+        IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN
+            RAISE EXCEPTION 'cannot clear "%"', v_field USING ERRCODE = 'invalid_parameter_value',
+                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips, alert_requests_per_minute, rate_burst, credits and credits_refill.';
+        END IF;
+    END LOOP;
+    IF ('expires_at' = ANY (_update_key.clear) AND _update_key.expires_at IS NOT NULL)
+       OR ('rate_limit' = ANY (_update_key.clear) AND _update_key.rate_limit IS NOT NULL)
+       OR ('allowed_ips' = ANY (_update_key.clear) AND _update_key.allowed_ips IS NOT NULL)
+       OR ('alert_requests_per_minute' = ANY (_update_key.clear)
+           AND _update_key.alert_requests_per_minute IS NOT NULL)
+       OR ('rate_burst' = ANY (_update_key.clear) AND _update_key.rate_burst IS NOT NULL)
+       OR ('credits' = ANY (_update_key.clear)
+           AND (_update_key.credits IS NOT NULL OR _update_key.credits_refill_amount IS NOT NULL
+                OR _update_key.credits_refill_interval IS NOT NULL))
+       OR ('credits_refill' = ANY (_update_key.clear)
+           AND (_update_key.credits_refill_amount IS NOT NULL
+                OR _update_key.credits_refill_interval IS NOT NULL)) THEN
+        RAISE EXCEPTION 'a field cannot be both set and cleared' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF _update_key.expires_at <= now() THEN
+        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'Use revoke() to end a key now.';
+    END IF;
+
+    IF _update_key.credits < 0 OR _update_key.credits > 1000000000000000 THEN
+        RAISE EXCEPTION 'credits must be between 0 and 10^15' USING ERRCODE = 'invalid_parameter_value',
+            HINT = 'clear => ''{credits}'' removes the credit limit.';
+    END IF;
+
+    v_key := apikeys._key_for_change(_update_key.key_id, _update_key.owner, 'update');
+    -- credits sets what the key has left now: what verify spent but the
+    -- worker has not yet subtracted (in the period of the refill the key
+    -- will have) is added, so it comes out exact.
+    v_period := apikeys._credit_period(
+        CASE WHEN _update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
+             ELSE COALESCE(_update_key.credits_refill_interval, v_key.credits_refill_interval) END,
+        clock_timestamp());
+    PERFORM set_config('apikeys.audit_context', 'update_key', true);
+
+    IF _update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (_update_key.clear) THEN
+        PERFORM apikeys._expiry_within_plan(v_key.owner, _update_key.expires_at, false);
+    END IF;
+
+    -- Bounds, the plan limit for a revived key, the audit row and the
+    -- notification come from the table's triggers.
+    UPDATE apikeys.keys k
+       SET name = COALESCE(_update_key.name, k.name),
+           scopes = COALESCE(_update_key.scopes, k.scopes),
+           metadata = COALESCE(_update_key.metadata, k.metadata),
+           expires_at = CASE WHEN 'expires_at' = ANY (_update_key.clear) THEN NULL
+                             ELSE COALESCE(_update_key.expires_at, k.expires_at) END,
+           rate_limit = CASE WHEN 'rate_limit' = ANY (_update_key.clear) THEN NULL
+                             ELSE COALESCE(_update_key.rate_limit, k.rate_limit) END,
+           allowed_ips = CASE WHEN 'allowed_ips' = ANY (_update_key.clear) THEN NULL
+                              ELSE COALESCE(_update_key.allowed_ips, k.allowed_ips) END,
+           alert_requests_per_minute = CASE WHEN 'alert_requests_per_minute' = ANY (_update_key.clear) THEN NULL
+                                            ELSE COALESCE(_update_key.alert_requests_per_minute,
+                                                          k.alert_requests_per_minute) END,
+           rate_burst = CASE WHEN 'rate_burst' = ANY (_update_key.clear) THEN NULL
+                             ELSE COALESCE(_update_key.rate_burst, k.rate_burst) END,
+           credits = CASE WHEN 'credits' = ANY (_update_key.clear) THEN NULL
+                          WHEN _update_key.credits IS NOT NULL
+                          THEN _update_key.credits + apikeys._credits_unflushed(k.id, v_period)
+                          ELSE k.credits END,
+           -- Given credits belong to the current period (a new one counts as a change).
+           credits_period = CASE WHEN _update_key.credits IS NOT NULL THEN v_period
+                                 ELSE k.credits_period END,
+           credits_refill_amount = CASE WHEN _update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
+                                        ELSE COALESCE(_update_key.credits_refill_amount,
+                                                      k.credits_refill_amount) END,
+           credits_refill_interval = CASE WHEN _update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
+                                          ELSE COALESCE(_update_key.credits_refill_interval,
+                                                        k.credits_refill_interval) END
+     WHERE k.id = v_key.id
+    RETURNING * INTO v_key;
+    PERFORM set_config('apikeys.audit_context', '', true);
+
+    SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
+    RETURN v_info;
+END
+$$;
+COMMENT ON FUNCTION apikeys._update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]) IS 'Internal: the body of update_key(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._update_key_owned(key_id uuid, owner text, name text, scopes text[], metadata jsonb, expires_at timestamptz, rate_limit integer, allowed_ips cidr[], alert_requests_per_minute integer, rate_burst integer, credits bigint, credits_refill_amount bigint, credits_refill_interval text, clear text[])
+RETURNS apikeys.key_info
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT apikeys._update_key($1, apikeys._owner_given($2, 'permission denied to update a key without naming its owner'), $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)
+$$;
+COMMENT ON FUNCTION apikeys._update_key_owned(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]) IS 'Internal: update_key() on a key of the owner given, which may not be NULL.';
+
 CREATE FUNCTION apikeys.update_key(
     key_id     uuid,
     owner      text,
@@ -781,109 +1038,20 @@ CREATE FUNCTION apikeys.update_key(
     credits_refill_interval text DEFAULT NULL,
     clear      text[] DEFAULT '{}')
 RETURNS apikeys.key_info
-    LANGUAGE plpgsql SECURITY DEFINER
+    LANGUAGE plpgsql
     SET search_path = pg_catalog, pg_temp
 AS $$
-#variable_conflict use_variable
-DECLARE
-    v_key     apikeys.keys;
-    v_field   text;
-    v_info    apikeys.key_info;
-    v_clear   CONSTANT text[] := ARRAY['expires_at', 'rate_limit', 'allowed_ips', 'alert_requests_per_minute',
-                                     'rate_burst', 'credits', 'credits_refill'];
-    v_period  integer;
 BEGIN
-    IF update_key.clear IS NULL OR array_ndims(update_key.clear) > 1 THEN
-        RAISE EXCEPTION 'clear must be a one-dimensional array' USING ERRCODE = 'invalid_parameter_value';
-    ELSIF cardinality(update_key.clear) > cardinality(v_clear) THEN
-        RAISE EXCEPTION 'clear names at most % fields', cardinality(v_clear)
-            USING ERRCODE = 'invalid_parameter_value';
+    IF $2 IS NOT NULL THEN
+        RETURN apikeys._update_key_owned($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14);
     END IF;
-    FOREACH v_field IN ARRAY update_key.clear LOOP
-        IF v_field IS NULL OR NOT v_field = ANY (v_clear) THEN
-            RAISE EXCEPTION 'cannot clear "%"', v_field USING ERRCODE = 'invalid_parameter_value',
-                DETAIL = 'clear may name expires_at, rate_limit, allowed_ips, alert_requests_per_minute, rate_burst, credits and credits_refill.';
-        END IF;
-    END LOOP;
-    IF ('expires_at' = ANY (update_key.clear) AND update_key.expires_at IS NOT NULL)
-       OR ('rate_limit' = ANY (update_key.clear) AND update_key.rate_limit IS NOT NULL)
-       OR ('allowed_ips' = ANY (update_key.clear) AND update_key.allowed_ips IS NOT NULL)
-       OR ('alert_requests_per_minute' = ANY (update_key.clear)
-           AND update_key.alert_requests_per_minute IS NOT NULL)
-       OR ('rate_burst' = ANY (update_key.clear) AND update_key.rate_burst IS NOT NULL)
-       OR ('credits' = ANY (update_key.clear)
-           AND (update_key.credits IS NOT NULL OR update_key.credits_refill_amount IS NOT NULL
-                OR update_key.credits_refill_interval IS NOT NULL))
-       OR ('credits_refill' = ANY (update_key.clear)
-           AND (update_key.credits_refill_amount IS NOT NULL
-                OR update_key.credits_refill_interval IS NOT NULL)) THEN
-        RAISE EXCEPTION 'a field cannot be both set and cleared' USING ERRCODE = 'invalid_parameter_value';
-    END IF;
-    IF update_key.expires_at <= now() THEN
-        RAISE EXCEPTION 'expires_at must be in the future' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'Use revoke() to end a key now.';
-    END IF;
-
-    IF update_key.credits < 0 OR update_key.credits > 1000000000000000 THEN
-        RAISE EXCEPTION 'credits must be between 0 and 10^15' USING ERRCODE = 'invalid_parameter_value',
-            HINT = 'clear => ''{credits}'' removes the credit limit.';
-    END IF;
-
-    v_key := apikeys._key_for_change(update_key.key_id, update_key.owner, 'update');
-    -- credits sets what the key has left now: what verify spent but the
-    -- worker has not yet subtracted (in the period of the refill the key
-    -- will have) is added, so it comes out exact.
-    v_period := apikeys._credit_period(
-        CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
-             ELSE COALESCE(update_key.credits_refill_interval, v_key.credits_refill_interval) END,
-        clock_timestamp());
-    PERFORM set_config('apikeys.audit_context', 'update_key', true);
-
-    IF update_key.expires_at IS NOT NULL OR 'expires_at' = ANY (update_key.clear) THEN
-        PERFORM apikeys._expiry_within_plan(v_key.owner, update_key.expires_at, false);
-    END IF;
-
-    -- Bounds, the plan limit for a revived key, the audit row and the
-    -- notification come from the table's triggers.
-    UPDATE apikeys.keys k
-       SET name = COALESCE(update_key.name, k.name),
-           scopes = COALESCE(update_key.scopes, k.scopes),
-           metadata = COALESCE(update_key.metadata, k.metadata),
-           expires_at = CASE WHEN 'expires_at' = ANY (update_key.clear) THEN NULL
-                             ELSE COALESCE(update_key.expires_at, k.expires_at) END,
-           rate_limit = CASE WHEN 'rate_limit' = ANY (update_key.clear) THEN NULL
-                             ELSE COALESCE(update_key.rate_limit, k.rate_limit) END,
-           allowed_ips = CASE WHEN 'allowed_ips' = ANY (update_key.clear) THEN NULL
-                              ELSE COALESCE(update_key.allowed_ips, k.allowed_ips) END,
-           alert_requests_per_minute = CASE WHEN 'alert_requests_per_minute' = ANY (update_key.clear) THEN NULL
-                                            ELSE COALESCE(update_key.alert_requests_per_minute,
-                                                          k.alert_requests_per_minute) END,
-           rate_burst = CASE WHEN 'rate_burst' = ANY (update_key.clear) THEN NULL
-                             ELSE COALESCE(update_key.rate_burst, k.rate_burst) END,
-           credits = CASE WHEN 'credits' = ANY (update_key.clear) THEN NULL
-                          WHEN update_key.credits IS NOT NULL
-                          THEN update_key.credits + apikeys._credits_unflushed(k.id, v_period)
-                          ELSE k.credits END,
-           -- Given credits belong to the current period (a new one counts as a change).
-           credits_period = CASE WHEN update_key.credits IS NOT NULL THEN v_period
-                                 ELSE k.credits_period END,
-           credits_refill_amount = CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
-                                        ELSE COALESCE(update_key.credits_refill_amount,
-                                                      k.credits_refill_amount) END,
-           credits_refill_interval = CASE WHEN update_key.clear && ARRAY['credits', 'credits_refill'] THEN NULL
-                                          ELSE COALESCE(update_key.credits_refill_interval,
-                                                        k.credits_refill_interval) END
-     WHERE k.id = v_key.id
-    RETURNING * INTO v_key;
-    PERFORM set_config('apikeys.audit_context', '', true);
-
-    SELECT * INTO v_info FROM apikeys._key_info(ARRAY[v_key.id]);
-    RETURN v_info;
+    PERFORM apikeys._require_admin('permission denied to update a key without naming its owner');
+    RETURN apikeys._update_key($1, NULL, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14);
 END
 $$;
 COMMENT ON FUNCTION apikeys.update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]) IS 'Changes a key''s name, scopes, metadata, expiry, rate limit and burst, networks, alert threshold, credits or refill; NULL leaves a field as it is, clear empties fields.';
 
-CREATE FUNCTION apikeys.disable_key(key_id uuid, owner text, reason text DEFAULT NULL)
+CREATE FUNCTION apikeys._disable_key(key_id uuid, owner text, reason text)
 RETURNS timestamptz
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -892,20 +1060,44 @@ AS $$
 DECLARE
     v_key apikeys.keys;
 BEGIN
-    v_key := apikeys._key_for_change(disable_key.key_id, disable_key.owner, 'disable');
+    v_key := apikeys._key_for_change(_disable_key.key_id, _disable_key.owner, 'disable');
     IF v_key.disabled_at IS NOT NULL THEN
         RETURN v_key.disabled_at;
     END IF;
     UPDATE apikeys.keys k
-       SET disabled_at = now(), disabled_by = apikeys._actor(), disable_reason = disable_key.reason
+       SET disabled_at = now(), disabled_by = apikeys._actor(), disable_reason = _disable_key.reason
      WHERE k.id = v_key.id
     RETURNING k.disabled_at INTO v_key.disabled_at;
     RETURN v_key.disabled_at;
 END
 $$;
+COMMENT ON FUNCTION apikeys._disable_key(uuid, text, text) IS 'Internal: the body of disable_key(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._disable_key_owned(key_id uuid, owner text, reason text)
+RETURNS timestamptz
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT apikeys._disable_key($1, apikeys._owner_given($2, 'permission denied to disable a key without naming its owner'), $3)
+$$;
+COMMENT ON FUNCTION apikeys._disable_key_owned(uuid, text, text) IS 'Internal: disable_key() on a key of the owner given, which may not be NULL.';
+
+CREATE FUNCTION apikeys.disable_key(key_id uuid, owner text, reason text DEFAULT NULL)
+RETURNS timestamptz
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF $2 IS NOT NULL THEN
+        RETURN apikeys._disable_key_owned($1, $2, $3);
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to disable a key without naming its owner');
+    RETURN apikeys._disable_key($1, NULL, $3);
+END
+$$;
 COMMENT ON FUNCTION apikeys.disable_key(uuid, text, text) IS 'Suspends a key until enable_key: verify answers API_KEY_DISABLED; the key keeps its plan slot. Returns the original disabled_at when already disabled.';
 
-CREATE FUNCTION apikeys.enable_key(key_id uuid, owner text)
+CREATE FUNCTION apikeys._enable_key(key_id uuid, owner text)
 RETURNS boolean
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -914,7 +1106,7 @@ AS $$
 DECLARE
     v_key apikeys.keys;
 BEGIN
-    v_key := apikeys._key_for_change(enable_key.key_id, enable_key.owner, 'enable');
+    v_key := apikeys._key_for_change(_enable_key.key_id, _enable_key.owner, 'enable');
     IF v_key.disabled_at IS NULL THEN
         RETURN false;
     END IF;
@@ -924,12 +1116,36 @@ BEGIN
     RETURN true;
 END
 $$;
+COMMENT ON FUNCTION apikeys._enable_key(uuid, text) IS 'Internal: the body of enable_key(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._enable_key_owned(key_id uuid, owner text)
+RETURNS boolean
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT apikeys._enable_key($1, apikeys._owner_given($2, 'permission denied to enable a key without naming its owner'))
+$$;
+COMMENT ON FUNCTION apikeys._enable_key_owned(uuid, text) IS 'Internal: enable_key() on a key of the owner given, which may not be NULL.';
+
+CREATE FUNCTION apikeys.enable_key(key_id uuid, owner text)
+RETURNS boolean
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF $2 IS NOT NULL THEN
+        RETURN apikeys._enable_key_owned($1, $2);
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to enable a key without naming its owner');
+    RETURN apikeys._enable_key($1, NULL);
+END
+$$;
 COMMENT ON FUNCTION apikeys.enable_key(uuid, text) IS 'Resumes a disabled key; false when it was not disabled.';
 
 -- Adds delta credits (a negative delta takes them away).  The change is
 -- relative, so verifications running meanwhile are neither lost nor
 -- counted twice.
-CREATE FUNCTION apikeys.add_credits(key_id uuid, owner text, delta bigint)
+CREATE FUNCTION apikeys._add_credits(key_id uuid, owner text, delta bigint)
 RETURNS bigint
     LANGUAGE plpgsql SECURITY DEFINER
     SET search_path = pg_catalog, pg_temp
@@ -945,7 +1161,7 @@ BEGIN
         RAISE EXCEPTION 'delta must be non-zero and at most 10^15 either way'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_key := apikeys._key_for_change(add_credits.key_id, add_credits.owner, 'add credits to');
+    v_key := apikeys._key_for_change(_add_credits.key_id, _add_credits.owner, 'add credits to');
     IF v_key.credits IS NULL THEN
         RAISE EXCEPTION 'key % has no credit limit', v_key.id
             USING ERRCODE = 'object_not_in_prerequisite_state',
@@ -971,6 +1187,30 @@ BEGIN
     RETURN v_left + delta;
 END
 $$;
+COMMENT ON FUNCTION apikeys._add_credits(uuid, text, bigint) IS 'Internal: the body of add_credits(), on any owner''s key (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._add_credits_owned(key_id uuid, owner text, delta bigint)
+RETURNS bigint
+    LANGUAGE sql SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT apikeys._add_credits($1, apikeys._owner_given($2, 'permission denied to add credits to a key without naming its owner'), $3)
+$$;
+COMMENT ON FUNCTION apikeys._add_credits_owned(uuid, text, bigint) IS 'Internal: add_credits() on a key of the owner given, which may not be NULL.';
+
+CREATE FUNCTION apikeys.add_credits(key_id uuid, owner text, delta bigint)
+RETURNS bigint
+    LANGUAGE plpgsql
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF $2 IS NOT NULL THEN
+        RETURN apikeys._add_credits_owned($1, $2, $3);
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to add credits to a key without naming its owner');
+    RETURN apikeys._add_credits($1, NULL, $3);
+END
+$$;
 COMMENT ON FUNCTION apikeys.add_credits(uuid, text, bigint) IS 'Adds delta credits to a key (negative: takes them away) and returns what it has left; exact under concurrent verification; audited as credits_changed.';
 
 -- The work of usage(); PL/pgSQL cannot name an input and a result column
@@ -986,11 +1226,6 @@ AS $$
 DECLARE
     v_today date := (now() AT TIME ZONE 'UTC')::date;
 BEGIN
-    IF p_owner IS NULL AND NOT apikeys._caller_is_admin() THEN
-        RAISE EXCEPTION 'permission denied to read usage without naming an owner'
-            USING ERRCODE = 'insufficient_privilege',
-                  DETAIL = 'Only members of apikeys_admin may omit the owner argument.';
-    END IF;
     IF p_from_day IS NULL OR p_to_day IS NULL THEN
         RAISE EXCEPTION 'from_day and to_day must not be null' USING ERRCODE = 'invalid_parameter_value';
     ELSIF NOT isfinite(p_from_day) OR NOT isfinite(p_to_day) THEN
@@ -1028,15 +1263,44 @@ BEGIN
      ORDER BY c.d, c.id;
 END
 $$;
-COMMENT ON FUNCTION apikeys._usage(text, date, date, uuid) IS 'Internal: the body of usage().';
+COMMENT ON FUNCTION apikeys._usage(text, date, date, uuid) IS 'Internal: the body of usage(), for any owner (EXECUTE: apikeys_admin only).';
+
+CREATE FUNCTION apikeys._usage_owned(p_owner text, p_from_day date, p_to_day date, p_key_id uuid)
+RETURNS TABLE (usage_key_id uuid, usage_day date, usage_requests bigint, usage_failures bigint,
+               usage_error_rate double precision, usage_last_used_at timestamptz)
+    LANGUAGE sql STABLE SECURITY DEFINER
+    SET search_path = pg_catalog, pg_temp
+AS $$
+    SELECT * FROM apikeys._usage(apikeys._owner_given($1, 'permission denied to read usage without naming an owner'), $2, $3, $4)
+$$;
+COMMENT ON FUNCTION apikeys._usage_owned(text, date, date, uuid) IS 'Internal: usage() of the owner given, which may not be NULL.';
+
+-- usage() is SQL (its input and result both name key_id), so it cannot
+-- choose between the two; this does, as its caller.
+CREATE FUNCTION apikeys._usage_call(p_owner text, p_from_day date, p_to_day date, p_key_id uuid)
+RETURNS TABLE (usage_key_id uuid, usage_day date, usage_requests bigint, usage_failures bigint,
+               usage_error_rate double precision, usage_last_used_at timestamptz)
+    LANGUAGE plpgsql STABLE
+    SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF p_owner IS NOT NULL THEN
+        RETURN QUERY SELECT * FROM apikeys._usage_owned(p_owner, p_from_day, p_to_day, p_key_id);
+        RETURN;
+    END IF;
+    PERFORM apikeys._require_admin('permission denied to read usage without naming an owner');
+    RETURN QUERY SELECT * FROM apikeys._usage(NULL, p_from_day, p_to_day, p_key_id);
+END
+$$;
+COMMENT ON FUNCTION apikeys._usage_call(text, date, date, uuid) IS 'Internal: usage() as its caller, through _usage_owned() or, for apikeys_admin without an owner, _usage().';
 
 CREATE FUNCTION apikeys.usage(owner text, from_day date, to_day date, key_id uuid DEFAULT NULL)
 RETURNS TABLE (key_id uuid, day date, requests bigint, failures bigint,
                error_rate double precision, last_used_at timestamptz)
-    LANGUAGE sql STABLE SECURITY DEFINER
+    LANGUAGE sql STABLE
     SET search_path = pg_catalog, pg_temp
 AS $$
-    SELECT * FROM apikeys._usage(owner, from_day, to_day, key_id)
+    SELECT * FROM apikeys._usage_call(owner, from_day, to_day, key_id)
 $$;
 COMMENT ON FUNCTION apikeys.usage(text, date, date, uuid) IS 'Requests, failures, error rate and last use per key and UTC day (at most 366 days), counts not yet written included.';
 
@@ -1350,7 +1614,25 @@ REVOKE ALL ON FUNCTION
     apikeys._credits_unflushed(uuid, integer),
     apikeys._rate_carry(uuid, uuid),
     apikeys._credits_left(apikeys.keys),
-    apikeys._credits_flush(apikeys.keys, apikeys.keys)
+    apikeys._credits_flush(apikeys.keys, apikeys.keys),
+    apikeys._require_admin(text),
+    apikeys._owner_given(text, text),
+    apikeys._revoke(uuid, text, text),
+    apikeys._revoke_owned(uuid, text, text),
+    apikeys._rotate_owned(uuid, text, interval),
+    apikeys._rotate_call(uuid, text, interval),
+    apikeys._get_key(uuid, text),
+    apikeys._get_key_owned(uuid, text),
+    apikeys._update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]),
+    apikeys._update_key_owned(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]),
+    apikeys._disable_key(uuid, text, text),
+    apikeys._disable_key_owned(uuid, text, text),
+    apikeys._enable_key(uuid, text),
+    apikeys._enable_key_owned(uuid, text),
+    apikeys._add_credits(uuid, text, bigint),
+    apikeys._add_credits_owned(uuid, text, bigint),
+    apikeys._usage_owned(text, date, date, uuid),
+    apikeys._usage_call(text, date, date, uuid)
 FROM PUBLIC;
 REVOKE ALL ON TYPE apikeys.key_info FROM PUBLIC;
 GRANT USAGE ON TYPE apikeys.key_info TO apikeys_admin, apikeys_app;
@@ -1367,6 +1649,31 @@ GRANT EXECUTE ON FUNCTION
     apikeys.add_credits(uuid, text, bigint),
     apikeys.usage(text, date, date, uuid)
 TO apikeys_app, apikeys_admin;
+
+-- Who may omit an owner (section "Who may omit an owner" above).
+GRANT EXECUTE ON FUNCTION
+    apikeys._require_admin(text),
+    apikeys._revoke_owned(uuid, text, text),
+    apikeys._rotate_owned(uuid, text, interval),
+    apikeys._rotate_call(uuid, text, interval),
+    apikeys._get_key_owned(uuid, text),
+    apikeys._update_key_owned(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]),
+    apikeys._disable_key_owned(uuid, text, text),
+    apikeys._enable_key_owned(uuid, text),
+    apikeys._add_credits_owned(uuid, text, bigint),
+    apikeys._usage_owned(text, date, date, uuid),
+    apikeys._usage_call(text, date, date, uuid)
+TO apikeys_app, apikeys_admin;
+GRANT EXECUTE ON FUNCTION
+    apikeys._revoke(uuid, text, text),
+    apikeys._rotate(uuid, text, interval),
+    apikeys._get_key(uuid, text),
+    apikeys._update_key(uuid, text, text, text[], jsonb, timestamptz, integer, cidr[], integer, integer, bigint, bigint, text, text[]),
+    apikeys._disable_key(uuid, text, text),
+    apikeys._enable_key(uuid, text),
+    apikeys._add_credits(uuid, text, bigint),
+    apikeys._usage(text, date, date, uuid)
+TO apikeys_admin;
 
 GRANT UPDATE (allowed_ips, alert_requests_per_minute, rate_burst, credits, credits_refill_amount,
                credits_refill_interval) ON apikeys.keys TO apikeys_admin;

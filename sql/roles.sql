@@ -165,4 +165,27 @@ ANALYZE rg_trap.t;
 \set VERBOSITY default
 SELECT set_config('rg_trap.victim', '', false) = '' AS trap_disarmed;
 SELECT revoked_at IS NULL AS trap_victim_intact FROM apikeys.keys WHERE id = :'trap_victim';
+
+-- Outside maintenance commands too, a function apikeys_app owns runs as
+-- apikeys_app, as PostgreSQL runs it: a superuser's session calling one
+-- that is SECURITY DEFINER lends it no right to omit an owner.
+SET ROLE apikeys_app;
+CREATE FUNCTION rg_trap.revoke_any(k uuid) RETURNS timestamptz
+    LANGUAGE sql SECURITY DEFINER AS $$ SELECT apikeys.revoke(k) $$;
+RESET ROLE;
+\set VERBOSITY terse
+SELECT rg_trap.revoke_any(:'trap_victim');
+\set VERBOSITY default
+SELECT revoked_at IS NULL AS trap_victim_intact FROM apikeys.keys WHERE id = :'trap_victim';
+-- The other way round: apikeys_admin's SECURITY DEFINER function runs as
+-- apikeys_admin whoever calls it, so it may omit the owner for apikeys_app.
+GRANT CREATE ON SCHEMA rg_trap TO apikeys_admin;
+SET ROLE apikeys_admin;
+CREATE FUNCTION rg_trap.admin_revoke(k uuid) RETURNS timestamptz
+    LANGUAGE sql SECURITY DEFINER AS $$ SELECT apikeys.revoke(k, NULL, 'by an admin''s function') $$;
+RESET ROLE;
+SET ROLE apikeys_app;
+SELECT rg_trap.admin_revoke(:'trap_victim') IS NOT NULL AS revoked_through_admin_function;
+RESET ROLE;
+SELECT revoke_reason FROM apikeys.keys WHERE id = :'trap_victim';
 DROP SCHEMA rg_trap CASCADE;

@@ -11,7 +11,6 @@
 #include "funcapi.h"
 #include "miscadmin.h"
 #include "tcop/pquery.h"
-#include "utils/acl.h"
 #include "utils/builtins.h"
 #include "utils/guc.h"
 
@@ -242,26 +241,6 @@ Datum
 apikeys_audit_context_setting(PG_FUNCTION_ARGS)
 {
 	PG_RETURN_TEXT_P(cstring_to_text(apikeys_audit_context ? apikeys_audit_context : ""));
-}
-
-PG_FUNCTION_INFO_V1(apikeys_caller_is_admin);
-
-/*
- * _caller_is_admin(): whether the role calling into apikeys (the SET ROLE
- * role, else the session user) is a member of apikeys_admin, and so may
- * omit an owner.  Never inside a maintenance command (ANALYZE, VACUUM,
- * CREATE INDEX, REINDEX, CLUSTER, REFRESH MATERIALIZED VIEW, autovacuum):
- * those run a table's index and view functions as the table's owner, and
- * the session's role, a superuser's perhaps, must not lend them its rights.
- */
-Datum
-apikeys_caller_is_admin(PG_FUNCTION_ARGS)
-{
-	Oid			admin = get_role_oid("apikeys_admin", true);
-
-	if (InSecurityRestrictedOperation() || !OidIsValid(admin))
-		PG_RETURN_BOOL(false);
-	PG_RETURN_BOOL(is_member_of_role(GetOuterUserId(), admin));
 }
 
 PG_FUNCTION_INFO_V1(apikeys_restoring);
