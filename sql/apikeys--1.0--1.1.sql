@@ -567,7 +567,14 @@ BEGIN
             create_key.credits_refill_amount, create_key.credits_refill_interval)
     RETURNING k.id, k.created_at INTO v_id, v_at;
 
-    RETURN QUERY SELECT v_id, v_token, apikeys.start(v_token), v_at;
+    -- Assigned, not RETURN QUERY: a query's custom plan would hold the token
+    -- as a constant, which debug_print_plan or auto_explain (settings a
+    -- database owner can give every session) would write to the server log.
+    key_id := v_id;
+    token := v_token;
+    start := apikeys.start(v_token);
+    created_at := v_at;
+    RETURN NEXT;
 END
 $$;
 COMMENT ON FUNCTION apikeys.create_key(text, text, text[], timestamptz, text, jsonb, integer, cidr[], integer, integer, bigint, bigint, text) IS 'Issues a key; the only time its token is returned.';
@@ -701,7 +708,12 @@ BEGIN
         PERFORM set_config('apikeys.audit_context', '', true);
     END IF;
 
-    RETURN QUERY SELECT v_new_id, v_token, apikeys.start(v_token), v_old_end;
+    -- Assigned, not RETURN QUERY: see create_key().
+    new_key_id := v_new_id;
+    new_token := v_token;
+    new_start := apikeys.start(v_token);
+    old_key_expires_at := v_old_end;
+    RETURN NEXT;
 END
 $$;
 COMMENT ON FUNCTION apikeys._rotate(uuid, text, interval) IS 'Internal: the body of rotate(), on any owner''s key (EXECUTE: apikeys_admin only).';
