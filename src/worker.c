@@ -238,12 +238,22 @@ insert_record(const QueuedEvent *ev)
 	}
 }
 
+/* How long an audit flush waits for the audit chain's lock before it leaves the records queued. */
+#define AUDIT_LOCK_TIMEOUT "1s"
+
+/* Set by flush_audit() when another session held the audit chain's lock. */
+static bool audit_chain_busy = false;
+
 /*
  * Writes the database's queued records, AUDIT_BATCH to a transaction, and
  * no more than were queued when it began, so a flood can neither keep one
  * transaction (and the audit chain's lock) open nor keep the flush going.
  * A batch whose write fails goes back to the queue before the error is
- * raised.  Returns false when the extension is gone from the database.
+ * raised; so does one that waits more than AUDIT_LOCK_TIMEOUT for the
+ * chain's lock, without an error: a session left open after changing a key
+ * (which holds that lock) holds up the audit records, but not the counts
+ * and spending written after them.  Returns false when the extension is
+ * gone from the database.
  */
 static bool
 flush_audit(Oid dboid)
@@ -253,8 +263,10 @@ flush_audit(Oid dboid)
 	/* In the flush's context, which an error resets: a failed flush leaks nothing. */
 	QueuedEvent *batch = MemoryContextAlloc(deltas_cxt, sizeof(QueuedEvent) * AUDIT_BATCH);
 	bool		installed = true;
+	MemoryContext cxt = CurrentMemoryContext;
 
-	while (budget > 0)
+	audit_chain_busy = false;
+	while (budget > 0 && !audit_chain_busy)
 	{
 		int			n = queue_take(dboid, batch, Min(AUDIT_BATCH, budget));
 
@@ -274,6 +286,8 @@ flush_audit(Oid dboid)
 				queue_note_lost(batch, n);
 			else
 			{
+				(void) set_config_option("lock_timeout", AUDIT_LOCK_TIMEOUT, PGC_SUSET, PGC_S_SESSION,
+										 GUC_ACTION_LOCAL, true, 0, false);
 				for (int i = 0; i < n; i++)
 				{
 					CHECK_FOR_INTERRUPTS();
@@ -285,10 +299,22 @@ flush_audit(Oid dboid)
 		PG_CATCH();
 		{
 			queue_put_back(batch, n);
-			PG_RE_THROW();
+			if (geterrcode() != ERRCODE_LOCK_NOT_AVAILABLE)
+				PG_RE_THROW();
+			HOLD_INTERRUPTS();
+			MemoryContextSwitchTo(cxt);
+			FlushErrorState();
+			AbortCurrentTransaction();
+			RESUME_INTERRUPTS();
+			audit_chain_busy = true;
 		}
 		PG_END_TRY();
 	}
+	if (audit_chain_busy)
+		ereport(LOG,
+				(errmsg("apikeys worker: the audit chain's lock is held by another session; %d audit records stay queued",
+						queue_count(dboid)),
+				 errdetail("A transaction that changed a key is still open. Counts and spent credits are written meanwhile.")));
 	pfree(batch);
 	return installed;
 }
@@ -808,7 +834,8 @@ flush_or_report(Oid dboid, bool with_usage)
 	{
 		installed = flush_once(dboid, with_usage);
 		registry_flush_done(dboid, seq);
-		last_flush_failed = false;
+		/* A busy chain is retried at the next interval, not four times a second. */
+		last_flush_failed = audit_chain_busy;
 	}
 	PG_CATCH();
 	{

@@ -502,6 +502,8 @@ workers_gone_ok($node, '(11)', 20);
 sql($node, 'postgres', q{ALTER SYSTEM SET apikeys.flush_interval = '1h'});
 sql($node, 'postgres', 'SELECT pg_reload_conf()');
 $last_id = sql($node, 'live', 'SELECT coalesce(max(id), 0) FROM apikeys.audit_log');
+# A client stays connected: a worker whose database has none writes and leaves at once.
+my $live_client = session('live');
 is(fail_unknown('live', 'adopt', 1), '1', '(11) a refusal queued');
 ok( defined wait_until($node, 'postgres', q{SELECT count(*) = 1 FROM pg_stat_activity
 		WHERE backend_type = 'apikeys worker' AND datname = 'live'}, 20),
@@ -518,6 +520,7 @@ sql($node, 'postgres', 'ALTER SYSTEM RESET apikeys.flush_interval');
 sql($node, 'postgres', 'SELECT pg_reload_conf()');
 ok(defined wait_until($node, 'live', 'SELECT (' . written_since($last_id, 'adopt') . ') = 1', 20),
 	'(11) after a reload to 1 s it writes the refusal');
+$live_client->quit;
 workers_gone_ok($node, '(11) ... and exits', 20);
 is(fail_unknown('live', 'again', 1), '1', '(11) another refusal queued');
 ok(defined wait_until($node, 'live', 'SELECT (' . written_since($last_id, 'again') . ') = 1', 20),

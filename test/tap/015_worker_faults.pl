@@ -16,7 +16,10 @@
 #  (5) a refusal counted while the audit queue was full (in another
 #      database) started no worker: its count stayed in shared memory;
 #  (6) records the worker took after DROP EXTENSION were discarded without
-#      being counted in status().records_lost.
+#      being counted in status().records_lost;
+#  (7) a session left open after changing a key (it holds the audit chain's
+#      lock) held up every flush: the worker waited for the chain before
+#      writing counts and spent credits, which a crash would then lose.
 
 use strict;
 use warnings;
@@ -148,6 +151,29 @@ sql($node, 'pv', 'GRANT UPDATE ON apikeys.key_usage TO apikeys_worker');
 $pv->quit;
 ok( defined wait_until($node, 'pv', "SELECT requests = 2 FROM apikeys.key_usage WHERE key_id = '$pv_id'", 15),
 	'(3) with UPDATE granted back, the count is written');
+
+#
+# (7) A session left open after changing a key holds the audit chain's
+# lock: the audit records wait for it, but counts and spent credits are
+# written meanwhile.
+#
+my ($cl_id, $cl_tok) = new_key($node, 'pv', q{'cl-owner', 'credits', credits => 100});
+my $holder = $node->background_psql('pv');
+$holder->query_safe(q{BEGIN; SELECT count(*) FROM apikeys.create_key('cl-holder', 'held open')});
+is(sql($node, 'pv', "SELECT string_agg((apikeys.verify('$cl_tok')).code, ',') FROM generate_series(1, 3)"),
+	'VALID,VALID,VALID', '(7) 3 verifications of a key with credits while the chain is held');
+is(fail_unknown('pv', 'clwait', 2), '2', '(7) and 2 refusals, whose record waits for the chain');
+ok( defined wait_until($node, 'pv', qq{SELECT
+	    (SELECT requests = 3 FROM apikeys.key_usage WHERE key_id = '$cl_id')
+	    AND (SELECT credits = 97 FROM apikeys.keys WHERE id = '$cl_id')}, 15),
+	'(7) the counts and the spent credits are written while the chain is held');
+is(sql($node, 'pv', failed_sum_sql('clwait')), '0', '(7) the refusals are not');
+ok(scalar(log_lines($node, 0, qr/audit chain's lock is held by another session/)) > 0,
+	'(7) the log says why');
+$holder->query_safe('COMMIT');
+$holder->quit;
+ok(defined wait_until($node, 'pv', 'SELECT (' . failed_sum_sql('clwait') . ') = 2', 15),
+	'(7) after COMMIT they are written');
 
 # From here on workers sleep a minute between flushes.
 $node->append_conf('postgresql.conf', 'apikeys.flush_interval = 60');
