@@ -35,7 +35,6 @@
 #include "credits.h"
 #include "launcher.h"
 #include "policy.h"
-#include "queue.h"
 #include "token.h"
 #include "usage.h"
 #include "verify.h"
