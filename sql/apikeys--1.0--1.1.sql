@@ -615,16 +615,28 @@ DECLARE
     v_new_id   uuid := gen_random_uuid();
     v_old_end  timestamptz;
     v_lifetime interval;
+    v_grace_end timestamptz;
 BEGIN
     IF p_key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Compared as the moments they end at: intervals compare a month as 30
-    -- days, so '12000 mons -359993 days' equals 7 days yet ends 14 years on.
-    IF grace IS NULL OR now() + grace < now() THEN
+    IF grace IS NULL THEN
         RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF now() + grace > now() + apikeys._max_rotation_grace() THEN
+    -- The moment the grace ends, added in UTC (a day is 24 hours whatever
+    -- the caller's TimeZone), and compared as a moment: intervals compare a
+    -- month as 30 days, so '12000 mons -359993 days' equals 7 days yet ends
+    -- 14 years on.  One past the timestamps' range ends at an infinity.
+    BEGIN
+        v_grace_end := ((now() AT TIME ZONE 'UTC') + grace) AT TIME ZONE 'UTC';
+    EXCEPTION WHEN datetime_field_overflow THEN
+        v_grace_end := CASE WHEN grace < '0'::interval THEN '-infinity'::timestamptz
+                            ELSE 'infinity'::timestamptz END;
+    END;
+    IF v_grace_end < now() THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_grace_end > ((now() AT TIME ZONE 'UTC') + apikeys._max_rotation_grace()) AT TIME ZONE 'UTC' THEN
         RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
@@ -665,14 +677,14 @@ BEGIN
 
     -- Retire the old key before inserting the new one, so an owner at its
     -- plan limit can rotate: a rotating key no longer counts.
-    IF now() + grace = now() THEN
+    IF v_grace_end = now() THEN
         UPDATE apikeys.keys k
            SET replaced_by = v_new_id, revoked_at = now(),
                revoked_by = apikeys._actor(), revoke_reason = 'rotated'
          WHERE k.id = p_key_id;
         v_old_end := now();
     ELSE
-        v_old_end := now() + grace;
+        v_old_end := v_grace_end;
         IF v_old.expires_at IS NOT NULL AND v_old.expires_at < v_old_end THEN
             v_old_end := v_old.expires_at;
         END IF;

@@ -458,8 +458,9 @@ SELECT pg_catalog.pg_extension_config_dump('apikeys.key_usage', '');
 SELECT pg_catalog.pg_extension_config_dump('apikeys.audit_log', '');
 
 ------------------------------------------------------------------------------
--- 6. Internal functions: no role is granted EXECUTE on them.  First those
--- the library implements.
+-- 6. Internal functions: no role is granted EXECUTE on them, but for those
+-- that decide who may omit an owner (section 7).  First those the library
+-- implements.
 ------------------------------------------------------------------------------
 
 -- A fresh token (NULL prefix: apikeys.default_prefix).
@@ -1060,16 +1061,28 @@ DECLARE
     v_new_id   uuid := gen_random_uuid();
     v_old_end  timestamptz;
     v_lifetime interval;
+    v_grace_end timestamptz;
 BEGIN
     IF p_key_id IS NULL THEN
         RAISE EXCEPTION 'key_id must not be null' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    -- Compared as the moments they end at: intervals compare a month as 30
-    -- days, so '12000 mons -359993 days' equals 7 days yet ends 14 years on.
-    IF grace IS NULL OR now() + grace < now() THEN
+    IF grace IS NULL THEN
         RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF now() + grace > now() + apikeys._max_rotation_grace() THEN
+    -- The moment the grace ends, added in UTC (a day is 24 hours whatever
+    -- the caller's TimeZone), and compared as a moment: intervals compare a
+    -- month as 30 days, so '12000 mons -359993 days' equals 7 days yet ends
+    -- 14 years on.  One past the timestamps' range ends at an infinity.
+    BEGIN
+        v_grace_end := ((now() AT TIME ZONE 'UTC') + grace) AT TIME ZONE 'UTC';
+    EXCEPTION WHEN datetime_field_overflow THEN
+        v_grace_end := CASE WHEN grace < '0'::interval THEN '-infinity'::timestamptz
+                            ELSE 'infinity'::timestamptz END;
+    END;
+    IF v_grace_end < now() THEN
+        RAISE EXCEPTION 'grace must be a non-negative interval' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF v_grace_end > ((now() AT TIME ZONE 'UTC') + apikeys._max_rotation_grace()) AT TIME ZONE 'UTC' THEN
         RAISE EXCEPTION 'grace is longer than apikeys.max_rotation_grace allows'
             USING ERRCODE = 'invalid_parameter_value',
                   DETAIL = format('The longest grace is %s.', apikeys._max_rotation_grace()),
@@ -1110,14 +1123,14 @@ BEGIN
 
     -- Retire the old key before inserting the new one, so an owner at its
     -- plan limit can rotate: a rotating key no longer counts.
-    IF now() + grace = now() THEN
+    IF v_grace_end = now() THEN
         UPDATE apikeys.keys k
            SET replaced_by = v_new_id, revoked_at = now(),
                revoked_by = apikeys._actor(), revoke_reason = 'rotated'
          WHERE k.id = p_key_id;
         v_old_end := now();
     ELSE
-        v_old_end := now() + grace;
+        v_old_end := v_grace_end;
         IF v_old.expires_at IS NOT NULL AND v_old.expires_at < v_old_end THEN
             v_old_end := v_old.expires_at;
         END IF;
@@ -2432,9 +2445,11 @@ CREATE TRIGGER audit_refuse_truncate BEFORE TRUNCATE ON apikeys.audit_log
 -- enable_key, usage, revoke, rotate, the apikey functions and status.  apikeys_admin may call those and revoke_all, revoke_token,
 -- set_plan, audit_verify, purge_audit and flush; it may read every table but
 -- _audit_chain_lock, write plans, and update the columns of keys that may
--- change.  apikeys_worker writes what the background workers write.  No role
--- is granted any internal function.  README.md, "Roles and privileges", has
--- the whole matrix.
+-- change.  apikeys_worker writes what the background workers write.  Of the
+-- internal functions, both roles may call _require_admin and the _owned and
+-- _call forms (which refuse a NULL owner), and apikeys_admin those that act
+-- on any owner's keys; no role any other.  README.md, "Roles and
+-- privileges", has the whole matrix.
 ------------------------------------------------------------------------------
 REVOKE ALL ON SCHEMA apikeys FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA apikeys FROM PUBLIC;

@@ -57,6 +57,9 @@ SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a
 -- than nothing as intervals, but end 14 years from now and 10 days ago.
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '12000 mons -359993 days')) AS grace_months_past_cap;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '1 mon -40 days')) AS grace_months_negative;
+-- Past the range of timestamps either way: 22023 still, not 22008.
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '300000 years')) AS grace_past_range;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L, %L)', :'new_id', 'rot-a', '-300000 years')) AS grace_before_range;
 SELECT status FROM apikeys.list_keys('rot-a') WHERE key_id = :'new_id';
 SELECT pg_temp.try($$SELECT apikeys.rotate('00000000-0000-0000-0000-000000000000')$$) AS unknown_key;
 SELECT pg_temp.try(format('SELECT apikeys.rotate(%L, %L)', :'new_id', 'rot-b')) AS other_owner;

@@ -59,6 +59,7 @@ typedef struct WorkerSlot
 	bool		usage_requested;	/* ... and write usage counts in that flush */
 	uint64		flushes_started;	/* by this slot's current worker */
 	uint64		flushes_done;	/* the last of them that completed */
+	uint64		sessions_counting;	/* sessions that began counting here (see launcher_note_pending()) */
 	int			failed_starts;	/* in a row */
 	TimestampTz retry_at;
 } WorkerSlot;
@@ -178,6 +179,7 @@ launcher_note_pending(void)
 {
 	uint64		generation;
 	Latch	   *latch = NULL;
+	WorkerSlot *slot;
 
 	/* A standby keeps nothing for a worker, which could not write there anyway. */
 	if (registry == NULL || !OidIsValid(MyDatabaseId) || RecoveryInProgress())
@@ -193,7 +195,16 @@ launcher_note_pending(void)
 		return;
 
 	LWLockAcquire(registry->lock, LW_EXCLUSIVE);
-	if (find_slot(MyDatabaseId) == NULL && !want_worker(MyDatabaseId))
+	slot = find_slot(MyDatabaseId);
+
+	/*
+	 * Once a session: its worker, asleep with no client connected, learns
+	 * that one came (a connection per request may come and go between two
+	 * of its looks) and stays.
+	 */
+	if (slot != NULL)
+		slot->sessions_counting++;
+	else if (!want_worker(MyDatabaseId))
 	{
 		/* Every slot is taken: the launcher finds this database once one is free. */
 		registry->slots_were_full = true;
@@ -269,20 +280,25 @@ registry_claim(Oid dboid)
 	return claimed;
 }
 
-/* In a worker: whether a flush was asked for, and with usage counts. */
+/*
+ * In a worker: whether a flush was asked for, and with usage counts;
+ * *sessions how many sessions have begun counting in the database so far.
+ */
 bool
-registry_take_flush_request(Oid dboid, bool *with_usage)
+registry_take_flush_request(Oid dboid, bool *with_usage, uint64 *sessions)
 {
 	WorkerSlot *slot;
 	bool		requested = false;
 
 	*with_usage = false;
+	*sessions = 0;
 	LWLockAcquire(registry->lock, LW_EXCLUSIVE);
 	slot = find_slot(dboid);
 	if (slot != NULL && slot->pid == MyProcPid)
 	{
 		requested = slot->flush_requested;
 		*with_usage = slot->usage_requested;
+		*sessions = slot->sessions_counting;
 		slot->flush_requested = false;
 		slot->usage_requested = false;
 	}

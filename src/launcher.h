@@ -31,7 +31,7 @@ extern bool registry_claim(Oid dboid);
  * In a worker: whether a flush was asked for since the last call, and
  * whether it should write usage counts too.
  */
-extern bool registry_take_flush_request(Oid dboid, bool *with_usage);
+extern bool registry_take_flush_request(Oid dboid, bool *with_usage, uint64 *sessions);
 
 /* In a worker: a flush begins (returns its number) and completes. */
 extern uint64 registry_flush_starting(Oid dboid);

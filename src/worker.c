@@ -243,6 +243,8 @@ insert_record(const QueuedEvent *ev)
 
 /* Set by flush_audit() when another session held the audit chain's lock. */
 static bool audit_chain_busy = false;
+/* Whether the log already says so for the present spell. */
+static bool chain_busy_reported = false;
 
 /*
  * Writes the database's queued records, AUDIT_BATCH to a transaction, and
@@ -310,11 +312,12 @@ flush_audit(Oid dboid)
 		}
 		PG_END_TRY();
 	}
-	if (audit_chain_busy)
+	/* Once a spell, not every interval it lasts. */
+	if (audit_chain_busy && !chain_busy_reported)
 		ereport(LOG,
-				(errmsg("apikeys worker: the audit chain's lock is held by another session; %d audit records stay queued",
-						queue_count(dboid)),
+				(errmsg("apikeys worker: the audit chain's lock is held by another session; audit records stay queued"),
 				 errdetail("A transaction that changed a key is still open. Counts and spent credits are written meanwhile.")));
+	chain_busy_reported = audit_chain_busy;
 	pfree(batch);
 	return installed;
 }
@@ -791,8 +794,15 @@ flush_usage(Oid dboid, bool installed)
 		 (long) (TimestampDifferenceMilliseconds(began, GetCurrentTimestamp())));
 }
 
-/* Whether the last flush failed (not counting one a SIGTERM cancelled). */
-static bool last_flush_failed = false;
+/*
+ * Whether the worker waits the whole flush interval before its next flush,
+ * even with no client connected: after a flush that failed (not counting
+ * one a SIGTERM cancelled), found the audit chain held, or left work
+ * behind (spending on a row another transaction, perhaps a prepared one,
+ * holds).  Retrying those four times a second would only log, or commit,
+ * four times a second.
+ */
+static bool wait_whole_interval = false;
 
 /* True while a flush runs: a SIGTERM then cancels it (see handle_sigterm()). */
 static volatile sig_atomic_t flushing = false;
@@ -833,9 +843,11 @@ flush_or_report(Oid dboid, bool with_usage)
 	PG_TRY();
 	{
 		installed = flush_once(dboid, with_usage);
-		registry_flush_done(dboid, seq);
-		/* A busy chain is retried at the next interval, not four times a second. */
-		last_flush_failed = audit_chain_busy;
+		/* apikeys.flush() waits for its records to be written, not just tried. */
+		if (!audit_chain_busy)
+			registry_flush_done(dboid, seq);
+		wait_whole_interval = audit_chain_busy ||
+			(installed && launcher_database_has_work(dboid));
 	}
 	PG_CATCH();
 	{
@@ -849,7 +861,7 @@ flush_or_report(Oid dboid, bool with_usage)
 		{
 			EmitErrorReport();
 			registry_count_flush_failure();
-			last_flush_failed = true;
+			wait_whole_interval = true;
 		}
 		FreeErrorData(edata);
 		AbortCurrentTransaction();
@@ -903,30 +915,45 @@ flush_before_exit(Oid dboid)
 
 /* How often a sleeping worker looks whether its database still has a client connected. */
 #define IDLE_CHECK_MS 250
+/* How long the database must have had no client before the worker writes and leaves. */
+#define IDLE_LEAVE_MS 1000
 
 /*
  * Sleeps until the flush interval since "since" has passed, a flush is
  * asked for (*with_usage: usage counts too), or a shutdown is requested;
- * or, unless the last flush failed, until no client is connected to the
- * database: nothing new can then arrive, so the worker writes what is left
- * and leaves at once, and DROP DATABASE, which waits only 5 seconds for
- * other sessions to go, finds none.  After a failure it waits the whole
- * interval, so that an error that repeats is not retried (and logged) four
- * times a second.
+ * or, unless told to wait the whole interval, until the database has had no
+ * client for IDLE_LEAVE_MS: nothing new can then arrive, so the worker
+ * writes what is left and leaves, and DROP DATABASE, which waits only 5
+ * seconds for other sessions to go, finds none.  A session that came and
+ * went between two looks counts as a client (a database whose clients
+ * connect for each request keeps its worker rather than start one each
+ * time).
  */
 static void
-wait_for_flush(Oid dboid, TimestampTz since, bool last_failed, bool *with_usage)
+wait_for_flush(Oid dboid, TimestampTz since, bool whole_interval, bool *with_usage)
 {
+	TimestampTz idle_since = 0;
+	uint64		sessions_before = PG_UINT64_MAX;
+
 	for (;;)
 	{
 		/* Recomputed each time: a reload may have shortened the interval. */
 		TimestampTz due = TimestampTzPlusMilliseconds(since, flush_interval * 1000L);
-		long		ms = TimestampDifferenceMilliseconds(GetCurrentTimestamp(), due);
+		TimestampTz now = GetCurrentTimestamp();
+		long		ms = TimestampDifferenceMilliseconds(now, due);
+		uint64		sessions;
 
-		if (ShutdownRequestPending || ms <= 0 || registry_take_flush_request(dboid, with_usage))
+		if (ShutdownRequestPending || ms <= 0 ||
+			registry_take_flush_request(dboid, with_usage, &sessions))
 			return;
-		if (!last_failed && CountDBConnections(dboid) == 0)
+		/* Idle: no client now, and none came and went since the last look. */
+		if (whole_interval || CountDBConnections(dboid) > 0 || sessions != sessions_before)
+			idle_since = 0;
+		else if (idle_since == 0)
+			idle_since = now;
+		else if (TimestampDifferenceExceeds(idle_since, now, IDLE_LEAVE_MS))
 			return;
+		sessions_before = sessions;
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
 						 Min(ms, IDLE_CHECK_MS), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
@@ -969,7 +996,7 @@ apikeys_worker_main(Datum main_arg)
 	{
 		bool		with_usage = false;
 
-		wait_for_flush(dboid, GetCurrentTimestamp(), last_flush_failed, &with_usage);
+		wait_for_flush(dboid, GetCurrentTimestamp(), wait_whole_interval, &with_usage);
 		if (ShutdownRequestPending)
 			break;
 		if (RecoveryInProgress())

@@ -194,7 +194,9 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 	ok(defined poll_until($primary, 'app', $workers, '0'), '1: no worker left from before the reload');
 
 	# A lone request: the worker started for it waits the interval (an
-	# hour) before it writes.
+	# hour) before it writes, as long as a client is connected (with none
+	# for a second, it would write and leave).
+	my $stay = $primary->background_psql('app');
 	is(verify_n($primary, 'app', $u1, 1, '{read}'), 'VALID', '1: one more request');
 	my $tot_r = $n + 1;
 	my $tot_f = $m;
@@ -237,6 +239,7 @@ my ($mk_id, $mk)   = new_key($primary, 'app', q{'marker', 'flush marker'});
 		  . " of $tot_r|$tot_f");
 
 	$primary->restart;    # pg_ctl restart: fast shutdown
+	$stay->quit;
 
 	is(usage_row($primary, 'app', $u1_id), "$tot_r|$tot_f",
 		'1: after a clean restart key_usage holds the exact totals (shutdown flush)');

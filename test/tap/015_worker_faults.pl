@@ -19,7 +19,14 @@
 #      being counted in status().records_lost;
 #  (7) a session left open after changing a key (it holds the audit chain's
 #      lock) held up every flush: the worker waited for the chain before
-#      writing counts and spent credits, which a crash would then lose.
+#      writing counts and spent credits, which a crash would then lose
+#      (and, with the first fix, apikeys.flush() said true with the records
+#      still queued, and the log said so every interval);
+#  (8) with the first fix for (4), a worker left with work it could not do
+#      (spending on a row a prepared transaction holds) and no client
+#      flushed without pause: a transaction and a commit each time;
+#  (4b) with the first fix for (4), a database whose clients connect per
+#      request started a worker for each request.
 
 use strict;
 use warnings;
@@ -35,6 +42,7 @@ use ApikeysTest;
 my $node = new_node('worker_faults', qq{
 apikeys.audit_queue_size = 16
 log_min_messages = info
+max_prepared_transactions = 2
 });
 
 sql($node, 'postgres', 'CREATE EXTENSION apikeys');
@@ -168,12 +176,37 @@ ok( defined wait_until($node, 'pv', qq{SELECT
 	    AND (SELECT credits = 97 FROM apikeys.keys WHERE id = '$cl_id')}, 15),
 	'(7) the counts and the spent credits are written while the chain is held');
 is(sql($node, 'pv', failed_sum_sql('clwait')), '0', '(7) the refusals are not');
-ok(scalar(log_lines($node, 0, qr/audit chain's lock is held by another session/)) > 0,
-	'(7) the log says why');
+is(sql($node, 'pv', q{SELECT apikeys.flush('3 s')}), 'f',
+	'(7) apikeys.flush() waits for them, and answers false after its timeout');
+is(scalar(log_lines($node, 0, qr/audit chain's lock is held by another session/)), 1,
+	'(7) the log says why, once for the whole spell');
 $holder->query_safe('COMMIT');
 $holder->quit;
 ok(defined wait_until($node, 'pv', 'SELECT (' . failed_sum_sql('clwait') . ') = 2', 15),
 	'(7) after COMMIT they are written');
+
+#
+# (8) Spending that a prepared transaction keeps the worker from writing
+# (it holds the key's row) leaves work behind after each flush: with no
+# client connected, the worker still waits its interval between flushes,
+# rather than flush (a transaction and a commit each) without pause.
+#
+sql($node, 'postgres', 'CREATE DATABASE pt OWNER mallory');
+sql($node, 'pt', 'CREATE EXTENSION apikeys');
+my ($pt_id, $pt_tok) = new_key($node, 'pt', q{'pt-owner', 'credits', credits => 100});
+sql($node, 'pt', qq{BEGIN; SELECT id FROM apikeys.keys WHERE id = '$pt_id' FOR NO KEY UPDATE;
+	PREPARE TRANSACTION 'hold_key'});
+is(sql($node, 'pt', "SELECT (apikeys.verify('$pt_tok')).code"), 'VALID', '(8) a credit spent on the held key');
+sleep(2);
+my $xid_before = sql($node, 'postgres', 'SELECT pg_current_xact_id()');
+sleep(3);
+my $xid_after = sql($node, 'postgres', 'SELECT pg_current_xact_id()');
+cmp_ok($xid_after - $xid_before, '<', 20,
+	sprintf('(8) the worker flushes about once an interval: %d transactions in 3 s', $xid_after - $xid_before));
+sql($node, 'pt', q{COMMIT PREPARED 'hold_key'});
+ok(defined wait_until($node, 'pt', "SELECT credits = 99 FROM apikeys.keys WHERE id = '$pt_id'", 15),
+	'(8) once the transaction commits, the spending is written');
+workers_gone_ok($node, '(8)');
 
 # From here on workers sleep a minute between flushes.
 $node->append_conf('postgresql.conf', 'apikeys.flush_interval = 60');
@@ -192,6 +225,28 @@ my $t_drop = time();
 my ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE dd');
 is($ret, 0, '(4) DROP DATABASE of a database whose key was just used succeeds') or diag($err);
 cmp_ok(time() - $t_drop, '<', 4, sprintf('(4) ... within seconds (%.1f s)', time() - $t_drop));
+
+#
+# (4b) A database whose clients connect for each request keeps its worker
+# between requests a quarter of a second apart: it leaves after a second
+# without clients, not at the first moment it has none.
+#
+sql($node, 'postgres', 'CREATE DATABASE cgi OWNER mallory');
+sql($node, 'cgi', 'CREATE EXTENSION apikeys');
+my ($cgi_id, $cgi_tok) = new_key($node, 'cgi', q{'cgi-owner', 'per request'});
+sql($node, 'cgi', "SELECT apikeys.verify('$cgi_tok')");
+my $cgi_pid = worker_pid('cgi');
+for (1 .. 6)
+{
+	usleep(400_000);
+	sql($node, 'cgi', "SELECT apikeys.verify('$cgi_tok')");
+}
+is(sql($node, 'postgres', q{SELECT pid FROM pg_stat_activity
+	WHERE backend_type = 'apikeys worker' AND datname = 'cgi'}), $cgi_pid,
+	'(4b) one worker served 7 connections 0.4 s apart');
+ok( defined wait_until($node, 'cgi', "SELECT requests = 7 FROM apikeys.key_usage WHERE key_id = '$cgi_id'", 10),
+	'(4b) and wrote their 7 counts once they stopped');
+workers_gone_ok($node, '(4b)');
 
 #
 # (5) With the audit queue full (16 records of qa, whose client stays), a
