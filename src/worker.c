@@ -798,9 +798,9 @@ flush_usage(Oid dboid, bool installed)
  * Whether the worker waits the whole flush interval before its next flush,
  * even with no client connected: after a flush that failed (not counting
  * one a SIGTERM cancelled), found the audit chain held, or left work
- * behind (spending on a row another transaction, perhaps a prepared one,
- * holds).  Retrying those four times a second would only log, or commit,
- * four times a second.
+ * behind with no client connected (spending on a row another transaction,
+ * perhaps a prepared one, holds).  Retrying those four times a second would
+ * only log, or commit, four times a second.
  */
 static bool wait_whole_interval = false;
 
@@ -846,8 +846,13 @@ flush_or_report(Oid dboid, bool with_usage)
 		/* apikeys.flush() waits for its records to be written, not just tried. */
 		if (!audit_chain_busy)
 			registry_flush_done(dboid, seq);
+		/*
+		 * Work left with no client to bring more is work this flush could
+		 * not do; with clients, it may just be new, and the worker must
+		 * still leave soon after the last client does.
+		 */
 		wait_whole_interval = audit_chain_busy ||
-			(installed && launcher_database_has_work(dboid));
+			(installed && CountDBConnections(dboid) == 0 && launcher_database_has_work(dboid));
 	}
 	PG_CATCH();
 	{
