@@ -26,7 +26,10 @@
 #      (spending on a row a prepared transaction holds) and no client
 #      flushed without pause: a transaction and a commit each time;
 #  (4b) with the first fix for (4), a database whose clients connect per
-#      request started a worker for each request.
+#      request started a worker for each request;
+#  (4c) with the second, a worker whose last flush left new counts behind
+#      while a client was connected slept its whole interval after the
+#      client left, and DROP DATABASE failed again.
 
 use strict;
 use warnings;
@@ -225,6 +228,33 @@ my $t_drop = time();
 my ($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE dd');
 is($ret, 0, '(4) DROP DATABASE of a database whose key was just used succeeds') or diag($err);
 cmp_ok(time() - $t_drop, '<', 4, sprintf('(4) ... within seconds (%.1f s)', time() - $t_drop));
+
+#
+# (4c) The same after a flush that left new counts behind while a client
+# was connected (they arrived while a lock held the flush up): the worker
+# still leaves a second after the last client, so DROP DATABASE succeeds.
+#
+sql($node, 'postgres', 'CREATE DATABASE dd2 OWNER mallory');
+sql($node, 'dd2', 'CREATE EXTENSION apikeys');
+my ($dd2_id, $dd2_tok) = new_key($node, 'dd2', q{'dd2-owner', 'busy'});
+my $dd2_client = $node->background_psql('dd2');
+$dd2_client->query_safe("SELECT apikeys.verify('$dd2_tok')");
+my $dd2_lock = $node->background_psql('dd2');
+$dd2_lock->query_safe(q{BEGIN; LOCK TABLE apikeys.key_usage IN SHARE ROW EXCLUSIVE MODE});
+$dd2_client->query_safe(q{SELECT apikeys.flush('0')});
+ok( defined wait_until($node, 'postgres', q{SELECT count(*) = 1 FROM pg_stat_activity
+		WHERE backend_type = 'apikeys worker' AND datname = 'dd2' AND wait_event_type = 'Lock'}, 10),
+	'(4c) a flush waits for a lock on key_usage');
+$dd2_client->query_safe("SELECT apikeys.verify('$dd2_tok')");
+$dd2_lock->query_safe('COMMIT');
+$dd2_lock->quit;
+ok(defined wait_until($node, 'dd2', "SELECT requests = 1 FROM apikeys.key_usage WHERE key_id = '$dd2_id'", 10),
+	'(4c) the flush wrote the first count; the second arrived meanwhile');
+$dd2_client->quit;
+$t_drop = time();
+($ret, $out, $err) = $node->psql('postgres', 'DROP DATABASE dd2');
+is($ret, 0, '(4c) DROP DATABASE just after the client left succeeds') or diag($err);
+cmp_ok(time() - $t_drop, '<', 4, sprintf('(4c) ... within seconds (%.1f s)', time() - $t_drop));
 
 #
 # (4b) A database whose clients connect for each request keeps its worker
