@@ -15,6 +15,12 @@
  * (aggregated per key and prefix), so the hook keeps exactly those reports
  * out of the server log; the client still gets the error.  They are told by
  * the C function that raised them, which no SQL can imitate.
+ *
+ * revoke_token() takes a leaked token pasted into the caller's statement,
+ * so any error while it runs (a reason too long, a lock timeout) is logged
+ * without that statement.  Its context line names it, qualified (it runs
+ * with search_path pg_catalog, pg_temp); only a function in schema apikeys
+ * could be named so, and hiding a statement never reveals anything.
  */
 #include "postgres.h"
 
@@ -42,6 +48,8 @@ apikeys_emit_log(ErrorData *edata)
 			 edata->funcname != NULL &&
 			 strcmp(edata->funcname, AUTHENTICATE_REFUSAL_FUNCTION) == 0)
 		edata->output_to_server = false;
+	else if (edata->context != NULL && strstr(edata->context, REVOKE_TOKEN_CONTEXT) != NULL)
+		edata->hide_stmt = true;
 	if (prev_emit_log_hook)
 		prev_emit_log_hook(edata);
 }

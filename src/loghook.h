@@ -12,6 +12,9 @@
 /* The C function whose 28000 reports are authenticate()'s refusals (verify.c). */
 #define AUTHENTICATE_REFUSAL_FUNCTION "apikeys_authenticate"
 
+/* What the context of an error raised while revoke_token() runs contains. */
+#define REVOKE_TOKEN_CONTEXT "function apikeys.revoke_token(text,text)"
+
 /* Installs the emit_log_hook (from _PG_init, preload only). */
 extern void loghook_init(void);
 

@@ -14,6 +14,8 @@
 #     by a PL/pgSQL function with authenticate()'s very message and detail
 #     (only apikeys' own C function is silenced), and verify()'s 22023 for a
 #     bad cost.
+#  3. revoke_token()'s own errors are logged without the statement, which
+#     holds the leaked token.
 #
 # The node logs no statements or connections, so that what the log gains is
 # only what the refusals would write.  Run from the repository root (make
@@ -80,5 +82,17 @@ my $log = log_since($node, $from);
 like($log, qr/ERROR:  division by zero/, '2: a division by zero is logged');
 like($log, qr/ERROR:  API_KEY_INVALID/, "2: a PL/pgSQL function's own 28000 is logged");
 like($log, qr/ERROR:  cost must be between 0 and 1000000/, "2: verify's 22023 is logged");
+
+# 3. revoke_token() takes a leaked token pasted into the statement: its own
+# errors are logged without the statement (before, "STATEMENT:" quoted it).
+my ($leak_id, $leak) = new_key($node, 'ql', q{'flooded', 'leaked'});
+$from = -s $node->logfile;
+my (undef, $leak_err) = sql_error($node, 'ql', qq{SELECT apikeys.revoke_token('$leak', repeat('x', 1001))});
+like($leak_err, qr/22023/, '3: revoke_token with a reason too long: 22023 to the client');
+$log = log_since($node, $from);
+like($log, qr/ERROR:  reason is longer than 1000 characters/, '3: the error is logged');
+unlike($log, qr/\Q$leak\E/, '3: the token is not in the log');
+is(sql($node, 'ql', qq{SELECT revoked_at IS NULL FROM apikeys.keys WHERE id = '$leak_id'}), 't',
+	'3: and the key is not revoked');
 
 done_testing();
