@@ -107,6 +107,15 @@ SELECT p.proname, p.prosecdef, p.proconfig
 SELECT has_table_privilege('apikeys_app', 'apikeys.keys', 'SELECT') AS app_reads_keys,
        has_function_privilege('apikeys_regress_nobody', 'apikeys.verify(text, text[], inet, integer)', 'EXECUTE') AS nobody_executes;
 
+-- The internal functions behind them: apikeys_app may call the _owned form
+-- only with an owner, and not the one that acts on any owner's keys (the
+-- other owner's key stays intact, checked below).
+SELECT pg_temp.try_as('apikeys_app', format('SELECT apikeys._revoke_owned(%L, NULL, NULL)', k_other)) AS owned_without_owner,
+       pg_temp.try_as('apikeys_app', format('SELECT apikeys._revoke(%L, NULL, NULL)', k_other)) AS any_owner_body,
+       pg_temp.try_as('apikeys_app', format('SELECT * FROM apikeys._rotate_call(%L, NULL, %L)', k_other, '0')) AS rotate_dispatch,
+       pg_temp.try_as('apikeys_app', format('SELECT * FROM apikeys._usage_call(NULL, current_date, current_date, %L)', k_other)) AS usage_dispatch
+  FROM fx WHERE role = 'apikeys_app';
+
 -- The messages of the owner-scoping refusals.
 SELECT k4 AS app_k4 FROM fx WHERE role = 'apikeys_app' \gset
 SET ROLE apikeys_app;

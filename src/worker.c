@@ -315,8 +315,8 @@ flush_audit(Oid dboid)
 	/* Once a spell, not every interval it lasts. */
 	if (audit_chain_busy && !chain_busy_reported)
 		ereport(LOG,
-				(errmsg("apikeys worker: the audit chain's lock is held by another session; audit records stay queued"),
-				 errdetail("A transaction that changed a key is still open. Counts and spent credits are written meanwhile.")));
+				(errmsg("apikeys worker: another session holds a lock the audit records need; they stay queued"),
+				 errdetail("Most likely a transaction that changed a key is still open and holds the audit chain's lock. Counts and spent credits are written meanwhile.")));
 	chain_busy_reported = audit_chain_busy;
 	pfree(batch);
 	return installed;
@@ -959,8 +959,9 @@ wait_for_flush(Oid dboid, TimestampTz since, bool whole_interval, bool *with_usa
 		else if (TimestampDifferenceExceeds(idle_since, now, IDLE_LEAVE_MS))
 			return;
 		sessions_before = sessions;
+		/* A flush request or a reload sets the latch; only the idle check needs the looks. */
 		(void) WaitLatch(MyLatch, WL_LATCH_SET | WL_TIMEOUT | WL_EXIT_ON_PM_DEATH,
-						 Min(ms, IDLE_CHECK_MS), PG_WAIT_EXTENSION);
+						 whole_interval ? ms : Min(ms, IDLE_CHECK_MS), PG_WAIT_EXTENSION);
 		ResetLatch(MyLatch);
 		CHECK_FOR_INTERRUPTS();
 		if (ConfigReloadPending)
