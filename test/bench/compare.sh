@@ -48,7 +48,7 @@ chmod -R a+rX "$DIR"
 
 settings=("shared_preload_libraries = 'apikeys'" "fsync = on" "shared_buffers = 1GB"
           "apikeys.max_tracked_keys = $((KEYS + KEYS / 4 + 1000))"
-          "apikeys.max_credit_keys = $((KEYS / 5 + 1000))")
+          "apikeys.max_credit_keys = $((KEYS / 10 + 1000))")
 PG_BIN=$OLD_BIN PGPORT=$PORT_BEFORE start_cluster "$DIR/before" "${settings[@]}"
 PG_BIN=$SYSTEM_BIN PGPORT=$PORT_AFTER start_cluster "$DIR/after" "${settings[@]}"
 
@@ -64,26 +64,24 @@ on before bench_load bench "$KEYS"
 on after bench_load bench "$KEYS"
 bench_scripts "$SCRIPTS"
 
-REV_KEYS=$((KEYS / 10))
 declare -A TPS
 read -r -a variants <<<"${BENCH_VARIANTS:-b d e f i w}"
-# (h): the second tenth, rate-limited keys; (p): the third, plain ones;
-# (i): the sixth, keys with credits (see bench_load).  (w): not a rate but
-# the worker's time, in ms, to write what a run of (d) left.
+# Key groups of bench_range: (b) and (d) read the plain keys; (h) the
+# rate-limited ones, (p) a plain group of the same size, (i) keys with
+# credits.  (w): not a rate but the worker's time, in ms, to write what a
+# run of (d) over every valid key left (credits spent among it).
 declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [h]=d.sql [p]=d.sql [i]=d.sql)
-declare -A LO=([b]=$((REV_KEYS + 1)) [d]=$((REV_KEYS + 1)) [e]=1 [f]=1 [h]=$((REV_KEYS + 1))
-               [p]=$((2 * REV_KEYS + 1)) [i]=$((5 * REV_KEYS + 1)) [w]=$((REV_KEYS + 1)))
-declare -A HI=([b]=$KEYS [d]=$KEYS [e]=$KEYS [f]=$REV_KEYS [h]=$((2 * REV_KEYS))
-               [p]=$((3 * REV_KEYS)) [i]=$((6 * REV_KEYS)) [w]=$KEYS)
+declare -A GROUP=([b]=plain [d]=plain [f]=revoked [h]=rate [p]=plain_part [i]=credits [w]=valid)
+range() { if [ "$1" = e ]; then echo "1 $KEYS"; else bench_range "${GROUP[$1]}" "$KEYS"; fi; }
 echo "== $ROUNDS rounds, ${SECONDS_EACH}s a run after ${WARMUP}s warm-up, $CLIENTS clients; sides alternate"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) = 1 ]; then order=(before after); else order=(after before); fi
     for v in "${variants[@]}"; do
         for side in "${order[@]}"; do
             if [ "$v" = w ]; then
-                TPS[$v.$side]+="$(on "$side" bench_flush bench "${LO[$v]}" "${HI[$v]}") "
+                TPS[$v.$side]+="$(on "$side" bench_flush bench $(range "$v")) "
             else
-                TPS[$v.$side]+="$(on "$side" bench_run bench "${SCRIPT[$v]}" "${LO[$v]}" "${HI[$v]}") "
+                TPS[$v.$side]+="$(on "$side" bench_run bench "${SCRIPT[$v]}" $(range "$v")) "
             fi
         done
     done
@@ -93,7 +91,7 @@ echo
 echo "machine: $(nproc) cores, $(free -g | awk '/^Mem:/ {print $2}') GiB; keys: $KEYS; median of $ROUNDS x ${SECONDS_EACH}s"
 echo "before: $REV ($(git -C "$REPO" rev-parse --short "$REV")); after: this tree"
 printf '%-44s %9s %9s %7s   %s\n' "variant" "before" "after" "after/" "each round (before | after)"
-declare -A labels=([b]="(b) hand-written SHA-256 lookup (pgcrypto)" [d]="(d) apikeys.verify, valid keys"
+declare -A labels=([b]="(b) hand-written SHA-256 lookup (pgcrypto)" [d]="(d) apikeys.verify, plain keys"
                    [e]="(e) apikeys.verify, malformed tokens" [f]="(f) apikeys.verify, revoked keys"
                    [h]="(h) apikeys.verify, rate-limited keys" [p]="(p) apikeys.verify, plain keys"
                    [i]="(i) apikeys.verify, keys with credits"

@@ -2,12 +2,31 @@
 # the pgbench scripts of every variant, one measured run, and medians.
 # Expects test/scripts/lib.sh sourced and PGHOST/PGPORT set by start_cluster.
 
-# bench_load DB N: N keys, the first tenth revoked, the second rate limited
-# (1,000,000 a minute: never refused); the same tokens in a
+# bench_range GROUP N -> "LO HI": the ids of one group of bench_load's N
+# keys.  The first tenth is revoked; the next four twentieths carry a limit
+# each (too high to refuse anything); the last 70% are plain, so that (d)
+# and (b) read the same large range of keys, (d) with usage tracking alone.
+# plain_part is the first twentieth of those, as large as each limit group.
+bench_range() {
+    local p=$(($2 / 20))
+    case $1 in
+        revoked)      echo "1 $((2 * p))" ;;
+        valid)        echo "$((2 * p + 1)) $2" ;;
+        rate)         echo "$((2 * p + 1)) $((3 * p))" ;;
+        credits_rate) echo "$((3 * p + 1)) $((4 * p))" ;;
+        owner)        echo "$((4 * p + 1)) $((5 * p))" ;;
+        credits)      echo "$((5 * p + 1)) $((6 * p))" ;;
+        plain)        echo "$((6 * p + 1)) $2" ;;
+        plain_part)   echo "$((6 * p + 1)) $((7 * p))" ;;
+        *)            echo "bench_range: unknown group $1" >&2; return 1 ;;
+    esac
+}
+
+# bench_load DB N: N keys in the groups of bench_range; the same tokens in a
 # hand-written table keyed by SHA-256 (pgcrypto) for the baselines.
 bench_load() {
     local db=$1 n=$2
-    local revoked=$((n / 10))
+    local p=$((n / 20))
     createdb "$db"
     psql -X -q -v ON_ERROR_STOP=1 -d "$db" <<SQL
 CREATE EXTENSION apikeys;
@@ -20,19 +39,18 @@ CREATE TABLE bench.tokens AS
     SELECT i AS id, apikeys._new_token('ak_live')::text AS token FROM generate_series(1, $n) i;
 ALTER TABLE bench.tokens ADD PRIMARY KEY (id);
 -- Limits too high to refuse anything, so that variants measure what
--- applying them costs, by tenths of the keys: the first is revoked; the
--- second has a rate limit; the third nothing; the fourth credits and a
+-- applying them costs, by twentieths p of the keys (bench_range): the first
+-- two are revoked; the third has a rate limit; the fourth credits and a
 -- rate limit; the fifth belongs to owners whose plan has an owner-wide
--- rate limit; the sixth has credits alone.
+-- rate limit; the sixth has credits alone; the rest are plain.
 INSERT INTO apikeys.plans (name, rate_limit) VALUES ('metered', 1000000000);
 INSERT INTO apikeys.owners (owner, plan) SELECT 'metered-' || i, 'metered' FROM generate_series(0, 999) i;
 INSERT INTO apikeys.keys (owner, name, prefix, start, digest, revoked_at, rate_limit, credits)
-    SELECT CASE WHEN id > 4 * $revoked AND id <= 5 * $revoked THEN 'metered-' ELSE 'owner-' END || (id % 1000),
+    SELECT CASE WHEN id > 4 * $p AND id <= 5 * $p THEN 'metered-' ELSE 'owner-' END || (id % 1000),
            'key-' || id, 'ak_live', apikeys.start(token::apikeys.apikey),
-           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= $revoked THEN now() END,
-           CASE WHEN (id > $revoked AND id <= 2 * $revoked) OR (id > 3 * $revoked AND id <= 4 * $revoked)
-                THEN 1000000 END,
-           CASE WHEN (id > 3 * $revoked AND id <= 4 * $revoked) OR (id > 5 * $revoked AND id <= 6 * $revoked)
+           apikeys.digest(token::apikeys.apikey), CASE WHEN id <= 2 * $p THEN now() END,
+           CASE WHEN id > 2 * $p AND id <= 4 * $p THEN 1000000 END,
+           CASE WHEN (id > 3 * $p AND id <= 4 * $p) OR (id > 5 * $p AND id <= 6 * $p)
                 THEN 1000000000000 END
       FROM bench.tokens;
 CREATE TABLE bench.plain_keys (
@@ -40,7 +58,7 @@ CREATE TABLE bench.plain_keys (
     revoked_at timestamptz, expires_at timestamptz, last_used_at timestamptz);
 INSERT INTO bench.plain_keys
     SELECT id, 'owner-' || (id % 1000), 'key-' || id, digest(token, 'sha256'), '{}',
-           CASE WHEN id <= $revoked THEN now() END, NULL, NULL
+           CASE WHEN id <= 2 * $p THEN now() END, NULL, NULL
       FROM bench.tokens;
 RESET session_replication_role;
 CREATE FUNCTION bench.plpgsql_verify(p_token text)

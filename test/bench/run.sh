@@ -51,7 +51,7 @@ stop_cluster "$CLUSTER"
 # entries, as the README advises sizing it.
 start_cluster "$CLUSTER" "shared_preload_libraries = 'apikeys'" "fsync = on" \
     "shared_buffers = 1GB" "apikeys.max_tracked_keys = $((KEYS + KEYS / 4 + 1000))" \
-    "apikeys.max_credit_keys = $((KEYS / 5 + 1000))" \
+    "apikeys.max_credit_keys = $((KEYS / 10 + 1000))" \
     "huge_pages = off"
 
 echo "== loading $KEYS keys (bench_large) and $MID keys (bench_mid)"
@@ -59,31 +59,30 @@ bench_load bench_large "$KEYS"
 bench_load bench_mid "$MID"
 bench_scripts "$SCRIPTS"
 
-L_REV=$((KEYS / 10)); M_REV=$((MID / 10))
 declare -A TPS
 # One round runs every variant once, readers first; rounds interleave so a
 # slow spell of the machine hits every variant alike.  Each figure is the
-# median of its rounds.
+# median of its rounds.  (b), (c) and (d) read the same plain keys (see
+# bench_range); (d mix) verifies every valid key, limits included.
 echo "== default configuration: $ROUNDS rounds of every variant, ${SECONDS_EACH}s each after ${WARMUP}s, $CLIENTS clients"
 for round in $(seq 1 "$ROUNDS"); do
     TPS[a]+="$(bench_run bench_large a.sql 1 "$KEYS") "
-    TPS[b]+="$(bench_run bench_large b.sql $((L_REV + 1)) "$KEYS") "
-    TPS[d]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) "$KEYS") "
-    # A rate limit's cost: the second tenth (rate-limited) against the third
-    # (plain), ranges of one size so that both meet the same cache.
-    TPS[h]+="$(bench_run bench_large d.sql $((L_REV + 1)) $((2 * L_REV))) "
-    TPS[hp]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) $((3 * L_REV))) "
-    # Credits, credits with a rate limit, and an owner-wide limit: the sixth,
-    # fourth and fifth tenths, against the same plain third.
-    TPS[i]+="$(bench_run bench_large d.sql $((5 * L_REV + 1)) $((6 * L_REV))) "
-    TPS[j]+="$(bench_run bench_large d.sql $((3 * L_REV + 1)) $((4 * L_REV))) "
-    TPS[k]+="$(bench_run bench_large d.sql $((4 * L_REV + 1)) $((5 * L_REV))) "
-    TPS[bm]+="$(bench_run bench_mid b.sql $((M_REV + 1)) "$MID") "
-    TPS[dm]+="$(bench_run bench_mid d.sql $((2 * M_REV + 1)) "$MID") "
+    TPS[b]+="$(bench_run bench_large b.sql $(bench_range plain "$KEYS")) "
+    TPS[d]+="$(bench_run bench_large d.sql $(bench_range plain "$KEYS")) "
+    TPS[dv]+="$(bench_run bench_large d.sql $(bench_range valid "$KEYS")) "
+    # What each limit costs: a group that carries it against a plain group
+    # of the same size, so that both meet the same cache.
+    TPS[h]+="$(bench_run bench_large d.sql $(bench_range rate "$KEYS")) "
+    TPS[hp]+="$(bench_run bench_large d.sql $(bench_range plain_part "$KEYS")) "
+    TPS[i]+="$(bench_run bench_large d.sql $(bench_range credits "$KEYS")) "
+    TPS[j]+="$(bench_run bench_large d.sql $(bench_range credits_rate "$KEYS")) "
+    TPS[k]+="$(bench_run bench_large d.sql $(bench_range owner "$KEYS")) "
+    TPS[bm]+="$(bench_run bench_mid b.sql $(bench_range plain "$MID")) "
+    TPS[dm]+="$(bench_run bench_mid d.sql $(bench_range plain "$MID")) "
     TPS[e]+="$(bench_run bench_large e.sql 1 "$KEYS") "
-    TPS[f]+="$(bench_run bench_large d.sql 1 "$L_REV") "
-    TPS[c]+="$(bench_run bench_large c.sql $((L_REV + 1)) "$KEYS") "
-    TPS[cm]+="$(bench_run bench_mid c.sql $((M_REV + 1)) "$MID") "
+    TPS[f]+="$(bench_run bench_large d.sql $(bench_range revoked "$KEYS")) "
+    TPS[c]+="$(bench_run bench_large c.sql $(bench_range plain "$KEYS")) "
+    TPS[cm]+="$(bench_run bench_mid c.sql $(bench_range plain "$MID")) "
     TPS[g]+="$(bench_run bench_large g.sql 0 0) "
     TPS[gb]+="$(bench_run bench_large gb.sql 0 0) "
 done
@@ -94,7 +93,7 @@ echo "== soak: $SOAK_ROUNDS rounds of ${SOAK_SECONDS}s of verify at $KEYS keys"
 psql -X -q -d bench_large -c CHECKPOINT
 for round in $(seq 1 "$SOAK_ROUNDS"); do
     TPS[soak]+="$(pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$SOAK_SECONDS" \
-        -D lo=$((2 * L_REV + 1)) -D hi="$KEYS" -f "$SCRIPTS/d.sql" bench_large 2>&1 |
+        -D lo="$(bench_range plain "$KEYS" | cut -d' ' -f1)" -D hi="$KEYS" -f "$SCRIPTS/d.sql" bench_large 2>&1 |
         awk '/^tps = / { print $3; exit }') "
 done
 bench_quiesce
@@ -112,8 +111,8 @@ if [ -z "$SMOKE" ]; then
             HUGE_PAGES=yes
             echo "== tuned: $ROUNDS rounds on huge pages"
             for round in $(seq 1 "$ROUNDS"); do
-                TPS[bh]+="$(bench_run bench_large b.sql $((L_REV + 1)) "$KEYS") "
-                TPS[dh]+="$(bench_run bench_large d.sql $((2 * L_REV + 1)) "$KEYS") "
+                TPS[bh]+="$(bench_run bench_large b.sql $(bench_range plain "$KEYS")) "
+                TPS[dh]+="$(bench_run bench_large d.sql $(bench_range plain "$KEYS")) "
             done
         else
             HUGE_PAGES=refused
@@ -140,12 +139,13 @@ printf '%-62s %10s   %s\n' "variant" "TPS" "each round"
 row "(a) fetch a token by id" a
 row "(b) hand-written SHA-256 lookup (pgcrypto)" b
 row "(c) hand-written PL/pgSQL verify that updates last_used_at" c
-row "(d) apikeys.verify, valid keys, usage tracking on" d
-row "(h) (d), one tenth of the keys, rate-limited (never refused)" h
-row "(h) without the rate limit: the next tenth, plain" hp
-row "(i) (d), a tenth with credits (never exhausted)" i
-row "(j) (d), a tenth with credits and a rate limit" j
-row "(k) (d), a tenth whose owners' plan has a rate_limit" k
+row "(d) apikeys.verify, plain keys, usage tracking on" d
+row "(d mix) (d) on every valid key, 2 in 9 with a limit" dv
+row "(h) (d), a twentieth of the keys, rate-limited (never refused)" h
+row "(h plain) a twentieth of plain keys" hp
+row "(i) (d), a twentieth with credits (never exhausted)" i
+row "(j) (d), a twentieth with credits and a rate limit" j
+row "(k) (d), a twentieth whose owners' plan has a rate_limit" k
 row "(b) at $MID keys" bm
 row "(c) at $MID keys" cm
 row "(d) at $MID keys" dm
