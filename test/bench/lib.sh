@@ -76,14 +76,19 @@ BEGIN
 END \$\$;
 VACUUM ANALYZE;
 CHECKPOINT;
--- Bulk loads bypass shared buffers (ring buffers): read every table and
--- index in once, so that no variant's first round reads them from disk.
 CREATE EXTENSION pg_prewarm SCHEMA bench;
-\o /dev/null
+SQL
+    bench_prewarm "$db"
+}
+
+# bench_prewarm DB: reads every table and index of DB's schemas bench and
+# apikeys into shared buffers, after a bulk load (which bypasses them) or a
+# restart, so that no variant's first round reads them from disk.
+bench_prewarm() {
+    psql -XAtq -v ON_ERROR_STOP=1 -d "$1" -o /dev/null -c "
 SELECT count(bench.pg_prewarm(c.oid)) FROM pg_catalog.pg_class c
   JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
- WHERE n.nspname IN ('bench', 'apikeys') AND c.relkind IN ('r', 'i');
-SQL
+ WHERE n.nspname IN ('bench', 'apikeys') AND c.relkind IN ('r', 'i')"
 }
 
 # bench_scripts DIR: the pgbench script of every variant.

@@ -36,6 +36,8 @@ SCRIPTS=$(mktemp -d /tmp/apikeys-bench-scripts.XXXXXX)
 HUGEPAGES_BEFORE=$(cat /proc/sys/vm/nr_hugepages)
 cleanup() {
     stop_cluster "$CLUSTER"
+    # The huge pages go back below: leave a cluster that starts without them.
+    as_postgres sed -i "s/^huge_pages = on/huge_pages = off/" "$CLUSTER/data/postgresql.conf" 2>/dev/null || true
     rm -rf "$SCRIPTS"
     [ "$(cat /proc/sys/vm/nr_hugepages)" = "$HUGEPAGES_BEFORE" ] ||
         $SUDO sysctl -q -w vm.nr_hugepages="$HUGEPAGES_BEFORE" || true
@@ -109,6 +111,7 @@ if [ -z "$SMOKE" ]; then
         as_postgres sed -i "s/^huge_pages = off/huge_pages = on/" "$CLUSTER/data/postgresql.conf"
         if as_postgres "$PG_BIN/pg_ctl" -D "$CLUSTER/data" -l "$CLUSTER/server.log" -w restart >/dev/null; then
             HUGE_PAGES=yes
+            bench_prewarm bench_large
             echo "== tuned: $ROUNDS rounds on huge pages"
             for round in $(seq 1 "$ROUNDS"); do
                 TPS[bh]+="$(bench_run bench_large b.sql $(bench_range plain "$KEYS")) "
