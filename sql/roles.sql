@@ -20,6 +20,15 @@ SELECT t AS apikeys_type, has_type_privilege('apikeys_regress_nobody', t, 'USAGE
   FROM unnest(ARRAY['apikeys.apikey', 'apikeys.verify_result', 'apikeys.authenticate_result']) t;
 SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN ('apikeys_admin', 'apikeys_app') ORDER BY 1;
 
+-- cmd's SQLSTATE and message, or 'ok'.
+CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
+BEGIN
+    EXECUTE cmd;
+    RETURN 'ok';
+EXCEPTION WHEN OTHERS THEN
+    RETURN SQLSTATE || ': ' || SQLERRM;
+END $$;
+
 CREATE FUNCTION pg_temp.try_as(r text, cmd text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN
     EXECUTE format('SET ROLE %I', r);
@@ -115,15 +124,21 @@ SELECT pg_temp.try_as('apikeys_app', format('SELECT apikeys._revoke_owned(%L, NU
        pg_temp.try_as('apikeys_app', format('SELECT * FROM apikeys._rotate_call(%L, NULL, %L)', k_other, '0')) AS rotate_dispatch,
        pg_temp.try_as('apikeys_app', format('SELECT * FROM apikeys._usage_call(NULL, current_date, current_date, %L)', k_other)) AS usage_dispatch
   FROM fx WHERE role = 'apikeys_app';
+-- Every internal function apikeys_app may execute: the _owned forms (which
+-- refuse a NULL owner), the dispatchers and _require_admin; none of the
+-- bodies that act on any owner's keys.
+SELECT p.oid::regprocedure AS app_executes
+  FROM pg_proc p
+ WHERE p.pronamespace = 'apikeys'::regnamespace AND p.proname LIKE '\_%'
+   AND has_function_privilege('apikeys_app', p.oid, 'EXECUTE')
+ ORDER BY p.oid::regprocedure::text;
 
 -- The messages of the owner-scoping refusals.
 SELECT k4 AS app_k4 FROM fx WHERE role = 'apikeys_app' \gset
 SET ROLE apikeys_app;
-\set VERBOSITY terse
-SELECT apikeys.revoke(:'app_k4');
-SELECT apikeys.rotate(:'app_k4');
-SELECT apikeys.revoke_all('role-apikeys_app');
-\set VERBOSITY default
+SELECT pg_temp.try(format('SELECT apikeys.revoke(%L)', :'app_k4')) AS revoke_no_owner;
+SELECT pg_temp.try(format('SELECT apikeys.rotate(%L)', :'app_k4')) AS rotate_no_owner;
+SELECT pg_temp.try($$SELECT apikeys.revoke_all('role-apikeys_app')$$) AS revoke_all;
 RESET ROLE;
 
 -- The other owner's key survived every attempt.
@@ -168,10 +183,8 @@ INSERT INTO rg_trap.t VALUES (1), (2);
 CREATE INDEX ON rg_trap.t (rg_trap.revoke_victim(x));
 RESET ROLE;
 SELECT set_config('rg_trap.victim', :'trap_victim', false) IS NOT NULL AS trap_armed;
-\set VERBOSITY terse
-REINDEX TABLE rg_trap.t;
-ANALYZE rg_trap.t;
-\set VERBOSITY default
+SELECT pg_temp.try('REINDEX TABLE rg_trap.t') AS reindex_trap,
+       pg_temp.try('ANALYZE rg_trap.t') AS analyze_trap;
 SELECT set_config('rg_trap.victim', '', false) = '' AS trap_disarmed;
 SELECT revoked_at IS NULL AS trap_victim_intact FROM apikeys.keys WHERE id = :'trap_victim';
 
@@ -182,9 +195,7 @@ SET ROLE apikeys_app;
 CREATE FUNCTION rg_trap.revoke_any(k uuid) RETURNS timestamptz
     LANGUAGE sql SECURITY DEFINER AS $$ SELECT apikeys.revoke(k) $$;
 RESET ROLE;
-\set VERBOSITY terse
-SELECT rg_trap.revoke_any(:'trap_victim');
-\set VERBOSITY default
+SELECT pg_temp.try(format('SELECT rg_trap.revoke_any(%L)', :'trap_victim')) AS definer_trap;
 SELECT revoked_at IS NULL AS trap_victim_intact FROM apikeys.keys WHERE id = :'trap_victim';
 -- The other way round: apikeys_admin's SECURITY DEFINER function runs as
 -- apikeys_admin whoever calls it, so it may omit the owner for apikeys_app.

@@ -71,17 +71,16 @@ read -r -a variants <<<"${BENCH_VARIANTS:-b d e f i w}"
 # credits.  (w): not a rate but the worker's time, in ms, to write what a
 # run of (d) over every valid key left (credits spent among it).
 declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [h]=d.sql [p]=d.sql [i]=d.sql)
-declare -A GROUP=([b]=plain [d]=plain [f]=revoked [h]=rate [p]=plain_part [i]=credits [w]=valid)
-range() { if [ "$1" = e ]; then echo "1 $KEYS"; else bench_range "${GROUP[$1]}" "$KEYS"; fi; }
+declare -A GROUP=([b]=plain [d]=plain [e]=all [f]=revoked [h]=rate [p]=plain_part [i]=credits [w]=valid)
 echo "== $ROUNDS rounds, ${SECONDS_EACH}s a run after ${WARMUP}s warm-up, $CLIENTS clients; sides alternate"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) = 1 ]; then order=(before after); else order=(after before); fi
     for v in "${variants[@]}"; do
         for side in "${order[@]}"; do
             if [ "$v" = w ]; then
-                TPS[$v.$side]+="$(on "$side" bench_flush bench $(range "$v")) "
+                TPS[$v.$side]+="$(on "$side" bench_flush bench $(bench_range "${GROUP[$v]}" "$KEYS")) "
             else
-                TPS[$v.$side]+="$(on "$side" bench_run bench "${SCRIPT[$v]}" $(range "$v")) "
+                TPS[$v.$side]+="$(on "$side" bench_run bench "${SCRIPT[$v]}" $(bench_range "${GROUP[$v]}" "$KEYS")) "
             fi
         done
     done

@@ -10,6 +10,7 @@
 bench_range() {
     local p=$(($2 / 20))
     case $1 in
+        all)          echo "1 $2" ;;
         revoked)      echo "1 $((2 * p))" ;;
         valid)        echo "$((2 * p + 1)) $2" ;;
         rate)         echo "$((2 * p + 1)) $((3 * p))" ;;

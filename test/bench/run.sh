@@ -68,7 +68,7 @@ declare -A TPS
 # bench_range); (d mix) verifies every valid key, limits included.
 echo "== default configuration: $ROUNDS rounds of every variant, ${SECONDS_EACH}s each after ${WARMUP}s, $CLIENTS clients"
 for round in $(seq 1 "$ROUNDS"); do
-    TPS[a]+="$(bench_run bench_large a.sql 1 "$KEYS") "
+    TPS[a]+="$(bench_run bench_large a.sql $(bench_range all "$KEYS")) "
     TPS[b]+="$(bench_run bench_large b.sql $(bench_range plain "$KEYS")) "
     TPS[d]+="$(bench_run bench_large d.sql $(bench_range plain "$KEYS")) "
     TPS[dv]+="$(bench_run bench_large d.sql $(bench_range valid "$KEYS")) "
@@ -81,7 +81,7 @@ for round in $(seq 1 "$ROUNDS"); do
     TPS[k]+="$(bench_run bench_large d.sql $(bench_range owner "$KEYS")) "
     TPS[bm]+="$(bench_run bench_mid b.sql $(bench_range plain "$MID")) "
     TPS[dm]+="$(bench_run bench_mid d.sql $(bench_range plain "$MID")) "
-    TPS[e]+="$(bench_run bench_large e.sql 1 "$KEYS") "
+    TPS[e]+="$(bench_run bench_large e.sql $(bench_range all "$KEYS")) "
     TPS[f]+="$(bench_run bench_large d.sql $(bench_range revoked "$KEYS")) "
     TPS[c]+="$(bench_run bench_large c.sql $(bench_range plain "$KEYS")) "
     TPS[cm]+="$(bench_run bench_mid c.sql $(bench_range plain "$MID")) "
