@@ -86,6 +86,24 @@ SELECT token AS pa FROM apikeys.create_key('rl-p', 'a') \gset
 SELECT code, ratelimit_limit, ratelimit_remaining FROM apikeys.verify(:'pa');
 SELECT code FROM apikeys.verify(:'pa');
 SELECT code FROM apikeys.verify(:'ob');
+-- Owners are told apart by their whole name: two of 200 characters (400
+-- bytes) that differ only in the last one, or two whose names hash alike,
+-- each get their own policy and state, looked up first from the tables and
+-- then from each backend's cache.
+SELECT repeat('ü', 199) || 'x' AS long_x, repeat('ü', 199) || 'y' AS long_y \gset
+SELECT apikeys.set_plan(:'long_x', 'metered'), apikeys.set_plan(:'long_y', 'metered');
+SELECT token AS lx FROM apikeys.create_key(:'long_x', 'a') \gset
+SELECT token AS ly FROM apikeys.create_key(:'long_y', 'a') \gset
+SELECT i, v.code, v.ratelimit_limit, v.ratelimit_remaining
+  FROM generate_series(1, 4) i,
+       LATERAL apikeys.verify(CASE WHEN i % 2 = 1 THEN :'lx' ELSE :'ly' END) v;
+SELECT hashtext('owner-61602') = hashtext('owner-114702') AS names_hash_alike;
+SELECT apikeys.set_plan('owner-61602', 'metered'), apikeys.set_plan('owner-114702', 'metered');
+SELECT token AS hx FROM apikeys.create_key('owner-61602', 'a') \gset
+SELECT token AS hy FROM apikeys.create_key('owner-114702', 'a') \gset
+SELECT i, v.code, v.ratelimit_limit, v.ratelimit_remaining
+  FROM generate_series(1, 4) i,
+       LATERAL apikeys.verify(CASE WHEN i % 2 = 1 THEN :'hx' ELSE :'hy' END) v;
 -- Both limits spent: the columns describe the one that passes the next
 -- request later, so that ratelimit_reset is when it will pass.  rl-q's key
 -- paces one request every 30 s, its plan one every 60 s; the key refuses

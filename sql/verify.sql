@@ -14,6 +14,12 @@ UPDATE apikeys.keys SET expires_at = now() - interval '1 second' WHERE id = :'k_
 -- VALID, with the key's details.
 SELECT valid, code, key_id = :'k_valid' AS right_key, owner, name, scopes, metadata, expires_at
   FROM apikeys.verify(:'t_valid');
+-- The same row however verify is called: in FROM (which hands it the row
+-- type's descriptor), in a select list, and in ROWS FROM with ordinality
+-- and column aliases.
+SELECT v IS NOT DISTINCT FROM apikeys.verify(:'t_valid') AS same_row FROM apikeys.verify(:'t_valid') v;
+SELECT ok, answer, n FROM ROWS FROM (apikeys.verify(:'t_valid')) WITH ORDINALITY
+    AS x(ok, answer, k, o, nm, sc, md, ex, rl, rr, rs, cr, n);
 
 -- Scopes: exact, x:* wildcard, * wildcard, and what they do not grant.
 SELECT s AS required, (apikeys.verify(:'t_valid', s)).code

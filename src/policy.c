@@ -19,6 +19,7 @@
 #include "catalog/namespace.h"
 #include "catalog/pg_collation.h"
 #include "commands/trigger.h"
+#include "common/hashfn.h"
 #include "fmgr.h"
 #include "mb/pg_wchar.h"
 #include "miscadmin.h"
@@ -35,14 +36,17 @@
 
 #include "policy.h"
 
-/* Owners longer than this (the table allows 200 characters) are not cached. */
-#define POLICY_OWNER_LEN	(200 * MAX_MULTIBYTE_CHAR_LEN + 1)
 /* Owners cached per backend before the cache starts over. */
 #define POLICY_CACHE_MAX	10000
 
+/*
+ * Keyed by a pointer to the owner's text (a copy in policy_cxt), compared
+ * by value: entries stay small, so that the lookup on every verify() touches
+ * little memory, whatever the owner's length.
+ */
 typedef struct OwnerPolicyEntry
 {
-	char		owner[POLICY_OWNER_LEN];	/* hash key, NUL-terminated */
+	text	   *owner;			/* hash key */
 	OwnerPolicy policy;
 } OwnerPolicyEntry;
 
@@ -60,6 +64,8 @@ static PlansState plans_state = PLANS_UNKNOWN;
 /* Counts resets, so that a lookup can tell one happened while it read. */
 static uint64 policy_resets = 0;
 static HTAB *owner_policies = NULL;
+/* Holds owner_policies and its keys' texts; reset with it. */
+static MemoryContext policy_cxt = NULL;
 static Oid	owners_relid = InvalidOid;
 static Oid	plans_relid = InvalidOid;
 static bool callback_registered = false;
@@ -70,11 +76,30 @@ policy_reset(void)
 {
 	plans_state = PLANS_UNKNOWN;
 	policy_resets++;
-	if (owner_policies != NULL)
-	{
-		hash_destroy(owner_policies);
-		owner_policies = NULL;
-	}
+	owner_policies = NULL;
+	if (policy_cxt != NULL)
+		MemoryContextReset(policy_cxt);
+}
+
+/* Hashes an owner_policies key: the owner's text. */
+static uint32
+owner_key_hash(const void *key, Size keysize)
+{
+	const text *owner = *(text *const *) key;
+
+	return DatumGetUInt32(hash_any((const unsigned char *) VARDATA_ANY(owner),
+								   VARSIZE_ANY_EXHDR(owner)));
+}
+
+/* Compares two owner_policies keys by their texts' bytes (0 when equal). */
+static int
+owner_key_match(const void *key1, const void *key2, Size keysize)
+{
+	const text *a = *(text *const *) key1;
+	const text *b = *(text *const *) key2;
+	Size		len = VARSIZE_ANY_EXHDR(a);
+
+	return len == VARSIZE_ANY_EXHDR(b) && memcmp(VARDATA_ANY(a), VARDATA_ANY(b), len) == 0 ? 0 : 1;
 }
 
 /* A change to plans or owners (or to any relation, InvalidOid) resets the cache. */
@@ -224,8 +249,6 @@ OwnerPolicy
 policy_for_owner(Datum owner)
 {
 	text	   *owner_text = DatumGetTextPP(owner);
-	int			len = VARSIZE_ANY_EXHDR(owner_text);
-	char		key[POLICY_OWNER_LEN];
 	OwnerPolicyEntry *entry;
 	Snapshot	snapshot;
 	OwnerPolicy policy;
@@ -258,19 +281,9 @@ policy_for_owner(Datum owner)
 	if (plans_state != PLANS_WITH_POLICIES || !policy_relations())
 		return no_policy;
 
-	if (len >= POLICY_OWNER_LEN)
-	{
-		snapshot = RegisterSnapshot(GetLatestSnapshot());
-		policy = lookup_owner_policy(owners_relid, plans_relid, snapshot, owner);
-		UnregisterSnapshot(snapshot);
-		return policy;
-	}
-	memcpy(key, VARDATA_ANY(owner_text), len);
-	key[len] = '\0';
-
 	if (owner_policies != NULL)
 	{
-		entry = hash_search(owner_policies, key, HASH_FIND, NULL);
+		entry = hash_search(owner_policies, &owner_text, HASH_FIND, NULL);
 		if (entry != NULL)
 			return entry->policy;
 	}
@@ -288,14 +301,29 @@ policy_for_owner(Datum owner)
 	{
 		HASHCTL		ctl;
 
-		ctl.keysize = POLICY_OWNER_LEN;
+		if (policy_cxt == NULL)
+			policy_cxt = AllocSetContextCreate(CacheMemoryContext, "apikeys owner policies",
+											   ALLOCSET_DEFAULT_SIZES);
+		ctl.keysize = sizeof(text *);
 		ctl.entrysize = sizeof(OwnerPolicyEntry);
-		ctl.hcxt = CacheMemoryContext;
+		ctl.hash = owner_key_hash;
+		ctl.match = owner_key_match;
+		ctl.hcxt = policy_cxt;
 		owner_policies = hash_create("apikeys owner policies", 256, &ctl,
-									 HASH_ELEM | HASH_STRINGS | HASH_CONTEXT);
+									 HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 		plans_state = PLANS_WITH_POLICIES;
 	}
-	entry = hash_search(owner_policies, key, HASH_ENTER, &found);
+	entry = hash_search(owner_policies, &owner_text, HASH_ENTER, &found);
+	/* The key must outlive the caller's datum: a copy of the owner's text. */
+	if (!found)
+	{
+		Size		len = VARSIZE_ANY_EXHDR(owner_text);
+		text	   *copy = MemoryContextAlloc(policy_cxt, VARHDRSZ + len);
+
+		SET_VARSIZE(copy, VARHDRSZ + len);
+		memcpy(VARDATA(copy), VARDATA_ANY(owner_text), len);
+		entry->owner = copy;
+	}
 	entry->policy = policy;
 	return policy;
 }

@@ -202,12 +202,20 @@ keys_relation_oids(Oid *relid, Oid *indexid)
 	*indexid = cached_digest_indexid;
 }
 
-/* The result row's descriptor, built once per call site. */
+/*
+ * The result row's descriptor: the one a FROM clause's function scan built
+ * for the function's row type (the usual SELECT * FROM verify(...)), else
+ * one built once per call site.
+ */
 static TupleDesc
 result_tupdesc(FunctionCallInfo fcinfo)
 {
+	ReturnSetInfo *rsinfo = (ReturnSetInfo *) fcinfo->resultinfo;
 	TupleDesc	tupdesc = (TupleDesc) fcinfo->flinfo->fn_extra;
 
+	if (rsinfo != NULL && IsA(rsinfo, ReturnSetInfo) && rsinfo->expectedDesc != NULL &&
+		rsinfo->expectedDesc->tdtypeid != RECORDOID)
+		return rsinfo->expectedDesc;
 	if (tupdesc == NULL)
 	{
 		MemoryContext old = MemoryContextSwitchTo(fcinfo->flinfo->fn_mcxt);
