@@ -97,3 +97,31 @@ SELECT requests FROM public.usage_seen WHERE key_id = :'k3';
 DROP TRIGGER note_usage ON apikeys.key_usage;
 DROP FUNCTION public.note_usage();
 DROP TABLE public.usage_seen;
+
+-- The worker goes first where it last wrote a key's row, and checks that it
+-- is still that key's row for the day; else it looks it up by key.  Each
+-- case below would lose or misplace counts if the hint were trusted.
+CREATE FUNCTION pg_temp.written(p_key uuid) RETURNS bigint LANGUAGE sql AS
+$$SELECT coalesce(sum(requests), 0) FROM apikeys.key_usage WHERE key_id = p_key$$;
+SELECT key_id AS k4, token AS t4 FROM apikeys.create_key('usage-d', 'hinted') \gset
+SELECT count(*) FROM (SELECT (apikeys.verify(:'t4')).code FROM generate_series(1, 2)) s;
+SELECT pg_temp.wait_for_flush(:'k4', 2) AS flushed_before_truncate;
+-- A table emptied by TRUNCATE: the hint points past its end.
+TRUNCATE apikeys.key_usage;
+SELECT (apikeys.verify(:'t4')).code;
+SELECT pg_temp.wait_for_flush(:'k4', 1) AS flushed_after_truncate, pg_temp.written(:'k4') AS k4_written;
+-- A row deleted, its slot freed by VACUUM and taken by another key's row:
+-- the hint points to a live row of the wrong key.
+SELECT ctid AS k4_slot FROM apikeys.key_usage WHERE key_id = :'k4' \gset
+DELETE FROM apikeys.key_usage WHERE key_id = :'k4';
+VACUUM apikeys.key_usage;
+INSERT INTO apikeys.key_usage (key_id, day, requests, failures)
+    VALUES (:'k3', (now() AT TIME ZONE 'UTC')::date, 50, 0);
+SELECT ctid = :'k4_slot' AS k3_took_k4_slot FROM apikeys.key_usage WHERE key_id = :'k3';
+SELECT (apikeys.verify(:'t4')).code;
+SELECT pg_temp.wait_for_flush(:'k4', 1) AS flushed_after_reuse,
+       pg_temp.written(:'k4') AS k4_written, pg_temp.written(:'k3') AS k3_written;
+-- A row a DBA changed: the hint points to its old, dead version.
+UPDATE apikeys.key_usage SET requests = requests + 100 WHERE key_id = :'k4';
+SELECT (apikeys.verify(:'t4')).code;
+SELECT pg_temp.wait_for_flush(:'k4', 102) AS flushed_after_update, pg_temp.written(:'k4') AS k4_written;

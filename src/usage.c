@@ -53,6 +53,7 @@ typedef struct UsageEntry
 	int64		minute_count;	/* requests allowed in that minute (for alerts) */
 	int64		alerted_minute;
 	TimestampTz tat;			/* rate limit: the GCRA's theoretical arrival time */
+	ItemPointerData row;		/* where the worker last wrote the key's row (a hint) */
 } UsageEntry;
 
 typedef struct UsageCounters
@@ -329,6 +330,7 @@ enter_entry(const UsageKey *key, uint32 hashvalue)
 		e->minute_count = 0;
 		e->alerted_minute = 0;
 		e->tat = 0;
+		ItemPointerSetInvalid(&e->row);
 	}
 	return e;
 }
@@ -747,6 +749,7 @@ take_counts(UsageEntry *e, TransactionId xid, UsageDelta *delta)
 	memcpy(&delta->key_id, &e->key.key_id, sizeof(pg_uuid_t));
 	delta->day = e->key.day;
 	delta->counts = e->pending;
+	delta->row = e->row;
 	e->inflight = e->pending;
 	e->inflight_xid = xid;
 	memset(&e->pending, 0, sizeof(UsageCounts));
@@ -862,7 +865,10 @@ usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n)
 
 		SpinLockAcquire(&e->mutex);
 		if (e->inflight_xid == xid)
+		{
 			settle_inflight(e, true);
+			e->row = deltas[i].row;
+		}
 		SpinLockRelease(&e->mutex);
 	}
 	unlock_all();

@@ -8,6 +8,7 @@
 #include "postgres.h"
 
 #include "nodes/pg_list.h"
+#include "storage/itemptr.h"
 #include "utils/timestamp.h"
 #include "utils/uuid.h"
 
@@ -35,6 +36,8 @@ typedef struct UsageDelta
 	pg_uuid_t	key_id;
 	int32		day;			/* days since 1970-01-01, UTC */
 	UsageCounts counts;
+	/* In: where the key's row was written last, a hint that may be stale (or invalid); out: where this flush wrote it. */
+	ItemPointerData row;
 } UsageDelta;
 
 /* Defines the usage settings and, with the preload, reserves the table (from _PG_init). */
@@ -77,7 +80,7 @@ extern void usage_count_failure(const pg_uuid_t *key_id);
  */
 extern int	usage_take_pending(Oid dboid, TransactionId xid, UsageDelta **out);
 
-/* After the flush transaction xid committed: forget the deltas it took. */
+/* After the flush transaction xid committed: forget the deltas it took, and keep where each row now is. */
 extern void usage_flush_done(TransactionId xid, const UsageDelta *deltas, int n);
 
 /* Forgets every count of a database that is gone. */

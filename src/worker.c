@@ -22,6 +22,7 @@
 #include "pgstat.h"
 #include "postmaster/bgworker.h"
 #include "postmaster/interrupt.h"
+#include "storage/bufmgr.h"
 #include "storage/ipc.h"
 #include "storage/proc.h"
 #include "storage/procarray.h"
@@ -456,27 +457,52 @@ usage_direct_index(Relation rel)
 }
 
 /*
+ * Whether the row at the delta's hint is the key's row for its day as the
+ * snapshot sees it; if so, the slot holds it.  The hint is where the
+ * previous flush wrote that row, and may be stale: a row updated or deleted
+ * by hand since, or a slot VACUUM freed and another row took.  nblocks:
+ * the table's length, which cannot shrink while the flush's lock is held.
+ */
+static bool
+fetch_hinted_row(Relation rel, Snapshot snapshot, BlockNumber nblocks, const UsageDelta *d,
+				 Datum day, TupleTableSlot *slot)
+{
+	ItemPointerData row = d->row;
+	bool		isnull;
+
+	if (!ItemPointerIsValid(&row) || ItemPointerGetBlockNumber(&row) >= nblocks ||
+		!table_tuple_fetch_row_version(rel, &row, snapshot, slot))
+		return false;
+	return memcmp(DatumGetUUIDP(slot_getattr(slot, USAGE_ATT_KEY_ID, &isnull)), &d->key_id,
+				  sizeof(pg_uuid_t)) == 0 &&
+		DatumGetDateADT(slot_getattr(slot, USAGE_ATT_DAY, &isnull)) == DatumGetDateADT(day);
+}
+
+/*
  * Adds counts to apikeys.key_usage through the heap and index access
- * methods: one probe of the primary key per key, then an update of its row
- * (HOT when the page has room, so no index entry is added) or, for a key's
- * first counts of the day, an insert.  This is what the SQL of
- * write_usage() does, without planning and executing a statement per
- * batch.  The worker is the only writer of the table; a row inserted by
- * hand meanwhile makes the insert fail, and the flush is retried.
+ * methods: the key's row, where the previous flush wrote it or else by a
+ * probe of the primary key, then an update of it (HOT when the page has
+ * room, so no index entry is added) or, for a key's first counts of the
+ * day, an insert.  This is what the SQL of write_usage() does, without
+ * planning and executing a statement per batch.  Each delta's row is set
+ * to where its row now is.  The worker is the only writer of the table; a
+ * row inserted by hand meanwhile makes the insert fail, and the flush is
+ * retried.
  */
 static void
-write_usage_direct(Relation rel, Relation index, const UsageDelta *deltas, int n)
+write_usage_direct(Relation rel, Relation index, UsageDelta *deltas, int n)
 {
 	TupleDesc	desc = RelationGetDescr(rel);
 	IndexInfo  *info = BuildIndexInfo(index);
 	Snapshot	snapshot = RegisterSnapshot(GetLatestSnapshot());
 	IndexScanDesc scan = index_beginscan(rel, index, snapshot, 2, 0);
 	TupleTableSlot *slot = table_slot_create(rel, NULL);
+	BlockNumber nblocks = RelationGetNumberOfBlocks(rel);
 	ScanKeyData skeys[2];
 
 	for (int i = 0; i < n; i++)
 	{
-		const UsageDelta *d = &deltas[i];
+		UsageDelta *d = &deltas[i];
 		Datum		values[USAGE_NATTS];
 		bool		nulls[USAGE_NATTS] = {false};
 		Datum		key[2];
@@ -487,10 +513,14 @@ write_usage_direct(Relation rel, Relation index, const UsageDelta *deltas, int n
 		CHECK_FOR_INTERRUPTS();
 		key[0] = UUIDPGetDatum(&d->key_id);
 		key[1] = DateADTGetDatum(d->day - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE));
-		ScanKeyInit(&skeys[0], 1, BTEqualStrategyNumber, F_UUID_EQ, key[0]);
-		ScanKeyInit(&skeys[1], 2, BTEqualStrategyNumber, F_DATE_EQ, key[1]);
-		index_rescan(scan, skeys, 2, NULL, 0);
-		found = index_getnext_slot(scan, ForwardScanDirection, slot);
+		found = fetch_hinted_row(rel, snapshot, nblocks, d, key[1], slot);
+		if (!found)
+		{
+			ScanKeyInit(&skeys[0], 1, BTEqualStrategyNumber, F_UUID_EQ, key[0]);
+			ScanKeyInit(&skeys[1], 2, BTEqualStrategyNumber, F_DATE_EQ, key[1]);
+			index_rescan(scan, skeys, 2, NULL, 0);
+			found = index_getnext_slot(scan, ForwardScanDirection, slot);
+		}
 
 		values[USAGE_ATT_KEY_ID - 1] = key[0];
 		values[USAGE_ATT_DAY - 1] = key[1];
@@ -525,6 +555,7 @@ write_usage_direct(Relation rel, Relation index, const UsageDelta *deltas, int n
 			simple_heap_insert(rel, tuple);
 			index_insert(index, key, key_nulls, &tuple->t_self, rel, UNIQUE_CHECK_YES, false, info);
 		}
+		d->row = tuple->t_self;
 		heap_freetuple(tuple);
 	}
 
@@ -702,14 +733,26 @@ write_credits(CreditDelta *deltas, int n)
 		mark_gone_keys(deltas, n);
 }
 
-/* By key, then day: each batch walks the primary key in order. */
+/*
+ * Rows with a hint first, in the table's order, so that each page is read
+ * once; then the rest by key and day, so that their probes (and each SQL
+ * batch) walk the primary key in order.
+ */
 static int
 delta_cmp(const void *a, const void *b)
 {
 	const UsageDelta *x = a;
 	const UsageDelta *y = b;
-	int			c = memcmp(&x->key_id, &y->key_id, sizeof(pg_uuid_t));
+	bool		x_hinted = ItemPointerIsValid(&x->row);
+	bool		y_hinted = ItemPointerIsValid(&y->row);
+	int			c;
 
+	if (x_hinted != y_hinted)
+		return x_hinted ? -1 : 1;
+	if (x_hinted)
+		return ItemPointerCompare(unconstify(ItemPointerData *, &x->row),
+								  unconstify(ItemPointerData *, &y->row));
+	c = memcmp(&x->key_id, &y->key_id, sizeof(pg_uuid_t));
 	if (c != 0)
 		return c;
 	return (x->day > y->day) - (x->day < y->day);
@@ -767,11 +810,16 @@ flush_usage(Oid dboid, bool installed)
 			index_close(index, NoLock);
 		}
 		else
+		{
 			for (int i = 0; i < n; i += USAGE_BATCH)
 			{
 				CHECK_FOR_INTERRUPTS();
 				write_usage(deltas + i, Min(USAGE_BATCH, n - i));
 			}
+			/* SQL tells no row's place: the next direct write probes for each. */
+			for (int i = 0; i < n; i++)
+				ItemPointerSetInvalid(&deltas[i].row);
+		}
 		table_close(rel, NoLock);
 	}
 	for (int i = 0; installed && i < n_credits; i += USAGE_BATCH)

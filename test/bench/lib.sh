@@ -157,6 +157,25 @@ bench_run() {
     echo "$out" | awk '/^tps = / { print $3; exit }'
 }
 
+# bench_per_call DB LO HI SECONDS -> (d)/(b) per call: one pgbench run in
+# which every client picks (b) or (d) at random for each transaction, so a
+# slow spell of the machine slows both alike; the ratio is (b)'s mean
+# latency over (d)'s, from a quarter of the transactions (pgbench -l).  The
+# worker's usage flush, one usage_flush_interval after it starts, falls
+# after a run shorter than that; within one it would slow both alike.
+bench_per_call() {
+    local dir
+    dir=$(mktemp -d /tmp/apikeys-bench-mixed.XXXXXX)
+    psql -X -q -d "$1" -c CHECKPOINT
+    (cd "$dir" && pgbench -n -M prepared -c "$CLIENTS" -j "$CLIENTS" -T "$4" -l --sampling-rate=0.25 \
+        -D lo="$2" -D hi="$3" -f "$SCRIPTS/b.sql" -f "$SCRIPTS/d.sql" "$1" >/dev/null 2>&1) || exit 1
+    bench_quiesce
+    # A log line: client, transaction, latency (us), script (0 is b.sql, 1 d.sql), ...
+    cat "$dir"/pgbench_log.* | awk '{ sum[$4] += $3; n[$4]++ }
+        END { if (n[0] && n[1] && sum[1]) printf "%.4f", (sum[0] / n[0]) / (sum[1] / n[1]); else print 0 }'
+    rm -rf "$dir"
+}
+
 # bench_flush DB LO HI -> milliseconds the worker takes to write what
 # SECONDS_EACH of (d) over keys LO..HI left: usage counts and spent credits.
 # The usage flush interval is lifted for the run, and a session stays
@@ -190,6 +209,7 @@ bench_flush() {
 
 # The rounds' figures, in the order they ran; their median; a ratio; met or MISSED.
 bench_rounds() { tr ' ' '\n' <<<"$1" | grep . | awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }'; }
+bench_rounds_exact() { tr ' ' '\n' <<<"$1" | grep . | paste -sd' '; }
 bench_median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
 bench_ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'; }
 bench_check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }

@@ -14,7 +14,7 @@
 # Extra rows show tuned settings (huge pages).
 #
 # Knobs: BENCH_KEYS, BENCH_MID_KEYS, BENCH_SECONDS, BENCH_WARMUP, BENCH_ROUNDS,
-# BENCH_CLIENTS, BENCH_SOAK_ROUNDS, BENCH_SOAK_SECONDS.
+# BENCH_CLIENTS, BENCH_SOAK_ROUNDS, BENCH_SOAK_SECONDS, BENCH_MIXED_SECONDS.
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
@@ -23,11 +23,13 @@ if [ "${1:-}" = "--smoke" ]; then
     KEYS=${BENCH_KEYS:-2000}; MID=${BENCH_MID_KEYS:-500}; SECONDS_EACH=${BENCH_SECONDS:-2}
     WARMUP=${BENCH_WARMUP:-1}; ROUNDS=${BENCH_ROUNDS:-1}
     SOAK_ROUNDS=${BENCH_SOAK_ROUNDS:-2}; SOAK_SECONDS=${BENCH_SOAK_SECONDS:-2}
+    MIXED_SECONDS=${BENCH_MIXED_SECONDS:-2}
 else
     SMOKE=
     KEYS=${BENCH_KEYS:-1000000}; MID=${BENCH_MID_KEYS:-200000}; SECONDS_EACH=${BENCH_SECONDS:-60}
     WARMUP=${BENCH_WARMUP:-5}; ROUNDS=${BENCH_ROUNDS:-3}
     SOAK_ROUNDS=${BENCH_SOAK_ROUNDS:-10}; SOAK_SECONDS=${BENCH_SOAK_SECONDS:-60}
+    MIXED_SECONDS=${BENCH_MIXED_SECONDS:-40}
 fi
 CLIENTS=${BENCH_CLIENTS:-2}
 PGPORT=${APIKEYS_BENCH_PORT:-54330}
@@ -62,6 +64,7 @@ bench_load bench_mid "$MID"
 bench_scripts "$SCRIPTS"
 
 declare -A TPS
+PER_CALL=
 # One round runs every variant once, readers first; rounds interleave so a
 # slow spell of the machine hits every variant alike.  Each figure is the
 # median of its rounds.  (b), (c) and (d) read the same plain keys (see
@@ -87,6 +90,13 @@ for round in $(seq 1 "$ROUNDS"); do
     TPS[cm]+="$(bench_run bench_mid c.sql $(bench_range plain "$MID")) "
     TPS[g]+="$(bench_run bench_large g.sql 0 0) "
     TPS[gb]+="$(bench_run bench_large gb.sql 0 0) "
+done
+
+# Per call: (b) and (d) mixed transaction by transaction in one run, so
+# that the machine's drift, which moves whole rounds by up to 15%, cancels.
+echo "== per call: $ROUNDS runs of ${MIXED_SECONDS}s mixing (b) and (d)"
+for round in $(seq 1 "$ROUNDS"); do
+    PER_CALL+="$(bench_per_call bench_large $(bench_range plain "$KEYS") "$MIXED_SECONDS") "
 done
 
 # The soak: verify alone, round after round, with no pause between rounds
@@ -179,3 +189,6 @@ ratio_row "(d) / (c) at $KEYS keys" "${M[d]}" "${M[c]}" 10.00
 ratio_row "(d) / (c) at $MID keys" "${M[dm]}" "${M[cm]}" 10.00
 ratio_row "(e) / (d)" "${M[e]}" "${M[d]}" 1.00
 ratio_row "soak: median last 3 / median first 3 rounds" "$SOAK_LAST" "$SOAK_FIRST" 0.95
+echo
+echo "per call, (b) and (d) mixed in one run (drift cancels; the flush is outside, see bench_per_call)"
+printf '%-44s %8s   %s\n' "(d) / (b) per call at $KEYS keys" "$(bench_median "$PER_CALL")" "$(bench_rounds_exact "$PER_CALL")"
