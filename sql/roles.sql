@@ -20,14 +20,7 @@ SELECT t AS apikeys_type, has_type_privilege('apikeys_regress_nobody', t, 'USAGE
   FROM unnest(ARRAY['apikeys.apikey', 'apikeys.verify_result', 'apikeys.authenticate_result']) t;
 SELECT rolname, rolcanlogin FROM pg_roles WHERE rolname IN ('apikeys_admin', 'apikeys_app') ORDER BY 1;
 
--- cmd's SQLSTATE and message, or 'ok'.
-CREATE FUNCTION pg_temp.try(cmd text) RETURNS text LANGUAGE plpgsql AS $$
-BEGIN
-    EXECUTE cmd;
-    RETURN 'ok';
-EXCEPTION WHEN OTHERS THEN
-    RETURN SQLSTATE || ': ' || SQLERRM;
-END $$;
+\i sql/include/try.sql
 
 CREATE FUNCTION pg_temp.try_as(r text, cmd text) RETURNS text LANGUAGE plpgsql AS $$
 BEGIN

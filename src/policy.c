@@ -21,7 +21,6 @@
 #include "commands/trigger.h"
 #include "common/hashfn.h"
 #include "fmgr.h"
-#include "mb/pg_wchar.h"
 #include "miscadmin.h"
 #include "utils/builtins.h"
 #include "utils/fmgroids.h"
@@ -249,6 +248,7 @@ OwnerPolicy
 policy_for_owner(Datum owner)
 {
 	text	   *owner_text = DatumGetTextPP(owner);
+	text	   *owner_copy;
 	OwnerPolicyEntry *entry;
 	Snapshot	snapshot;
 	OwnerPolicy policy;
@@ -313,17 +313,16 @@ policy_for_owner(Datum owner)
 									 HASH_ELEM | HASH_FUNCTION | HASH_COMPARE | HASH_CONTEXT);
 		plans_state = PLANS_WITH_POLICIES;
 	}
-	entry = hash_search(owner_policies, &owner_text, HASH_ENTER, &found);
-	/* The key must outlive the caller's datum: a copy of the owner's text. */
-	if (!found)
-	{
-		Size		len = VARSIZE_ANY_EXHDR(owner_text);
-		text	   *copy = MemoryContextAlloc(policy_cxt, VARHDRSZ + len);
-
-		SET_VARSIZE(copy, VARHDRSZ + len);
-		memcpy(VARDATA(copy), VARDATA_ANY(owner_text), len);
-		entry->owner = copy;
-	}
+	/*
+	 * The key must outlive the caller's datum: a copy of the owner's text,
+	 * made first, so that an out-of-memory error leaves no entry behind.
+	 */
+	owner_copy = MemoryContextAlloc(policy_cxt, VARHDRSZ + VARSIZE_ANY_EXHDR(owner_text));
+	SET_VARSIZE(owner_copy, VARHDRSZ + VARSIZE_ANY_EXHDR(owner_text));
+	memcpy(VARDATA(owner_copy), VARDATA_ANY(owner_text), VARSIZE_ANY_EXHDR(owner_text));
+	entry = hash_search(owner_policies, &owner_copy, HASH_ENTER, &found);
+	if (found)
+		pfree(owner_copy);
 	entry->policy = policy;
 	return policy;
 }

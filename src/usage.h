@@ -36,7 +36,7 @@ typedef struct UsageDelta
 	pg_uuid_t	key_id;
 	int32		day;			/* days since 1970-01-01, UTC */
 	UsageCounts counts;
-	/* In: where the key's row was written last, a hint that may be stale (or invalid); out: where this flush wrote it. */
+	/* In: where the key's row was written last, a hint that may be stale (or invalid); out: where the direct write put it. */
 	ItemPointerData row;
 } UsageDelta;
 

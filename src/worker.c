@@ -810,16 +810,11 @@ flush_usage(Oid dboid, bool installed)
 			index_close(index, NoLock);
 		}
 		else
-		{
 			for (int i = 0; i < n; i += USAGE_BATCH)
 			{
 				CHECK_FOR_INTERRUPTS();
 				write_usage(deltas + i, Min(USAGE_BATCH, n - i));
 			}
-			/* SQL tells no row's place: the next direct write probes for each. */
-			for (int i = 0; i < n; i++)
-				ItemPointerSetInvalid(&deltas[i].row);
-		}
 		table_close(rel, NoLock);
 	}
 	for (int i = 0; installed && i < n_credits; i += USAGE_BATCH)
