@@ -125,3 +125,26 @@ SELECT pg_temp.wait_for_flush(:'k4', 1) AS flushed_after_reuse,
 UPDATE apikeys.key_usage SET requests = requests + 100 WHERE key_id = :'k4';
 SELECT (apikeys.verify(:'t4')).code;
 SELECT pg_temp.wait_for_flush(:'k4', 102) AS flushed_after_update, pg_temp.written(:'k4') AS k4_written;
+
+-- A flush prunes each page it reaches by a hint, as an index scan would:
+-- else the page fills with the versions earlier flushes left, and updates
+-- stop being HOT until VACUUM.  With autovacuum off and nothing else
+-- reading the table, 150 flushes of one key (a page holds about a hundred
+-- versions of its row) keep the row on the page it was first written to.
+ALTER TABLE apikeys.key_usage SET (autovacuum_enabled = off);
+CREATE PROCEDURE pg_temp.verify_and_flush(p_token text, p_times integer) LANGUAGE plpgsql AS $$
+BEGIN
+    FOR i IN 1 .. p_times LOOP
+        PERFORM apikeys.verify(p_token);
+        PERFORM apikeys.flush();
+        -- A snapshot held across flushes would keep every version alive.
+        COMMIT;
+    END LOOP;
+END $$;
+SELECT key_id AS k5, token AS t5 FROM apikeys.create_key('usage-e', 'pruned') \gset
+CALL pg_temp.verify_and_flush(:'t5', 1);
+SELECT (ctid::text::point)[0] AS k5_block FROM apikeys.key_usage WHERE key_id = :'k5' \gset
+CALL pg_temp.verify_and_flush(:'t5', 150);
+SELECT (ctid::text::point)[0] = :k5_block AS k5_row_on_its_page, requests
+  FROM apikeys.key_usage WHERE key_id = :'k5';
+ALTER TABLE apikeys.key_usage RESET (autovacuum_enabled);

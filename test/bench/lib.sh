@@ -109,13 +109,21 @@ SQL
 \set id random(:lo, :hi)
 SELECT * FROM bench.plpgsql_verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
 SQL
+    # (d) asks verify for what (b) returns, as the README's examples name the
+    # columns they use; (d all) reads all twelve (SELECT *).
     cat > "$dir/d.sql" <<'SQL'
+\set id random(:lo, :hi)
+SELECT v.valid, v.key_id, v.owner, v.name, v.scopes
+  FROM apikeys.verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id)) v;
+SQL
+    cat > "$dir/dall.sql" <<'SQL'
 \set id random(:lo, :hi)
 SELECT * FROM apikeys.verify((SELECT t.token FROM bench.tokens t WHERE t.id = :id));
 SQL
     cat > "$dir/e.sql" <<'SQL'
 \set id random(:lo, :hi)
-SELECT * FROM apikeys.verify((SELECT overlay(t.token PLACING '!' FROM 20 FOR 1) FROM bench.tokens t WHERE t.id = :id));
+SELECT v.valid, v.key_id, v.owner, v.name, v.scopes
+  FROM apikeys.verify((SELECT overlay(t.token PLACING '!' FROM 20 FOR 1) FROM bench.tokens t WHERE t.id = :id)) v;
 SQL
     cat > "$dir/g.sql" <<'SQL'
 \set o random(0, 999)

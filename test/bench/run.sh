@@ -74,6 +74,7 @@ for round in $(seq 1 "$ROUNDS"); do
     TPS[a]+="$(bench_run bench_large a.sql $(bench_range all "$KEYS")) "
     TPS[b]+="$(bench_run bench_large b.sql $(bench_range plain "$KEYS")) "
     TPS[d]+="$(bench_run bench_large d.sql $(bench_range plain "$KEYS")) "
+    TPS[da]+="$(bench_run bench_large dall.sql $(bench_range plain "$KEYS")) "
     TPS[dv]+="$(bench_run bench_large d.sql $(bench_range valid "$KEYS")) "
     # What each limit costs: a group that carries it against a plain group
     # of the same size, so that both meet the same cache.
@@ -153,6 +154,7 @@ row "(a) fetch a token by id" a
 row "(b) hand-written SHA-256 lookup (pgcrypto)" b
 row "(c) hand-written PL/pgSQL verify that updates last_used_at" c
 row "(d) apikeys.verify, plain keys, usage tracking on" d
+row "(d all) (d) reading all 12 columns (SELECT *)" da
 row "(d mix) (d) on every valid key, 2 in 9 with a limit" dv
 row "(h) (d), a twentieth of the keys, rate-limited (never refused)" h
 row "(h plain) a twentieth of plain keys" hp
@@ -188,6 +190,7 @@ ratio_row "(k) / (h plain): an owner limit costs at most 10%" "${M[k]}" "${M[hp]
 ratio_row "(d) / (c) at $KEYS keys" "${M[d]}" "${M[c]}" 10.00
 ratio_row "(d) / (c) at $MID keys" "${M[dm]}" "${M[cm]}" 10.00
 ratio_row "(e) / (d)" "${M[e]}" "${M[d]}" 1.00
+printf '%-44s %8s %8s %8s\n' "(d all) / (b) at $KEYS keys" "$(bench_ratio "${M[da]:-0}" "${M[b]}")" "-" "-"
 ratio_row "soak: median last 3 / median first 3 rounds" "$SOAK_LAST" "$SOAK_FIRST" 0.95
 echo
 echo "per call, (b) and (d) mixed in one run (drift cancels; the flush is outside, see bench_per_call)"
