@@ -457,51 +457,54 @@ usage_direct_index(Relation rel)
 }
 
 /*
- * Whether the row at the delta's hint is the key's row for its day as the
- * snapshot sees it; if so, the slot holds it.  The hint is where the
- * previous flush wrote that row, and may be stale: a row updated or deleted
- * by hand since, or a slot VACUUM freed and another row took.  nblocks:
- * the table's length, which cannot shrink while the flush's lock is held.
+ * The block of the delta's hint, or InvalidBlockNumber when it has none or
+ * the hint is past the table's end (nblocks: its length, which cannot shrink
+ * while the flush's lock is held).
  */
-static bool
-fetch_hinted_row(Relation rel, Snapshot snapshot, BlockNumber nblocks, const UsageDelta *d,
-				 Datum day, TupleTableSlot *slot)
+static inline BlockNumber
+hinted_block(const UsageDelta *d, BlockNumber nblocks)
 {
-	ItemPointerData row = d->row;
-	bool		isnull;
-
-	if (!ItemPointerIsValid(&row) || ItemPointerGetBlockNumber(&row) >= nblocks ||
-		!table_tuple_fetch_row_version(rel, &row, snapshot, slot))
-		return false;
-	return memcmp(DatumGetUUIDP(slot_getattr(slot, USAGE_ATT_KEY_ID, &isnull)), &d->key_id,
-				  sizeof(pg_uuid_t)) == 0 &&
-		DatumGetDateADT(slot_getattr(slot, USAGE_ATT_DAY, &isnull)) == DatumGetDateADT(day);
+	if (!ItemPointerIsValid(&d->row) || ItemPointerGetBlockNumber(&d->row) >= nblocks)
+		return InvalidBlockNumber;
+	return ItemPointerGetBlockNumber(&d->row);
 }
 
 /*
- * Prunes the page of a hinted row, once a flush, as an index scan reading it
- * would: the hinted fetch reads no index, and without pruning the page fills
- * with the versions earlier flushes left, so that updates stop being HOT
- * (and add index entries) until VACUUM comes.  Pruning takes the page only
- * if no one else holds it, so the slot lets go of its pin first.
+ * Prunes a page a hint leads to, as an index scan reading it would: the
+ * hinted fetch reads no index, and without pruning the page fills with the
+ * versions earlier flushes left, so that updates stop being HOT (and add
+ * index entries) until VACUUM comes.  Pruning takes the page only if no one
+ * else holds it, so the slot lets go of its pin first.
  */
 static void
-prune_hinted_page(Relation rel, BlockNumber nblocks, const UsageDelta *d, TupleTableSlot *slot,
-				  BlockNumber *pruned)
+prune_hinted_page(Relation rel, BlockNumber block, TupleTableSlot *slot)
 {
-	BlockNumber block;
 	Buffer		buffer;
 
-	if (!ItemPointerIsValid(&d->row))
-		return;
-	block = ItemPointerGetBlockNumber(&d->row);
-	if (block >= nblocks || block == *pruned)
-		return;
 	ExecClearTuple(slot);
 	buffer = ReadBuffer(rel, block);
 	heap_page_prune_opt(rel, buffer);
 	ReleaseBuffer(buffer);
-	*pruned = block;
+}
+
+/*
+ * Whether the row at the delta's (usable) hint is the key's row for its day
+ * as the snapshot sees it; if so, the slot holds it.  The hint is where the
+ * previous flush wrote that row, and may be stale: a row updated or deleted
+ * by hand since, or a slot VACUUM freed and another row took.
+ */
+static bool
+fetch_hinted_row(Relation rel, Snapshot snapshot, const UsageDelta *d, Datum day,
+				 TupleTableSlot *slot)
+{
+	ItemPointerData row = d->row;
+	bool		isnull;
+
+	if (!table_tuple_fetch_row_version(rel, &row, snapshot, slot))
+		return false;
+	return memcmp(DatumGetUUIDP(slot_getattr(slot, USAGE_ATT_KEY_ID, &isnull)), &d->key_id,
+				  sizeof(pg_uuid_t)) == 0 &&
+		DatumGetDateADT(slot_getattr(slot, USAGE_ATT_DAY, &isnull)) == DatumGetDateADT(day);
 }
 
 /*
@@ -535,13 +538,20 @@ write_usage_direct(Relation rel, Relation index, UsageDelta *deltas, int n)
 		Datum		key[2];
 		bool		key_nulls[2] = {false, false};
 		HeapTuple	tuple;
+		BlockNumber block;
 		bool		found;
 
 		CHECK_FOR_INTERRUPTS();
 		key[0] = UUIDPGetDatum(&d->key_id);
 		key[1] = DateADTGetDatum(d->day - (POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE));
-		prune_hinted_page(rel, nblocks, d, slot, &pruned);
-		found = fetch_hinted_row(rel, snapshot, nblocks, d, key[1], slot);
+		block = hinted_block(d, nblocks);
+		/* Hinted rows come in the table's order: each page is pruned once. */
+		if (block != InvalidBlockNumber && block != pruned)
+		{
+			prune_hinted_page(rel, block, slot);
+			pruned = block;
+		}
+		found = block != InvalidBlockNumber && fetch_hinted_row(rel, snapshot, d, key[1], slot);
 		if (!found)
 		{
 			ScanKeyInit(&skeys[0], 1, BTEqualStrategyNumber, F_UUID_EQ, key[0]);
