@@ -219,5 +219,11 @@ bench_flush() {
 bench_rounds() { tr ' ' '\n' <<<"$1" | grep . | awk '{ printf "%s%.0f", (NR > 1 ? " " : ""), $1 }'; }
 bench_rounds_exact() { tr ' ' '\n' <<<"$1" | grep . | paste -sd' '; }
 bench_median() { tr ' ' '\n' <<<"$1" | grep . | sort -g | awk '{ v[NR] = $1 } END { print (NR % 2 ? v[(NR + 1) / 2] : (v[NR / 2] + v[NR / 2 + 1]) / 2) }'; }
+# bench_round_ratios "X1 X2 .." "Y1 Y2 .." -> "X1/Y1 X2/Y2 ..": a ratio of each round,
+# of two variants run minutes apart, which the machine's slower drift moves less than medians.
+bench_round_ratios() {
+    paste -d' ' <(tr ' ' '\n' <<<"$1" | grep .) <(tr ' ' '\n' <<<"$2" | grep .) |
+        awk '{ printf "%s%.2f", (NR > 1 ? " " : ""), ($2 > 0 ? $1 / $2 : 0) }'
+}
 bench_ratio() { awk -v x="$1" -v y="$2" 'BEGIN { printf "%.2f", (y > 0 ? x / y : 0) }'; }
 bench_check() { awk -v r="$1" -v t="$2" 'BEGIN { print (r >= t ? "met" : "MISSED") }'; }
