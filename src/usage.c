@@ -9,9 +9,19 @@
  * used this minute) make room; if none is idle the request is untracked: it
  * verifies as usual but is neither counted nor rate limited, and status()
  * counts it.
+ *
+ * A lookup goes first to the fast index, one slot per hash value (the
+ * partition's bits kept, so one lock covers a slot and its entries), which
+ * holds the entry last found there: verify() prefetches the slot and then
+ * the entry while it still reads the key's row, so the count rarely waits
+ * for memory.  A slot that names another entry sends the lookup to the hash
+ * table, which then republishes it.  Slots change only under their
+ * partition's lock (cleared with the entry, exclusively), so a pointer read
+ * under the lock names a live entry; one read without it only prefetches.
  */
 #include "postgres.h"
 
+#include "access/xact.h"
 #include "access/xlog.h"
 #include "common/hashfn.h"
 #include "fmgr.h"
@@ -69,10 +79,24 @@ typedef struct UsageCounters
 #define RATE_DAY		(-2)
 
 static HTAB *usage_table = NULL;
+/* The fast index: per slot, the address of the entry found there last, or 0. */
+static pg_atomic_uint64 *fast_slots = NULL;
+static uint32 fast_mask;
 static UsageCounters *usage_counters = NULL;
 static LWLock *partition_locks[USAGE_PARTITIONS];
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
+
+/* Asks the CPU to start fetching the cache line at p (a hint: p may be anywhere). */
+static inline void
+prefetch_line(const void *p)
+{
+#if defined(__GNUC__) || defined(__clang__)
+	__builtin_prefetch(p);
+#else
+	(void) p;
+#endif
+}
 
 /* Adds counts to counts. */
 static inline void
@@ -104,14 +128,22 @@ usage_hash(const void *key, Size keysize)
 						hash_bytes((const unsigned char *) &k->key_id, sizeof(pg_uuid_t)));
 }
 
+/* Slots of the fast index: a power of two, at least twice the entries, so that few share one. */
+static uint32
+fast_slot_count(void)
+{
+	return pg_nextpower2_32((uint32) Max(max_tracked_keys, USAGE_PARTITIONS) * 2);
+}
+
 /* Reserves the table and its partition locks, a tranche of their own (postmaster). */
 static void
 usage_shmem_request(void)
 {
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(UsageCounters)),
-									hash_estimate_size(max_tracked_keys, sizeof(UsageEntry))));
+	RequestAddinShmemSpace(add_size(add_size(MAXALIGN(sizeof(UsageCounters)),
+											 hash_estimate_size(max_tracked_keys, sizeof(UsageEntry))),
+									mul_size(fast_slot_count(), sizeof(pg_atomic_uint64))));
 	RequestNamedLWLockTranche("apikeys usage", USAGE_PARTITIONS);
 }
 
@@ -144,6 +176,12 @@ usage_shmem_startup(void)
 	usage_table = ShmemInitHash("apikeys usage", max_tracked_keys,
 								max_tracked_keys, &info,
 								HASH_ELEM | HASH_FUNCTION | HASH_PARTITION);
+	fast_mask = fast_slot_count() - 1;
+	fast_slots = ShmemInitStruct("apikeys usage fast index",
+								 mul_size(fast_slot_count(), sizeof(pg_atomic_uint64)), &found);
+	if (!found)
+		for (uint32 i = 0; i <= fast_mask; i++)
+			pg_atomic_init_u64(&fast_slots[i], 0);
 	LWLockRelease(AddinShmemInitLock);
 }
 
@@ -238,6 +276,53 @@ usage_key(UsageKey *key, Oid dboid, int32 day, const pg_uuid_t *key_id)
 }
 
 /*
+ * The fast-index slot of an entry: its partition's bits of the hash, the
+ * others mixed with the day, so a key's entries (one hash) fall apart.
+ */
+static inline uint32
+fast_slot(const UsageKey *key, uint32 hashvalue)
+{
+	uint32		mixed = hashvalue ^ murmurhash32((uint32) key->day);
+
+	return (mixed & fast_mask & ~(uint32) (USAGE_PARTITIONS - 1)) |
+		(hashvalue & (USAGE_PARTITIONS - 1));
+}
+
+/*
+ * Finds an entry: through the fast index when its slot names it, else in
+ * the table, and then names it there.  Call with its partition's lock held.
+ */
+static UsageEntry *
+lookup_entry(const UsageKey *key, uint32 hashvalue)
+{
+	pg_atomic_uint64 *slot = &fast_slots[fast_slot(key, hashvalue)];
+	UsageEntry *e = (UsageEntry *) (uintptr_t) pg_atomic_read_u64(slot);
+
+	if (e != NULL && memcmp(&e->key, key, sizeof(UsageKey)) == 0)
+		return e;
+	e = hash_search_with_hash_value(usage_table, key, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+		pg_atomic_write_u64(slot, (uint64) (uintptr_t) e);
+	return e;
+}
+
+/*
+ * Forgets an entry, and its name in the fast index, so that no slot names
+ * memory the table may reuse.  Call with its partition's lock held
+ * exclusively.
+ */
+static void
+remove_entry(UsageEntry *e)
+{
+	uint32		hashvalue = get_hash_value(usage_table, &e->key);
+	pg_atomic_uint64 *slot = &fast_slots[fast_slot(&e->key, hashvalue)];
+
+	if (pg_atomic_read_u64(slot) == (uint64) (uintptr_t) e)
+		pg_atomic_write_u64(slot, 0);
+	hash_search_with_hash_value(usage_table, &e->key, hashvalue, HASH_REMOVE, NULL);
+}
+
+/*
  * Makes room in a full table by forgetting up to 64 idle entries.  A pass
  * that found none is not repeated in the same minute unless a flush has
  * happened since.  Call with no usage lock held.
@@ -263,7 +348,7 @@ evict_idle(int64 minute, TimestampTz now)
 	{
 		if (entry_idle(e, minute, now))
 		{
-			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
+			remove_entry(e);
 			if (++evicted >= 64)
 			{
 				hash_seq_term(&status);
@@ -279,6 +364,50 @@ evict_idle(int64 minute, TimestampTz now)
 		usage_counters->full_scan_minute = minute;
 		SpinLockRelease(&usage_counters->mutex);
 	}
+}
+
+/* The fast-index slot usage_prefetch_slot() fetched for the next count, or -1. */
+static int64 prefetched_slot = -1;
+
+/*
+ * Starts fetching the fast-index slot of a key's entry for today (by the
+ * statement's clock: a wrong guess at midnight only fetches in vain), well
+ * before usage_count_request() reads it.
+ */
+void
+usage_prefetch_slot(const pg_uuid_t *key_id)
+{
+	UsageKey	key;
+	int64		unix_seconds;
+
+	prefetched_slot = -1;
+	if (usage_table == NULL)
+		return;
+	unix_seconds = GetCurrentStatementStartTimestamp() / USECS_PER_SEC +
+		(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
+	usage_key(&key, MyDatabaseId, (int32) (unix_seconds / SECS_PER_DAY), key_id);
+	prefetched_slot = fast_slot(&key, get_hash_value(usage_table, &key));
+	prefetch_line(&fast_slots[prefetched_slot]);
+}
+
+/*
+ * Starts fetching the lines of the entry that slot names, those a count
+ * reads.  Without a lock: the entry may be gone, and the fetch in vain.
+ */
+void
+usage_prefetch_entry(void)
+{
+	const char *e;
+
+	if (prefetched_slot < 0)
+		return;
+	e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_slot]);
+	prefetched_slot = -1;
+	if (e == NULL)
+		return;
+	prefetch_line(e);
+	prefetch_line(e + offsetof(UsageEntry, pending.last_used_at));
+	prefetch_line(e + offsetof(UsageEntry, alerted_minute));
 }
 
 /*
@@ -297,7 +426,7 @@ find_entry(const pg_uuid_t *key_id, int32 day, LWLock **lock)
 	*lock = partition_lock(hashvalue);
 
 	LWLockAcquire(*lock, LW_SHARED);
-	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
+	e = lookup_entry(&key, hashvalue);
 	if (e == NULL)
 		LWLockRelease(*lock);
 	return e;
@@ -313,7 +442,7 @@ enter_entry(const UsageKey *key, uint32 hashvalue)
 	UsageEntry *e;
 	bool		found;
 
-	e = hash_search_with_hash_value(usage_table, key, hashvalue, HASH_FIND, NULL);
+	e = lookup_entry(key, hashvalue);
 	/* A shared hash can outgrow its size into spare shared memory: cap it. */
 	if (e != NULL || hash_get_num_entries(usage_table) >= max_tracked_keys)
 		return e;
@@ -331,6 +460,7 @@ enter_entry(const UsageKey *key, uint32 hashvalue)
 		e->alerted_minute = 0;
 		e->tat = 0;
 		ItemPointerSetInvalid(&e->row);
+		pg_atomic_write_u64(&fast_slots[fast_slot(key, hashvalue)], (uint64) (uintptr_t) e);
 	}
 	return e;
 }
@@ -360,9 +490,9 @@ get_key_entries(const pg_uuid_t *key_id, int32 day, int64 minute, bool rate,
 	*r = NULL;
 
 	LWLockAcquire(*lock, LW_SHARED);
-	*e = hash_search_with_hash_value(usage_table, &day_key, hashvalue, HASH_FIND, NULL);
+	*e = lookup_entry(&day_key, hashvalue);
 	if (rate)
-		*r = hash_search_with_hash_value(usage_table, &rate_key, hashvalue, HASH_FIND, NULL);
+		*r = lookup_entry(&rate_key, hashvalue);
 	if (*e != NULL && (!rate || *r != NULL))
 		return true;
 	LWLockRelease(*lock);
@@ -685,7 +815,7 @@ usage_pending(const pg_uuid_t *key_id, UsageCounts *counts)
 	hashvalue = get_hash_value(usage_table, &key);
 	lock = partition_lock(hashvalue);
 	LWLockAcquire(lock, LW_SHARED);
-	e = hash_search_with_hash_value(usage_table, &key, hashvalue, HASH_FIND, NULL);
+	e = lookup_entry(&key, hashvalue);
 	if (e != NULL)
 	{
 		Snapshot	snapshot = snapshot_for_reading();
@@ -766,9 +896,9 @@ forget_idle(const UsageKey *keys, int n, int64 minute)
 		UsageEntry *e;
 
 		LWLockAcquire(lock, LW_EXCLUSIVE);
-		e = hash_search_with_hash_value(usage_table, &keys[i], hashvalue, HASH_FIND, NULL);
+		e = lookup_entry(&keys[i], hashvalue);
 		if (e != NULL && entry_idle(e, minute, GetCurrentTimestamp()))
-			hash_search_with_hash_value(usage_table, &keys[i], hashvalue, HASH_REMOVE, NULL);
+			remove_entry(e);
 		LWLockRelease(lock);
 	}
 }
@@ -890,7 +1020,7 @@ usage_discard(Oid dboid)
 	hash_seq_init(&status, usage_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 		if (e->key.dboid == dboid)
-			hash_search(usage_table, &e->key, HASH_REMOVE, NULL);
+			remove_entry(e);
 	unlock_all();
 }
 

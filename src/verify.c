@@ -426,6 +426,8 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 		Datum		rate_limit;
 
 		found->id = copy_attr(slot, KEYS_ATT_ID, &isnull);
+		/* The count's memory, on its way while the rest of the row is read. */
+		usage_prefetch_slot(DatumGetUUIDP(found->id));
 		found->owner = copy_attr(slot, KEYS_ATT_OWNER, &isnull);
 		found->name = copy_attr(slot, KEYS_ATT_NAME, &isnull);
 		found->start = copy_attr(slot, KEYS_ATT_START, &isnull);
@@ -711,13 +713,18 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	 * and charged like any other, unless the update set its credits.
 	 */
 	CreditRow	before = {0};
-	bool		inserted_here = *found_key && key->written_here &&
-		key_inserted_here(key, &before);
-	bool		countable = *found_key && !inserted_here;
-	bool		own_balance = inserted_here ||
-		(*found_key && key->written_here && before.gen != key->credit.gen);
-
+	bool		inserted_here;
+	bool		countable;
+	bool		own_balance;
 	OwnerPolicy policy;
+
+	if (*found_key)
+		usage_prefetch_entry();
+	inserted_here = *found_key && key->written_here &&
+		key_inserted_here(key, &before);
+	countable = *found_key && !inserted_here;
+	own_balance = inserted_here ||
+		(*found_key && key->written_here && before.gen != key->credit.gen);
 
 	/*
 	 * The owner's policy is looked up first: that may wait for a lock, and

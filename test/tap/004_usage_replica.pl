@@ -27,7 +27,10 @@
 #     error; status() reports the untracked requests (60, and 3 more for
 #     an untracked key with rate limit 1, which is not limited); once the minute has passed and the counts were flushed,
 #     idle entries make room and the other keys are tracked (and limited)
-#     again, with exact totals.
+#     again, with exact totals.  A minute later, when every entry is idle,
+#     keys 1..100 (most of whose entries were forgotten) are each counted
+#     exactly once more: forgetting an entry leaves no fast-index slot
+#     naming memory the table reuses.
 #  6. A streaming standby (also preloaded): verify works (VALID, then
 #     API_KEY_REVOKED after the primary revokes and the standby replays,
 #     API_KEY_INVALID for unknown and malformed tokens); status() reports
@@ -578,6 +581,7 @@ ok(defined poll_until($small, 'small', q{SELECT count(*) || '|' || sum(requests)
 is(small_batch(101, 160), '50|10|0', '5: the 60 other keys: every answer right');
 is(verify_n($small, 'small', sm(q{SELECT token FROM toks WHERE i = 149}), 1), 'RATE_LIMITED',
 	'5: key 149, now tracked, is rate limited again');
+my $small_last_use = time();
 is(sm(q{SELECT untracked_requests FROM apikeys.status()}), '63',
 	'5: no new untracked requests: idle entries were evicted');
 ok(defined poll_until($small, 'small',
@@ -586,6 +590,23 @@ ok(defined poll_until($small, 'small',
 	'5: key_usage: 160 keys, 150 requests, 11 failures');
 is(sm(q{SELECT sum(requests_today) || '|' || sum(failures_today) FROM apikeys.list_keys('bulk')}),
 	'150|11', '5: list_keys agrees');
+
+# 5. A forgotten entry leaves nothing a later lookup could find (the fast
+# index names no memory the table reuses): once every entry is idle (a
+# minute later than any use, key 149's allowance back), keys 1..100 are
+# verified again; those evicted above get new entries, in room made by
+# forgetting the others, and each of the 100 is counted exactly once more.
+my $small_idle_at = $small_last_use + 61;
+sleep($small_idle_at - time()) if time() < $small_idle_at;
+is(small_batch(1, 100), '100|0|0', '5: keys 1..100 again, a minute later: every answer right');
+is(sm(q{SELECT untracked_requests FROM apikeys.status()}), '63',
+	'5: keys 1..100 again: none untracked (idle entries made room)');
+ok(defined poll_until($small, 'small', q{
+		SELECT count(*) FILTER (WHERE requests = 2) || '|' || count(*)
+		  FROM (SELECT t.i, sum(u.requests) AS requests
+		          FROM toks t JOIN apikeys.key_usage u USING (key_id)
+		         WHERE t.i <= 100 GROUP BY t.i) s}, '100|100'),
+	'5: key_usage: each of keys 1..100 counted twice, once a minute');
 {
 	my @bad = log_lines($small, $small_log_start, $bad_line);
 	is(scalar(@bad), 0, '5: no ERROR in the log of the small node') or diag(join("\n", @bad));
