@@ -68,7 +68,8 @@ CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at, id);
 -- verify's probe: a hash index finds a digest in a bucket page (and its
 -- overflow page where inserts overflowed the bucket: about a third of
 -- lookups at a million keys), where the unique B-tree (which keeps digests
--- unique) descends three levels.  Hash codes can collide, so verify compares the digest.
+-- unique) descends three levels.  Hash codes can collide, so verify
+-- compares the digest.
 CREATE INDEX keys_digest_hash ON apikeys.keys USING hash (digest);
 COMMENT ON INDEX apikeys.keys_digest_hash IS 'The index verify and authenticate probe (a bucket page, or two where the bucket overflowed); keys_digest_key keeps digests unique.';
 -- Pages of list_keys filtered to the rarer statuses read only those keys.

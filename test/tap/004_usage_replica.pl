@@ -25,9 +25,9 @@
 #  5. apikeys.max_tracked_keys = 100 on a separate node: 160 distinct keys
 #     (10 revoked) verified in one minute all get the right answer, with no
 #     error; status() reports the untracked requests (60, and 3 more for
-#     an untracked key with rate limit 1, which is not limited); once the minute has passed and the counts were flushed,
-#     idle entries make room and the other keys are tracked (and limited)
-#     again, with exact totals.  A minute later, when every entry is idle,
+#     an untracked key with rate limit 1, which is not limited); once the
+#     minute has passed and the counts were flushed, idle entries make room
+#     and the other keys are tracked (and limited) again, with exact totals.  A minute later, when every entry is idle,
 #     keys 1..100 (most of whose entries were forgotten) are each counted
 #     exactly once more: forgetting an entry leaves no fast-index slot
 #     naming memory the table reuses.
