@@ -66,8 +66,8 @@ COMMENT ON COLUMN apikeys.keys.credits_gen IS 'Bumped by every change of credits
 DROP INDEX apikeys.keys_owner_created_idx;
 CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at, id);
 -- verify's probe: a hash index finds a digest in a bucket page (and its
--- overflow page where inserts overflowed the bucket: about a third of
--- lookups at a million keys), where the unique B-tree (which keeps digests
+-- overflow page where inserts overflowed the bucket: about 7% of lookups
+-- at a million keys), where the unique B-tree (which keeps digests
 -- unique) descends three levels.  Hash codes can collide, so verify
 -- compares the digest.
 CREATE INDEX keys_digest_hash ON apikeys.keys USING hash (digest);

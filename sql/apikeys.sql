@@ -376,8 +376,8 @@ CREATE INDEX keys_owner_created_idx ON apikeys.keys (owner, created_at, id);
 CREATE INDEX keys_owner_live_idx ON apikeys.keys (owner)
     WHERE revoked_at IS NULL AND replaced_by IS NULL;
 -- verify's probe: a hash index finds a digest in a bucket page (and its
--- overflow page where inserts overflowed the bucket: about a third of
--- lookups at a million keys), where the unique B-tree (which keeps digests
+-- overflow page where inserts overflowed the bucket: about 7% of lookups
+-- at a million keys), where the unique B-tree (which keeps digests
 -- unique) descends three levels.  Hash codes can collide, so verify
 -- compares the digest.
 CREATE INDEX keys_digest_hash ON apikeys.keys USING hash (digest);
