@@ -3,7 +3,7 @@ EXTENSION = apikeys
 EXTVERSION = $(shell sed -n "s/^default_version *= *'\(.*\)'/\1/p" $(EXTENSION).control)
 
 MODULE_big = apikeys
-OBJS = src/apikeys.o src/apikey_type.o src/audit.o src/credits.o src/launcher.o src/loghook.o src/policy.o \
+OBJS = src/apikeys.o src/apikey_type.o src/audit.o src/credits.o src/launcher.o src/locator.o src/loghook.o src/policy.o \
        src/queue.o src/token.o src/usage.o src/verify.o src/worker.o
 PGFILEDESC = "apikeys - API keys inside PostgreSQL"
 SHLIB_LINK = -lsodium

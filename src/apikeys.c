@@ -19,6 +19,7 @@
 #include "apikeys.h"
 #include "credits.h"
 #include "launcher.h"
+#include "locator.h"
 #include "loghook.h"
 #include "queue.h"
 #include "token.h"
@@ -131,6 +132,7 @@ _PG_init(void)
 		queue_init();
 		launcher_init();
 		loghook_init();
+		locator_init();
 	}
 	MarkGUCPrefixReserved("apikeys");
 }

@@ -217,6 +217,13 @@ usage_init(void)
 	shmem_startup_hook = usage_shmem_startup;
 }
 
+/* apikeys.max_tracked_keys: keys counted at once (the row locator sizes itself by it). */
+int
+usage_max_tracked_keys(void)
+{
+	return max_tracked_keys;
+}
+
 /* Now, its Unix minute and its UTC day. */
 static void
 now_parts(TimestampTz *now, int64 *minute, int32 *day)

@@ -43,6 +43,9 @@ typedef struct UsageDelta
 /* Defines the usage settings and, with the preload, reserves the table (from _PG_init). */
 extern void usage_init(void);
 
+/* apikeys.max_tracked_keys: keys counted at once (the row locator sizes itself by it). */
+extern int	usage_max_tracked_keys(void);
+
 /* What a rate-limited key has left, for verify()'s ratelimit_* columns. */
 typedef struct UsageLimit
 {

@@ -20,6 +20,7 @@
 #include "fmgr.h"
 #include "funcapi.h"
 #include "miscadmin.h"
+#include "storage/bufmgr.h"
 #include "utils/builtins.h"
 #include "utils/datum.h"
 #include "utils/fmgroids.h"
@@ -34,6 +35,7 @@
 #include "audit.h"
 #include "credits.h"
 #include "launcher.h"
+#include "locator.h"
 #include "policy.h"
 #include "token.h"
 #include "usage.h"
@@ -383,10 +385,90 @@ digest_matches(TupleTableSlot *slot, const unsigned char *digest)
 }
 
 /*
+ * The row at tid (the root of a HOT chain) that the snapshot sees, if it
+ * holds the digest.  tid comes from the locator and may be stale: a vacuum
+ * may since have truncated the table, but cannot while this lock is held.
+ */
+static bool
+fetch_located(Relation heap, ItemPointer tid, Snapshot snapshot, TupleTableSlot *slot,
+			  const unsigned char *digest)
+{
+	IndexFetchTableData *fetch;
+	bool		call_again = false;
+	bool		all_dead = false;
+	bool		found;
+
+	if (ItemPointerGetBlockNumber(tid) >= RelationGetNumberOfBlocks(heap))
+		return false;
+	fetch = table_index_fetch_begin(heap);
+	found = table_index_fetch_tuple(fetch, tid, snapshot, slot, &call_again, &all_dead) &&
+		digest_matches(slot, digest);
+	table_index_fetch_end(fetch);
+	return found;
+}
+
+/*
  * One probe of the digest index (the hash index from 1.1, the unique B-tree
- * before), read with the statement's snapshot.
- * The lookup reads the table directly rather than through SQL, so it costs no
- * executor set-up.  Returns false when no key has the digest.
+ * before) into slot; records in the locator the index entry (the HOT
+ * chain's root) that led to the row.
+ */
+static bool
+probe_index(Relation heap, Oid indexid, const unsigned char *digest, Snapshot snapshot,
+			TupleTableSlot *slot, const LocatorProbe *probe)
+{
+	Relation	index = index_open(indexid, AccessShareLock);
+	bytea	   *param = palloc(VARHDRSZ + TOKEN_DIGEST_LEN);
+	IndexScanDesc scan;
+	ScanKeyData skey;
+	ItemPointerData root;
+	bool		found = false;
+
+	ItemPointerSetInvalid(&root);
+	SET_VARSIZE(param, VARHDRSZ + TOKEN_DIGEST_LEN);
+	memcpy(VARDATA(param), digest, TOKEN_DIGEST_LEN);
+	ScanKeyInit(&skey, 1,
+				index->rd_rel->relam == HASH_AM_OID ? HTEqualStrategyNumber : BTEqualStrategyNumber,
+				F_BYTEAEQ, PointerGetDatum(param));
+	scan = index_beginscan(heap, index, snapshot, 1, 0);
+	index_rescan(scan, &skey, 1, NULL, 0);
+
+	/*
+	 * index_getnext_slot(), keeping the entry's TID: fetching the row moves
+	 * xs_heaptid along the HOT chain.  A hash index returns every row whose
+	 * digest has the same hash code.
+	 */
+	for (;;)
+	{
+		if (!scan->xs_heap_continue)
+		{
+			ItemPointer entry = index_getnext_tid(scan, ForwardScanDirection);
+
+			if (entry == NULL)
+				break;
+			root = *entry;
+		}
+		if (index_fetch_heap(scan, slot) && digest_matches(slot, digest))
+		{
+			found = true;
+			break;
+		}
+		CHECK_FOR_INTERRUPTS();
+	}
+	if (found)
+		locator_put(probe, &root);
+
+	index_endscan(scan);
+	/* Locks are kept to the end of the transaction, as for any read. */
+	index_close(index, NoLock);
+	pfree(param);
+	return found;
+}
+
+/*
+ * The key row of the digest, read with the statement's snapshot: where the
+ * locator says it was found last, else by a probe of the digest index.  It
+ * reads the table directly rather than through SQL, so it costs no executor
+ * set-up.  Returns false when no key has the digest.
  */
 static bool
 lookup_key(const unsigned char *digest, FoundKey *found)
@@ -394,32 +476,19 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 	Oid			relid;
 	Oid			indexid;
 	Relation	heap;
-	Relation	index;
-	IndexScanDesc scan;
 	TupleTableSlot *slot;
-	ScanKeyData skey;
-	bytea	   *param = palloc(VARHDRSZ + TOKEN_DIGEST_LEN);
 	Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();
+	LocatorProbe probe;
+	ItemPointerData tid;
 	bool		exists;
 
 	keys_relation_oids(&relid, &indexid);
-
-	SET_VARSIZE(param, VARHDRSZ + TOKEN_DIGEST_LEN);
-	memcpy(VARDATA(param), digest, TOKEN_DIGEST_LEN);
-
+	/* The locator's line is on its way while the table is opened and locked. */
+	(void) locator_start(relid, digest, &probe);
 	heap = table_open(relid, AccessShareLock);
-	index = index_open(indexid, AccessShareLock);
 	slot = table_slot_create(heap, NULL);
-	ScanKeyInit(&skey, 1,
-				index->rd_rel->relam == HASH_AM_OID ? HTEqualStrategyNumber : BTEqualStrategyNumber,
-				F_BYTEAEQ, PointerGetDatum(param));
-	scan = index_beginscan(heap, index, snapshot, 1, 0);
-	index_rescan(scan, &skey, 1, NULL, 0);
-
-	/* A hash index returns every row whose digest has the same hash code. */
-	while ((exists = index_getnext_slot(scan, ForwardScanDirection, slot)) &&
-		   !digest_matches(slot, digest))
-		CHECK_FOR_INTERRUPTS();
+	exists = (locator_get(&probe, &tid) && fetch_located(heap, &tid, snapshot, slot, digest)) ||
+		probe_index(heap, indexid, digest, snapshot, slot, &probe);
 	if (exists)
 	{
 		bool		isnull;
@@ -473,12 +542,8 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
 	}
 
-	index_endscan(scan);
 	ExecDropSingleTupleTableSlot(slot);
-	/* Locks are kept to the end of the transaction, as for any read. */
-	index_close(index, NoLock);
 	table_close(heap, NoLock);
-	pfree(param);
 	return exists;
 }
 
