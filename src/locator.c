@@ -34,8 +34,8 @@
 
 static pg_atomic_uint64 *locator_slots = NULL;
 static uint32 locator_line_mask;
-/* The way a new digest takes in a full line: cycles per backend, so none is favoured. */
-static uint32 next_victim = 0;
+/* Counts this backend's evictions, to vary the way a new digest takes in a full line. */
+static uint32 evictions = 0;
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
@@ -92,8 +92,9 @@ locator_init(void)
 
 /*
  * Finds the digest's line and tag (a digest is uniformly random, so its
- * first bytes serve; the database and relation are mixed in, so that no two
- * share a slot's meaning) and asks the CPU to fetch the line.
+ * first bytes serve; the database and relation are mixed in, so that their
+ * keys spread alike, while the check against the row keeps a slot of
+ * another's from answering) and asks the CPU to fetch the line.
  */
 bool
 locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe)
@@ -142,14 +143,17 @@ locator_get(const LocatorProbe *probe, ItemPointer tid)
 void
 locator_put(const LocatorProbe *probe, ItemPointer tid)
 {
-	uint64		slot = probe->tag << SLOT_TAG_SHIFT |
-		(uint64) ItemPointerGetBlockNumber(tid) << SLOT_BLOCK_SHIFT |
-		ItemPointerGetOffsetNumber(tid);
 	int			empty = -1;
 	int			way;
 
 	if (probe->line == NULL)
 		return;
+
+	/*
+	 * Read, then written without a compare-and-swap: two backends may both
+	 * take a way, or one may overwrite the other's.  That only costs a later
+	 * lookup a probe of the index.
+	 */
 	for (way = 0; way < LOCATOR_WAYS; way++)
 	{
 		uint64		held = pg_atomic_read_u64(&probe->line[way]);
@@ -160,6 +164,8 @@ locator_put(const LocatorProbe *probe, ItemPointer tid)
 			empty = way;
 	}
 	if (way == LOCATOR_WAYS)
-		way = empty >= 0 ? empty : (int) (next_victim++ % LOCATOR_WAYS);
-	pg_atomic_write_u64(&probe->line[way], slot);
+		way = empty >= 0 ? empty : (int) ((probe->tag + evictions++) % LOCATOR_WAYS);
+	pg_atomic_write_u64(&probe->line[way], probe->tag << SLOT_TAG_SHIFT |
+						(uint64) ItemPointerGetBlockNumber(tid) << SLOT_BLOCK_SHIFT |
+						ItemPointerGetOffsetNumber(tid));
 }

@@ -2,10 +2,10 @@
  * verify.c — verify() and authenticate().
  *
  * A token is parsed and its checksum checked before any table is read, so
- * malformed input costs no I/O; a well-formed one costs one probe of the
- * unique digest index.  Nothing here writes a table row (counters live in
- * shared memory), so verification works in read-only transactions and on
- * hot standbys.
+ * malformed input costs no I/O; a well-formed one costs a read of its row
+ * where the row locator recorded it, or one probe of the digest index.
+ * Nothing here writes a table row (counters live in shared memory), so
+ * verification works in read-only transactions and on hot standbys.
  */
 #include "postgres.h"
 
@@ -388,6 +388,7 @@ digest_matches(TupleTableSlot *slot, const unsigned char *digest)
  * The row at tid (the root of a HOT chain) that the snapshot sees, if it
  * holds the digest.  tid comes from the locator and may be stale: a vacuum
  * may since have truncated the table, but cannot while this lock is held.
+ * The fetch moves tid to the version found, which must not be recorded.
  */
 static bool
 fetch_located(Relation heap, ItemPointer tid, Snapshot snapshot, TupleTableSlot *slot,
