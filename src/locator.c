@@ -96,7 +96,7 @@ locator_init(void)
  * keys spread alike, while the check against the row keeps a slot of
  * another's from answering) and asks the CPU to fetch the line.
  */
-bool
+void
 locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe)
 {
 	uint64		bits;
@@ -104,7 +104,7 @@ locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe)
 
 	probe->line = NULL;
 	if (locator_slots == NULL)
-		return false;
+		return;
 	memcpy(&bits, digest, sizeof(bits));
 	salt = hash_combine(murmurhash32((uint32) MyDatabaseId), murmurhash32((uint32) relid));
 	probe->line = &locator_slots[(((uint32) bits ^ salt) & locator_line_mask) * LOCATOR_WAYS];
@@ -112,7 +112,6 @@ locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe)
 #if defined(__GNUC__) || defined(__clang__)
 	__builtin_prefetch(probe->line);
 #endif
-	return true;
 }
 
 /* The row last recorded for the probe's digest, if any: a hint to check, never an answer. */

@@ -21,10 +21,11 @@ typedef struct LocatorProbe
 extern void locator_init(void);
 
 /*
- * Finds the line of relid's digest (of digest_len >= 8 bytes) in this
- * database and asks the CPU to fetch it; false without a locator.
+ * Finds the line and tag of a digest (its first 8 bytes are used) of
+ * relation relid in this database, and asks the CPU to fetch the line;
+ * without a locator, a probe that finds nothing.
  */
-extern bool locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe);
+extern void locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe);
 
 /* The row last recorded for the probe's digest, if any: a hint to check, never an answer. */
 extern bool locator_get(const LocatorProbe *probe, ItemPointer tid);

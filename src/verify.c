@@ -485,7 +485,7 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 
 	keys_relation_oids(&relid, &indexid);
 	/* The locator's line is on its way while the table is opened and locked. */
-	(void) locator_start(relid, digest, &probe);
+	locator_start(relid, digest, &probe);
 	heap = table_open(relid, AccessShareLock);
 	slot = table_slot_create(heap, NULL);
 	exists = (locator_get(&probe, &tid) && fetch_located(heap, &tid, snapshot, slot, digest)) ||
