@@ -28,6 +28,7 @@
 #include "fmgr.h"
 #include "miscadmin.h"
 #include "pgtime.h"
+#include "port/pg_bitutils.h"
 #include "storage/ipc.h"
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
@@ -38,6 +39,7 @@
 #include "utils/lsyscache.h"
 #include "utils/snapmgr.h"
 
+#include "apikeys.h"
 #include "credits.h"
 
 /* Partitions of the table, each with its own lock. */
@@ -73,20 +75,39 @@ typedef struct CreditEntry
 } CreditEntry;
 
 static HTAB *credit_table = NULL;
+/*
+ * The fast index: per slot, the address of the entry found there last, or
+ * 0.  A slot takes its partition's bits from the hash, so the partition's
+ * lock covers it; removing an entry clears its slot, so a slot names a
+ * live entry or none, and verify reaches a balance without walking a
+ * bucket chain.
+ */
+static pg_atomic_uint64 *fast_slots = NULL;
+static uint32 fast_mask;
 /* Set when a pass found nothing to evict; cleared by a flush, which makes entries idle. */
 static pg_atomic_uint32 *evict_futile = NULL;
 static LWLock *partition_locks[CREDIT_PARTITIONS];
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-/* Reserves the table and its locks, a tranche of their own (postmaster). */
+/* Slots of the fast index: a power of two, at least twice the entries, so that few share one. */
+static uint32
+fast_slot_count(void)
+{
+	return pg_nextpower2_32((uint32) max_credit_keys * 2);
+}
+
+/* Reserves the table, its fast index and its locks, a tranche of their own (postmaster). */
 static void
 credits_shmem_request(void)
 {
+	Size		size = MAXALIGN(sizeof(pg_atomic_uint32));
+
 	if (prev_shmem_request_hook)
 		prev_shmem_request_hook();
-	RequestAddinShmemSpace(add_size(MAXALIGN(sizeof(pg_atomic_uint32)),
-									hash_estimate_size(max_credit_keys, sizeof(CreditEntry))));
+	size = add_size(size, MAXALIGN(mul_size(fast_slot_count(), sizeof(pg_atomic_uint64))));
+	size = add_size(size, hash_estimate_size(max_credit_keys, sizeof(CreditEntry)));
+	RequestAddinShmemSpace(size);
 	RequestNamedLWLockTranche("apikeys credits", CREDIT_PARTITIONS);
 }
 
@@ -107,6 +128,12 @@ credits_shmem_startup(void)
 	evict_futile = ShmemInitStruct("apikeys credits eviction", sizeof(pg_atomic_uint32), &found);
 	if (!found)
 		pg_atomic_init_u32(evict_futile, 0);
+	fast_mask = fast_slot_count() - 1;
+	fast_slots = ShmemInitStruct("apikeys credits fast index",
+								 sizeof(pg_atomic_uint64) * fast_slot_count(), &found);
+	if (!found)
+		for (uint32 i = 0; i <= fast_mask; i++)
+			pg_atomic_init_u64(&fast_slots[i], 0);
 	memset(&info, 0, sizeof(info));
 	info.keysize = sizeof(CreditKey);
 	info.entrysize = sizeof(CreditEntry);
@@ -192,6 +219,76 @@ credit_key(CreditKey *key, Oid dboid, const pg_uuid_t *key_id)
 	memcpy(&key->key_id, key_id, sizeof(pg_uuid_t));
 }
 
+/*
+ * Finds an entry: through the fast index when its slot names it, else in
+ * the table, and then names it there.  Call with its partition's lock held.
+ */
+static CreditEntry *
+lookup_entry(const CreditKey *key, uint32 hashvalue)
+{
+	pg_atomic_uint64 *slot = &fast_slots[hashvalue & fast_mask];
+	CreditEntry *e = (CreditEntry *) (uintptr_t) pg_atomic_read_u64(slot);
+
+	if (e != NULL && memcmp(&e->key, key, sizeof(CreditKey)) == 0)
+		return e;
+	e = hash_search_with_hash_value(credit_table, key, hashvalue, HASH_FIND, NULL);
+	if (e != NULL)
+		pg_atomic_write_u64(slot, (uint64) (uintptr_t) e);
+	return e;
+}
+
+/*
+ * Forgets an entry, and its name in the fast index, so that no slot names
+ * memory the table may reuse.  Call with its partition's lock held
+ * exclusively.
+ */
+static void
+remove_entry(CreditEntry *e)
+{
+	uint32		hashvalue = get_hash_value(credit_table, &e->key);
+	pg_atomic_uint64 *slot = &fast_slots[hashvalue & fast_mask];
+
+	if (pg_atomic_read_u64(slot) == (uint64) (uintptr_t) e)
+		pg_atomic_write_u64(slot, 0);
+	hash_search_with_hash_value(credit_table, &e->key, hashvalue, HASH_REMOVE, NULL);
+}
+
+/* The fast-index slot credits_prefetch_slot() fetched for the next spending, or -1. */
+static int64 prefetched_slot = -1;
+
+/* Starts fetching the fast-index slot of a key's balance, well before credits_spend() reads it. */
+void
+credits_prefetch_slot(const pg_uuid_t *key_id)
+{
+	CreditKey	key;
+
+	prefetched_slot = -1;
+	if (credit_table == NULL)
+		return;
+	credit_key(&key, MyDatabaseId, key_id);
+	prefetched_slot = get_hash_value(credit_table, &key) & fast_mask;
+	prefetch_line(&fast_slots[prefetched_slot]);
+}
+
+/*
+ * Starts fetching the lines of the balance that slot names.  Without a
+ * lock: the entry may be gone, and the fetch in vain.
+ */
+void
+credits_prefetch_entry(void)
+{
+	const char *e;
+
+	if (prefetched_slot < 0)
+		return;
+	e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_slot]);
+	prefetched_slot = -1;
+	if (e == NULL)
+		return;
+	prefetch_line(e);
+	prefetch_line(e + offsetof(CreditEntry, pending));
+}
+
 /* Whether an entry holds nothing the table lacks (so it may be forgotten and reloaded). */
 static inline bool
 entry_idle(CreditEntry *e)
@@ -227,6 +324,17 @@ enter_period(CreditEntry *e, TimestampTz now)
 		e->pending = 0;
 		e->period = period;
 	}
+}
+
+/*
+ * The clock enter_period() needs: none for an entry without refill, which
+ * is spared the call.  Caller holds the partition's lock, so the entry's
+ * refill cannot change before the spinlock is taken.
+ */
+static inline TimestampTz
+refill_clock(CreditEntry *e)
+{
+	return e->refill != REFILL_NONE ? GetCurrentTimestamp() : 0;
 }
 
 /* Spends cost unless fewer are left.  Caller holds the spinlock. */
@@ -266,7 +374,7 @@ evict_idle(void)
 	{
 		if (entry_idle(e))
 		{
-			hash_search(credit_table, &e->key, HASH_REMOVE, NULL);
+			remove_entry(e);
 			if (++evicted >= 64)
 			{
 				hash_seq_term(&status);
@@ -348,7 +456,7 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 	CreditEntry *e;
 	bool		found;
 	bool		spent;
-	TimestampTz now = GetCurrentTimestamp();
+	TimestampTz now;
 
 	*remaining = -1;
 	*period = 0;
@@ -361,22 +469,21 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 
 	/*
 	 * The usual case: the entry follows the caller's row's generation, or a
-	 * newer one (the caller's snapshot may be older than the entry).
+	 * newer one (the caller's snapshot may be older than the entry).  Its
+	 * table, generation and refill change only under the exclusive lock.
 	 */
 	LWLockAcquire(lock, LW_SHARED);
-	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
-	if (e != NULL)
+	e = lookup_entry(&key, hashvalue);
+	if (e != NULL && e->relid == relid && e->gen >= row->gen)
 	{
+		TimestampTz now = refill_clock(e);
+
 		SpinLockAcquire(&e->mutex);
-		if (e->relid == relid && e->gen >= row->gen)
-		{
-			enter_period(e, now);
-			spent = spend(e, cost, remaining, period);
-			SpinLockRelease(&e->mutex);
-			LWLockRelease(lock);
-			return spent ? CREDITS_SPENT : CREDITS_EXCEEDED;
-		}
+		enter_period(e, now);
+		spent = spend(e, cost, remaining, period);
 		SpinLockRelease(&e->mutex);
+		LWLockRelease(lock);
+		return spent ? CREDITS_SPENT : CREDITS_EXCEEDED;
 	}
 	LWLockRelease(lock);
 
@@ -386,7 +493,7 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 	if (e == NULL && hash_get_num_entries(credit_table) >= max_credit_keys)
 		evict_idle();
 	LWLockAcquire(lock, LW_EXCLUSIVE);
-	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	e = lookup_entry(&key, hashvalue);
 	found = e != NULL;
 	if (!found && hash_get_num_entries(credit_table) < max_credit_keys)
 		e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_ENTER_NULL, &found);
@@ -396,7 +503,10 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 		return CREDITS_REFUSED;
 	}
 	if (!found)
+	{
 		SpinLockInit(&e->mutex);
+		pg_atomic_write_u64(&fast_slots[hashvalue & fast_mask], (uint64) (uintptr_t) e);
+	}
 	if (!found || e->relid != relid)
 	{
 		/*
@@ -426,12 +536,13 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 		if (loaded != LOADED)
 		{
 			if (e->gen < 0)
-				hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_REMOVE, NULL);
+				remove_entry(e);
 			LWLockRelease(lock);
 			/* No credit limit any more: nothing to spend.  Uncommitted: fail closed. */
 			return loaded == LOAD_UNLIMITED ? CREDITS_SPENT : CREDITS_REFUSED;
 		}
 	}
+	now = refill_clock(e);
 	SpinLockAcquire(&e->mutex);
 	enter_period(e, now);
 	spent = spend(e, cost, remaining, period);
@@ -456,7 +567,7 @@ credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaini
 	lock = partition_lock(hashvalue);
 	LWLockAcquire(lock, LW_SHARED);
 	/* An entry with spending pending or in flight is never idle, so it is still there. */
-	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	e = lookup_entry(&key, hashvalue);
 	if (e != NULL)
 	{
 		SpinLockAcquire(&e->mutex);
@@ -614,7 +725,7 @@ credits_discard(Oid dboid)
 	hash_seq_init(&status, credit_table);
 	while ((e = hash_seq_search(&status)) != NULL)
 		if (e->key.dboid == dboid)
-			hash_search(credit_table, &e->key, HASH_REMOVE, NULL);
+			remove_entry(e);
 	unlock_all();
 }
 
@@ -697,7 +808,7 @@ apikeys_credits_unflushed(PG_FUNCTION_ARGS)
 	hashvalue = get_hash_value(credit_table, &key);
 	lock = partition_lock(hashvalue);
 	LWLockAcquire(lock, LW_SHARED);
-	e = hash_search_with_hash_value(credit_table, &key, hashvalue, HASH_FIND, NULL);
+	e = lookup_entry(&key, hashvalue);
 	if (e != NULL && e->relid == relid)
 	{
 		Snapshot	snapshot = ActiveSnapshotSet() ? GetActiveSnapshot() : GetTransactionSnapshot();

@@ -72,6 +72,14 @@ extern CreditOutcome credits_spend(const pg_uuid_t *key_id, Oid relid, const Cre
 								   int64 cost, CreditRowReader reader, void *reader_arg,
 								   int64 *remaining, int32 *period);
 
+/*
+ * Prefetching for the hot path, two steps apart like usage's: the
+ * fast-index slot of a key's balance as soon as the key is known, then the
+ * balance that slot names once the slot has had time to arrive.  Hints only.
+ */
+extern void credits_prefetch_slot(const pg_uuid_t *key_id);
+extern void credits_prefetch_entry(void);
+
 /* Gives back what credits_spend() took, when the request was refused after all. */
 extern void credits_refund(const pg_uuid_t *key_id, int32 period, int64 cost, int64 *remaining);
 

@@ -22,6 +22,7 @@
 #include "storage/lwlock.h"
 #include "storage/shmem.h"
 
+#include "apikeys.h"
 #include "locator.h"
 #include "usage.h"
 
@@ -109,9 +110,7 @@ locator_start(Oid relid, const unsigned char *digest, LocatorProbe *probe)
 	salt = hash_combine(murmurhash32((uint32) MyDatabaseId), murmurhash32((uint32) relid));
 	probe->line = &locator_slots[(((uint32) bits ^ salt) & locator_line_mask) * LOCATOR_WAYS];
 	probe->tag = ((bits >> 32) ^ salt) & 0xFFFF;
-#if defined(__GNUC__) || defined(__clang__)
-	__builtin_prefetch(probe->line);
-#endif
+	prefetch_line(probe->line);
 }
 
 /* The row last recorded for the probe's digest, if any: a hint to check, never an answer. */

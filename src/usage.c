@@ -33,6 +33,7 @@
 #include "utils/guc.h"
 #include "utils/snapmgr.h"
 
+#include "apikeys.h"
 #include "usage.h"
 
 /* Partitions of the table, each with its own lock (a power of two). */
@@ -86,17 +87,6 @@ static UsageCounters *usage_counters = NULL;
 static LWLock *partition_locks[USAGE_PARTITIONS];
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
-
-/* Asks the CPU to start fetching the cache line at p (a hint: p may be anywhere). */
-static inline void
-prefetch_line(const void *p)
-{
-#if defined(__GNUC__) || defined(__clang__)
-	__builtin_prefetch(p);
-#else
-	(void) p;
-#endif
-}
 
 /* Adds counts to counts. */
 static inline void
@@ -373,39 +363,64 @@ evict_idle(int64 minute, TimestampTz now)
 	}
 }
 
-/* The fast-index slot usage_prefetch_slot() fetched for the next count, or -1. */
+/*
+ * The fast-index slots usage_prefetch_slot() fetched for the next count:
+ * today's entry's and the rate-limit entry's, or -1.
+ */
 static int64 prefetched_slot = -1;
+static int64 prefetched_rate_slot = -1;
 
 /*
  * Starts fetching the fast-index slot of a key's entry for today (by the
- * statement's clock: a wrong guess at midnight only fetches in vain), well
- * before usage_count_request() reads it.
+ * statement's clock: a wrong guess at midnight only fetches in vain), and
+ * of its rate-limit entry if it has a rate limit, well before
+ * usage_count_request() reads them.
  */
 void
-usage_prefetch_slot(const pg_uuid_t *key_id)
+usage_prefetch_slot(const pg_uuid_t *key_id, bool rate_limited)
 {
 	UsageKey	key;
 	int64		unix_seconds;
+	uint32		hashvalue;
 
 	prefetched_slot = -1;
+	prefetched_rate_slot = -1;
 	if (usage_table == NULL)
 		return;
 	unix_seconds = GetCurrentStatementStartTimestamp() / USECS_PER_SEC +
 		(POSTGRES_EPOCH_JDATE - UNIX_EPOCH_JDATE) * SECS_PER_DAY;
 	usage_key(&key, MyDatabaseId, (int32) (unix_seconds / SECS_PER_DAY), key_id);
-	prefetched_slot = fast_slot(&key, get_hash_value(usage_table, &key));
+	/* The day is not hashed: a key's entries share one hash value. */
+	hashvalue = get_hash_value(usage_table, &key);
+	prefetched_slot = fast_slot(&key, hashvalue);
 	prefetch_line(&fast_slots[prefetched_slot]);
+	if (rate_limited)
+	{
+		key.day = RATE_DAY;
+		prefetched_rate_slot = fast_slot(&key, hashvalue);
+		prefetch_line(&fast_slots[prefetched_rate_slot]);
+	}
 }
 
 /*
- * Starts fetching the lines of the entry that slot names, those a count
- * reads.  Without a lock: the entry may be gone, and the fetch in vain.
+ * Starts fetching the lines of the entries those slots name, those a count
+ * reads.  Without a lock: an entry may be gone, and the fetch in vain.
  */
 void
 usage_prefetch_entry(void)
 {
 	const char *e;
 
+	if (prefetched_rate_slot >= 0)
+	{
+		e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_rate_slot]);
+		prefetched_rate_slot = -1;
+		if (e != NULL)
+		{
+			prefetch_line(e);
+			prefetch_line(e + offsetof(UsageEntry, tat));
+		}
+	}
 	if (prefetched_slot < 0)
 		return;
 	e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_slot]);
@@ -688,6 +703,101 @@ count_request(UsageEntry *e, bool allowed, TimestampTz now, int64 minute, int32 
 	return outcome;
 }
 
+/*
+ * The owner-limited request's usual case: the key's day entry, its
+ * rate-limit entry (with rate) and the owner's state all exist.  Their two
+ * partitions are locked (shared) in ascending order, as lock_all() takes
+ * them, so holding both cannot deadlock; then the key's limit and the
+ * owner's are applied as one step, with no partition let go in between.
+ * Returns false, changing nothing and holding no lock, when an entry is
+ * missing: the caller's general path adds it.
+ */
+static bool
+count_owner_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
+					const pg_uuid_t *owner_id, int32 owner_rate_limit, TimestampTz now,
+					int64 minute, int32 day, int32 alert_threshold, int64 *alert_requests,
+					UsageLimit *limit, UsageOutcome *outcome)
+{
+	UsageKey	day_key;
+	UsageKey	rate_key;
+	UsageKey	owner_key;
+	uint32		hashvalue;
+	uint32		owner_hashvalue;
+	LWLock	   *lock;
+	LWLock	   *owner_lock;
+	UsageEntry *e;
+	UsageEntry *r = NULL;
+	UsageEntry *o;
+	bool		key_ok = true;
+	bool		owner_ok = true;
+	bool		owner_would_pass = true;
+	TimestampTz admitted_tat = 0;
+	UsageLimit	key_limit = {false, 0, 0, 0};
+	UsageLimit	owner_limit = {false, 0, 0, 0};
+	UsageLimit	owner_look = {false, 0, 0, 0};
+
+	usage_key(&day_key, MyDatabaseId, day, key_id);
+	usage_key(&rate_key, MyDatabaseId, RATE_DAY, key_id);
+	usage_key(&owner_key, MyDatabaseId, OWNER_DAY, owner_id);
+	hashvalue = get_hash_value(usage_table, &day_key);
+	owner_hashvalue = get_hash_value(usage_table, &owner_key);
+	lock = partition_lock(hashvalue);
+	owner_lock = partition_lock(owner_hashvalue);
+	if (hashvalue % USAGE_PARTITIONS <= owner_hashvalue % USAGE_PARTITIONS)
+	{
+		LWLockAcquire(lock, LW_SHARED);
+		if (owner_lock != lock)
+			LWLockAcquire(owner_lock, LW_SHARED);
+	}
+	else
+	{
+		LWLockAcquire(owner_lock, LW_SHARED);
+		LWLockAcquire(lock, LW_SHARED);
+	}
+	e = lookup_entry(&day_key, hashvalue);
+	if (rate_limit > 0)
+		r = lookup_entry(&rate_key, hashvalue);
+	o = lookup_entry(&owner_key, owner_hashvalue);
+	if (e == NULL || (rate_limit > 0 && r == NULL) || o == NULL)
+	{
+		if (owner_lock != lock)
+			LWLockRelease(owner_lock);
+		LWLockRelease(lock);
+		return false;
+	}
+
+	if (r != NULL)
+	{
+		SpinLockAcquire(&r->mutex);
+		key_ok = gcra_admit(r, now, rate_limit, rate_burst, true, &key_limit);
+		admitted_tat = r->tat;
+		SpinLockRelease(&r->mutex);
+	}
+	SpinLockAcquire(&o->mutex);
+	if (key_ok)
+		owner_ok = gcra_admit(o, now, owner_rate_limit, -1, true, &owner_limit);
+	else
+		owner_would_pass = gcra_admit(o, now, owner_rate_limit, -1, false, &owner_look);
+	SpinLockRelease(&o->mutex);
+	/* The owner refused what the key let pass: the key's step is taken back. */
+	if (!owner_ok && r != NULL)
+	{
+		SpinLockAcquire(&r->mutex);
+		gcra_undo(r, rate_limit, admitted_tat);
+		SpinLockRelease(&r->mutex);
+	}
+	tighter_limit(limit, &key_limit, key_ok, &owner_limit, owner_ok);
+	*outcome = count_request(e, key_ok && owner_ok, now, minute, alert_threshold, alert_requests);
+	if (owner_lock != lock)
+		LWLockRelease(owner_lock);
+	LWLockRelease(lock);
+
+	/* The key refused; the owner's limit may hold the next request longer. */
+	if (!key_ok && !owner_would_pass && owner_look.reset > limit->reset)
+		*limit = owner_look;
+	return true;
+}
+
 /* Counts a verification that would pass, enforcing the key's and its owner's rate limits. */
 UsageOutcome
 usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
@@ -721,6 +831,10 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	 * untracked one; no room for the day's entry: the request is not counted.
 	 */
 	now_parts(&now, &minute, &day);
+	if (owner_rate_limit > 0 &&
+		count_owner_request(key_id, rate_limit, rate_burst, owner_id, owner_rate_limit, now,
+							minute, day, *alert_threshold, alert_requests, limit, &outcome))
+		return outcome;
 	if (!get_key_entries(key_id, day, minute, rate_limit > 0, &e, &r, &lock))
 		return USAGE_UNTRACKED;
 	if (r != NULL)
@@ -733,10 +847,10 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	if (key_ok && owner_rate_limit > 0)
 	{
 		/*
-		 * The owner's state is in another partition: this one is let go
-		 * first, since holding one partition while waiting for another could
-		 * deadlock with a pass over the whole table.  The key's entries, used
-		 * now, are not idle, so they are found again.
+		 * An entry was missing (see count_owner_request()).  The owner's
+		 * state may be in a lower partition: this one is let go first, and
+		 * the owner's added in its own.  The key's entries, used now, are
+		 * not idle, so they are found again.
 		 */
 		LWLockRelease(lock);
 		owner_ok = owner_admit(owner_id, owner_rate_limit, now, minute, true, &owner_limit);

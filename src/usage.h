@@ -72,11 +72,12 @@ extern UsageOutcome usage_count_request(const pg_uuid_t *key_id, int32 rate_limi
 										int64 *alert_requests, UsageLimit *limit);
 
 /*
- * Prefetching for the hot path, two steps apart: the fast-index slot of a
- * key's entry for today as soon as the key is known, then the entry that
- * slot names once the slot has had time to arrive.  Hints only.
+ * Prefetching for the hot path, two steps apart: the fast-index slots of a
+ * key's entry for today (and of its rate-limit entry, when rate_limited) as
+ * soon as the key is known, then the entries those slots name once the
+ * slots have had time to arrive.  Hints only.
  */
-extern void usage_prefetch_slot(const pg_uuid_t *key_id);
+extern void usage_prefetch_slot(const pg_uuid_t *key_id, bool rate_limited);
 extern void usage_prefetch_entry(void);
 
 /* Counts a refusal of a key that exists (revoked, expired, scope). */

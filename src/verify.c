@@ -496,16 +496,19 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 		Datum		rate_limit;
 
 		found->id = copy_attr(slot, KEYS_ATT_ID, &isnull);
-		/* The count's memory, on its way while the rest of the row is read. */
-		usage_prefetch_slot(DatumGetUUIDP(found->id));
+		rate_limit = slot_getattr(slot, KEYS_ATT_RATE_LIMIT, &isnull);
+		found->rate_limit = isnull ? 0 : DatumGetInt32(rate_limit);
+		read_credit_columns(slot, &found->credit);
+		/* The count's and the balance's memory, on its way while the rest of the row is read. */
+		usage_prefetch_slot(DatumGetUUIDP(found->id), found->rate_limit > 0);
+		if (found->credit.credits >= 0)
+			credits_prefetch_slot(DatumGetUUIDP(found->id));
 		found->owner = copy_attr(slot, KEYS_ATT_OWNER, &isnull);
 		found->name = copy_attr(slot, KEYS_ATT_NAME, &isnull);
 		found->start = copy_attr(slot, KEYS_ATT_START, &isnull);
 		found->scopes = copy_attr(slot, KEYS_ATT_SCOPES, &isnull);
 		found->metadata = copy_attr(slot, KEYS_ATT_METADATA, &isnull);
 		found->expires_at = slot_getattr(slot, KEYS_ATT_EXPIRES_AT, &found->expires_null);
-		rate_limit = slot_getattr(slot, KEYS_ATT_RATE_LIMIT, &isnull);
-		found->rate_limit = isnull ? 0 : DatumGetInt32(rate_limit);
 		(void) slot_getattr(slot, KEYS_ATT_REVOKED_AT, &isnull);
 		found->revoked = !isnull;
 		found->disabled = false;
@@ -538,7 +541,6 @@ lookup_key(const unsigned char *digest, FoundKey *found)
 			if (!isnull)
 				found->alert_threshold = DatumGetInt32(threshold);
 		}
-		read_credit_columns(slot, &found->credit);
 		found->written_here = TransactionIdIsCurrentTransactionId(
 			DatumGetTransactionId(slot_getsysattr(slot, MinTransactionIdAttributeNumber, &isnull)));
 	}
@@ -714,7 +716,8 @@ static bool
 spend_credits(FoundKey *key, bool own_balance, int64 cost, CreditResult *credit)
 {
 	CreditRow  *row = &key->credit;
-	int32		period = credit_period(row->refill, GetCurrentTimestamp());
+	int32		period = row->refill == REFILL_NONE ? 0 :
+		credit_period(row->refill, GetCurrentTimestamp());
 	int64		written = row->refill_amount > 0 && row->period < period
 		? row->refill_amount : row->credits;
 	CreditOutcome outcome;
@@ -785,7 +788,10 @@ verify_token(text *token, ArrayType *required, Datum client_ip, bool client_ip_n
 	OwnerPolicy policy;
 
 	if (*found_key)
+	{
 		usage_prefetch_entry();
+		credits_prefetch_entry();
+	}
 	inserted_here = *found_key && key->written_here &&
 		key_inserted_here(key, &before);
 	countable = *found_key && !inserted_here;

@@ -11,7 +11,7 @@
 # binaries), so both versions of apikeys run at once; this tree is installed
 # into the system's PostgreSQL as run.sh does.  Only one cluster is busy at
 # a time.  Knobs: BENCH_KEYS (200000), BENCH_SECONDS (10), BENCH_WARMUP (12),
-# BENCH_ROUNDS (3), BENCH_CLIENTS (2), BENCH_VARIANTS ("b d e f i w"; also h, j, p),
+# BENCH_ROUNDS (3), BENCH_CLIENTS (2), BENCH_VARIANTS ("b d e f i w"; also h, j, k, p),
 # APIKEYS_COMPARE_DIR, and the two ports APIKEYS_COMPARE_PORT (54331 and
 # the next).
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/lib.sh"
@@ -68,10 +68,11 @@ declare -A TPS
 read -r -a variants <<<"${BENCH_VARIANTS:-b d e f i w}"
 # Key groups of bench_range: (b) and (d) read the plain keys; (h) the
 # rate-limited ones, (p) a plain group of the same size, (i) keys with
-# credits, (j) keys with credits and a rate limit.  (w): not a rate but the worker's time, in ms, to write what a
+# credits, (j) keys with credits and a rate limit, (k) keys whose owners'
+# plan has a rate limit.  (w): not a rate but the worker's time, in ms, to write what a
 # run of (d) over every valid key left (credits spent among it).
-declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [h]=d.sql [p]=d.sql [i]=d.sql [j]=d.sql)
-declare -A GROUP=([b]=plain [d]=plain [e]=all [f]=revoked [h]=rate [p]=plain_part [i]=credits [j]=credits_rate [w]=valid)
+declare -A SCRIPT=([b]=b.sql [d]=d.sql [e]=e.sql [f]=d.sql [h]=d.sql [p]=d.sql [i]=d.sql [j]=d.sql [k]=d.sql)
+declare -A GROUP=([b]=plain [d]=plain [e]=all [f]=revoked [h]=rate [p]=plain_part [i]=credits [j]=credits_rate [k]=owner [w]=valid)
 echo "== $ROUNDS rounds, ${SECONDS_EACH}s a run after ${WARMUP}s warm-up, $CLIENTS clients; sides alternate"
 for round in $(seq 1 "$ROUNDS"); do
     if [ $((round % 2)) = 1 ]; then order=(before after); else order=(after before); fi

@@ -32,7 +32,9 @@
 #  6. apikeys.max_credit_keys = 100: once every entry holds spending not
 #     yet written, another credit-limited key is refused (USAGE_EXCEEDED
 #     with its written balance, nothing spent) unless the call costs
-#     nothing; after a flush the idle entries make room again.
+#     nothing; after a flush the idle entries make room again, and keys
+#     whose entries were evicted, verified again, have their spending
+#     written.
 #
 # Run from the repository root (make prove_installcheck), with the helpers
 # of test/perl/ApikeysTest.pm.
@@ -292,6 +294,17 @@ sub spend
 	is($held->query_safe(q{SELECT count(*) FROM full_keys f JOIN apikeys.keys k ON k.id = f.key_id
 	                        WHERE f.i <= 100 AND k.credits = 2}),
 		'100', '6: and the flush wrote the 100 spent credits');
+	# The fast index forgets every entry evicted to make room: a key
+	# evicted, and verified again, is loaded afresh into the table, so its
+	# spending is written (a slot still naming the freed entry would spend
+	# there, where no flush finds it).
+	$held->query_safe(q{CREATE TABLE again AS SELECT f.i, f.key_id, v.code
+	                      FROM full_keys f, LATERAL apikeys.verify(f.token) v WHERE f.i <= 100});
+	$held->query_safe('SELECT apikeys.flush()');
+	is($held->query_safe(q{SELECT count(*) FILTER (WHERE a.code = 'VALID') || '/' ||
+	                              count(*) FILTER (WHERE k.credits = CASE a.code WHEN 'VALID' THEN 1 ELSE 2 END)
+	                         FROM again a JOIN apikeys.keys k ON k.id = a.key_id}),
+		'98/100', '6: keys evicted and verified again: every spending written (two found no room)');
 	$held->quit;
 }
 
