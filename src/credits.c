@@ -90,11 +90,15 @@ static LWLock *partition_locks[CREDIT_PARTITIONS];
 static shmem_request_hook_type prev_shmem_request_hook = NULL;
 static shmem_startup_hook_type prev_shmem_startup_hook = NULL;
 
-/* Slots of the fast index: a power of two, at least twice the entries, so that few share one. */
+/*
+ * Slots of the fast index: a power of two, at least twice the entries, so
+ * that few share one, and at least the partitions, so that a slot's index
+ * keeps its partition's bits.
+ */
 static uint32
 fast_slot_count(void)
 {
-	return pg_nextpower2_32((uint32) max_credit_keys * 2);
+	return pg_nextpower2_32((uint32) Max(max_credit_keys, CREDIT_PARTITIONS) * 2);
 }
 
 /* Reserves the table, its fast index and its locks, a tranche of their own (postmaster). */
@@ -476,8 +480,7 @@ credits_spend(const pg_uuid_t *key_id, Oid relid, const CreditRow *row, int64 co
 	e = lookup_entry(&key, hashvalue);
 	if (e != NULL && e->relid == relid && e->gen >= row->gen)
 	{
-		TimestampTz now = refill_clock(e);
-
+		now = refill_clock(e);
 		SpinLockAcquire(&e->mutex);
 		enter_period(e, now);
 		spent = spend(e, cost, remaining, period);

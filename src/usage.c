@@ -3,7 +3,8 @@
  *
  * The table is split in USAGE_PARTITIONS by hash, each with its own lock
  * (the module's own tranche), so backends rarely meet.  The hot path takes
- * its partition's lock in shared mode and the entry's spinlock; only a
+ * its partition's lock in shared mode and the entry's spinlock (with an
+ * owner-wide limit, the owner's partition too, in ascending order); only a
  * key's first request of the day takes the partition exclusively, to add
  * its entry.  When the table is full, idle entries (nothing pending, not
  * used this minute) make room; if none is idle the request is untracked: it
@@ -847,10 +848,11 @@ usage_count_request(const pg_uuid_t *key_id, int32 rate_limit, int32 rate_burst,
 	if (key_ok && owner_rate_limit > 0)
 	{
 		/*
-		 * An entry was missing (see count_owner_request()).  The owner's
-		 * state may be in a lower partition: this one is let go first, and
-		 * the owner's added in its own.  The key's entries, used now, are
-		 * not idle, so they are found again.
+		 * An entry was missing (see count_owner_request()).  Adding the
+		 * owner's may take its partition exclusively, or every partition to
+		 * make room (evict_idle()), which needs no usage lock held: this one
+		 * is let go first.  The key's entries, used now, are not idle, so
+		 * they are found again.
 		 */
 		LWLockRelease(lock);
 		owner_ok = owner_admit(owner_id, owner_rate_limit, now, minute, true, &owner_limit);

@@ -96,6 +96,7 @@ declare -A labels=([b]="(b) hand-written SHA-256 lookup (pgcrypto)" [d]="(d) api
                    [h]="(h) apikeys.verify, rate-limited keys" [p]="(p) apikeys.verify, plain keys"
                    [i]="(i) apikeys.verify, keys with credits"
                    [j]="(j) apikeys.verify, credits and rate limit"
+                   [k]="(k) apikeys.verify, owner-limited keys"
                    [w]="(w) worker's flush after a run of (d), ms")
 for v in "${variants[@]}"; do
     before=$(bench_median "${TPS[$v.before]}"); after=$(bench_median "${TPS[$v.after]}")
