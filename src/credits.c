@@ -40,6 +40,7 @@
 #include "utils/snapmgr.h"
 
 #include "apikeys.h"
+#include "fastindex.h"
 #include "credits.h"
 
 /* Partitions of the table, each with its own lock. */
@@ -230,15 +231,8 @@ credit_key(CreditKey *key, Oid dboid, const pg_uuid_t *key_id)
 static CreditEntry *
 lookup_entry(const CreditKey *key, uint32 hashvalue)
 {
-	pg_atomic_uint64 *slot = &fast_slots[hashvalue & fast_mask];
-	CreditEntry *e = (CreditEntry *) (uintptr_t) pg_atomic_read_u64(slot);
-
-	if (e != NULL && memcmp(&e->key, key, sizeof(CreditKey)) == 0)
-		return e;
-	e = hash_search_with_hash_value(credit_table, key, hashvalue, HASH_FIND, NULL);
-	if (e != NULL)
-		pg_atomic_write_u64(slot, (uint64) (uintptr_t) e);
-	return e;
+	return fast_index_find(credit_table, &fast_slots[hashvalue & fast_mask], key,
+						   sizeof(CreditKey), hashvalue);
 }
 
 /*
@@ -250,11 +244,8 @@ static void
 remove_entry(CreditEntry *e)
 {
 	uint32		hashvalue = get_hash_value(credit_table, &e->key);
-	pg_atomic_uint64 *slot = &fast_slots[hashvalue & fast_mask];
 
-	if (pg_atomic_read_u64(slot) == (uint64) (uintptr_t) e)
-		pg_atomic_write_u64(slot, 0);
-	hash_search_with_hash_value(credit_table, &e->key, hashvalue, HASH_REMOVE, NULL);
+	fast_index_remove(credit_table, &fast_slots[hashvalue & fast_mask], e, hashvalue);
 }
 
 /* The fast-index slot credits_prefetch_slot() fetched for the next spending, or -1. */

@@ -35,6 +35,7 @@
 #include "utils/snapmgr.h"
 
 #include "apikeys.h"
+#include "fastindex.h"
 #include "usage.h"
 
 /* Partitions of the table, each with its own lock (a power of two). */
@@ -293,15 +294,8 @@ fast_slot(const UsageKey *key, uint32 hashvalue)
 static UsageEntry *
 lookup_entry(const UsageKey *key, uint32 hashvalue)
 {
-	pg_atomic_uint64 *slot = &fast_slots[fast_slot(key, hashvalue)];
-	UsageEntry *e = (UsageEntry *) (uintptr_t) pg_atomic_read_u64(slot);
-
-	if (e != NULL && memcmp(&e->key, key, sizeof(UsageKey)) == 0)
-		return e;
-	e = hash_search_with_hash_value(usage_table, key, hashvalue, HASH_FIND, NULL);
-	if (e != NULL)
-		pg_atomic_write_u64(slot, (uint64) (uintptr_t) e);
-	return e;
+	return fast_index_find(usage_table, &fast_slots[fast_slot(key, hashvalue)], key,
+						   sizeof(UsageKey), hashvalue);
 }
 
 /*
@@ -313,11 +307,8 @@ static void
 remove_entry(UsageEntry *e)
 {
 	uint32		hashvalue = get_hash_value(usage_table, &e->key);
-	pg_atomic_uint64 *slot = &fast_slots[fast_slot(&e->key, hashvalue)];
 
-	if (pg_atomic_read_u64(slot) == (uint64) (uintptr_t) e)
-		pg_atomic_write_u64(slot, 0);
-	hash_search_with_hash_value(usage_table, &e->key, hashvalue, HASH_REMOVE, NULL);
+	fast_index_remove(usage_table, &fast_slots[fast_slot(&e->key, hashvalue)], e, hashvalue);
 }
 
 /*
