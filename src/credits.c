@@ -272,16 +272,11 @@ credits_prefetch_slot(const pg_uuid_t *key_id)
 void
 credits_prefetch_entry(void)
 {
-	const char *e;
-
 	if (prefetched_slot < 0)
 		return;
-	e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_slot]);
+	fast_index_prefetch(&fast_slots[prefetched_slot], offsetof(CreditEntry, pending),
+						offsetof(CreditEntry, pending));
 	prefetched_slot = -1;
-	if (e == NULL)
-		return;
-	prefetch_line(e);
-	prefetch_line(e + offsetof(CreditEntry, pending));
 }
 
 /* Whether an entry holds nothing the table lacks (so it may be forgotten and reloaded). */

@@ -14,6 +14,8 @@
 #include "port/atomics.h"
 #include "utils/hsearch.h"
 
+#include "apikeys.h"
+
 /*
  * Finds an entry: the one slot names when its key is key, else the table's,
  * which slot then names.  Call with the entry's partition's lock held.
@@ -43,6 +45,23 @@ fast_index_remove(HTAB *table, pg_atomic_uint64 *slot, void *e, uint32 hashvalue
 	if (pg_atomic_read_u64(slot) == (uint64) (uintptr_t) e)
 		pg_atomic_write_u64(slot, 0);
 	hash_search_with_hash_value(table, e, hashvalue, HASH_REMOVE, NULL);
+}
+
+/*
+ * Starts fetching the entry slot names: its first line and those at
+ * offsets a and b, the lines the caller will read.  Without a lock: the
+ * entry may be gone, and the fetch in vain.
+ */
+static inline void
+fast_index_prefetch(pg_atomic_uint64 *slot, Size a, Size b)
+{
+	const char *e = (const char *) (uintptr_t) pg_atomic_read_u64(slot);
+
+	if (e == NULL)
+		return;
+	prefetch_line(e);
+	prefetch_line(e + a);
+	prefetch_line(e + b);
 }
 
 #endif							/* APIKEYS_FASTINDEX_H */

@@ -401,27 +401,15 @@ usage_prefetch_slot(const pg_uuid_t *key_id, bool rate_limited)
 void
 usage_prefetch_entry(void)
 {
-	const char *e;
-
 	if (prefetched_rate_slot >= 0)
-	{
-		e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_rate_slot]);
-		prefetched_rate_slot = -1;
-		if (e != NULL)
-		{
-			prefetch_line(e);
-			prefetch_line(e + offsetof(UsageEntry, tat));
-		}
-	}
-	if (prefetched_slot < 0)
-		return;
-	e = (const char *) (uintptr_t) pg_atomic_read_u64(&fast_slots[prefetched_slot]);
+		fast_index_prefetch(&fast_slots[prefetched_rate_slot], offsetof(UsageEntry, tat),
+							offsetof(UsageEntry, tat));
+	if (prefetched_slot >= 0)
+		fast_index_prefetch(&fast_slots[prefetched_slot],
+							offsetof(UsageEntry, pending.last_used_at),
+							offsetof(UsageEntry, alerted_minute));
+	prefetched_rate_slot = -1;
 	prefetched_slot = -1;
-	if (e == NULL)
-		return;
-	prefetch_line(e);
-	prefetch_line(e + offsetof(UsageEntry, pending.last_used_at));
-	prefetch_line(e + offsetof(UsageEntry, alerted_minute));
 }
 
 /*
